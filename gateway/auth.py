@@ -1,0 +1,154 @@
+"""Bearer-token authentication: JWT in, :class:`Caller` out.
+
+HS256 with ``ANALYTICS_JWT_SECRET`` for development and tests; RS256/ES256 keys
+from ``ANALYTICS_JWT_JWKS_URL`` in production. Any other algorithm, ``none``
+included, is refused by naming the accepted ones to PyJWT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import jwt
+
+from gateway.errors import Forbidden, Unauthenticated
+from gateway.scopes import ROLE_GRANTS, Scope
+from gateway.settings import Settings
+
+HS_ALGORITHMS = ["HS256"]
+JWKS_ALGORITHMS = ["RS256", "ES256"]
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling, as the verified token says."""
+
+    subject: str
+    org_id: str | None
+    roles: tuple[str, ...]
+
+    @property
+    def scopes(self) -> frozenset[Scope]:
+        return frozenset().union(*(ROLE_GRANTS[r].scopes for r in self.roles if r in ROLE_GRANTS))
+
+    @property
+    def all_orgs(self) -> bool:
+        return any(ROLE_GRANTS[r].all_orgs for r in self.roles if r in ROLE_GRANTS)
+
+    @property
+    def may_ingest(self) -> bool:
+        return any(ROLE_GRANTS[r].may_ingest for r in self.roles if r in ROLE_GRANTS)
+
+    def has_scope(self, scope: Scope) -> bool:
+        return scope in self.scopes
+
+    def can_see_org(self, org_id: str | None) -> bool:
+        """``None`` stands for "every org", which only platform roles see."""
+        if self.all_orgs:
+            return True
+        return org_id is not None and org_id == self.org_id and bool(self.scopes)
+
+
+def ensure_org_access(caller: Caller, org_id: str | None) -> None:
+    """The one check every org-scoped resolver makes before touching data."""
+    if not caller.can_see_org(org_id):
+        target = "every org" if org_id is None else f"org {org_id!r}"
+        raise Forbidden(f"caller may not see {target}")
+
+
+class TokenVerifier:
+    """Verifies bearer tokens against the configured key material."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._secret = signing_secret(settings)
+        self._issuer = settings.jwt_issuer
+        self._audience = settings.jwt_audience
+        self._jwks = jwt.PyJWKClient(str(settings.jwt_jwks_url)) if settings.jwt_jwks_url else None
+
+    async def verify_header(self, authorization: str | None) -> Caller:
+        """Verify an ``Authorization: Bearer <jwt>`` value."""
+        if not authorization:
+            raise Unauthenticated("missing bearer token")
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthenticated("Authorization must be 'Bearer <jwt>'")
+        return await self.verify(token.strip())
+
+    async def verify(self, token: str) -> Caller:
+        try:
+            key, algorithms = await self._key_for(token)
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=algorithms,
+                issuer=self._issuer,
+                audience=self._audience,
+                options={"require": ["exp", "sub"], "verify_aud": self._audience is not None},
+            )
+        except jwt.ExpiredSignatureError:
+            raise Unauthenticated("token expired") from None
+        except jwt.PyJWTError as exc:
+            raise Unauthenticated(f"invalid token: {exc}") from None
+        return _caller_from(claims)
+
+    async def _key_for(self, token: str) -> tuple[object, list[str]]:
+        if self._jwks is not None:
+            signing_key = await asyncio.to_thread(self._jwks.get_signing_key_from_jwt, token)
+            return signing_key.key, JWKS_ALGORITHMS
+        if self._secret is None:
+            raise Unauthenticated("no token verification key is configured")
+        return self._secret, HS_ALGORITHMS
+
+
+def signing_secret(settings: Settings) -> str | None:
+    """The HS256 secret: the configured one, or on the embedded default a
+    development secret kept (mode 0600) in the data folder."""
+    if settings.jwt_secret is not None:
+        return settings.jwt_secret.get_secret_value()
+    if settings.database_url is not None or settings.jwt_jwks_url is not None:
+        return None
+    path = settings.data_dir / "dev-jwt-secret"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_urlsafe(48))
+    return path.read_text().strip()
+
+
+def _caller_from(claims: Mapping[str, object]) -> Caller:
+    subject, org_id, roles = claims.get("sub"), claims.get("org_id"), claims.get("roles", [])
+    if not isinstance(subject, str) or not subject:
+        raise Unauthenticated("claim 'sub' must be a non-empty string")
+    if org_id is not None and not isinstance(org_id, str):
+        raise Unauthenticated("claim 'org_id' must be a string")
+    if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+        raise Unauthenticated("claim 'roles' must be a list of strings")
+    return Caller(subject=subject, org_id=org_id, roles=tuple(roles))
+
+
+def issue_token(
+    secret: str,
+    roles: Sequence[str],
+    *,
+    subject: str,
+    org_id: str | None = None,
+    ttl_seconds: int = 3600,
+    issuer: str | None = None,
+    audience: str | None = None,
+) -> str:
+    """Sign an HS256 development token (the ``token`` command and tests)."""
+    now = int(time.time())
+    claims: dict[str, object] = {"sub": subject, "roles": list(roles), "iat": now, "exp": now + ttl_seconds}
+    if org_id is not None:
+        claims["org_id"] = org_id
+    if issuer is not None:
+        claims["iss"] = issuer
+    if audience is not None:
+        claims["aud"] = audience
+    return jwt.encode(claims, secret, algorithm="HS256")

@@ -1,0 +1,33 @@
+"""The per-request GraphQL context that every resolver receives."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from gateway.auth import Caller
+from gateway.errors import Unauthenticated
+
+if TYPE_CHECKING:
+    from gateway.resources import Resources
+
+
+@dataclass
+class Context:
+    """What a resolver may use: the caller, the shared clients, the request id.
+
+    ``caller`` is None only on a WebSocket before ``connection_init``
+    authenticates it. ``connection_params`` is filled by Strawberry from the
+    ``connection_init`` payload.
+    """
+
+    resources: Resources
+    caller: Caller | None
+    request_id: str | None = None
+    connection_params: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def require_caller(self) -> Caller:
+        if self.caller is None:
+            raise Unauthenticated("not authenticated")
+        return self.caller

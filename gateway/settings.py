@@ -1,0 +1,118 @@
+"""The gateway's configuration: one typed object read once from ``ANALYTICS_*``.
+
+Every variable of contracts section 4 is a field here. ``load_settings`` turns a
+validation failure into a :class:`ConfigError` whose message is one line naming
+the variable, which the CLI prints before exiting non-zero.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+
+from pydantic import AnyUrl, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from gateway.errors import ConfigError
+
+ENV_PREFIX = "ANALYTICS_"
+
+
+class Role(StrEnum):
+    """The parts of the gateway that one ``serve`` process can run."""
+
+    API = "api"
+    INGEST = "ingest"
+    ROLLUP = "rollup"
+    EXPORT = "export"
+
+
+ALL_ROLES: frozenset[Role] = frozenset(Role)
+
+
+class Settings(BaseSettings):
+    """Configuration of one gateway process. Unset means the embedded default."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    database_url: SecretStr | None = None
+    amqp_url: SecretStr | None = None
+    redis_url: SecretStr | None = None
+
+    s3_endpoint_url: AnyUrl | None = None
+    s3_bucket: str | None = None
+    s3_region: str = "us-east-1"
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+
+    jwt_secret: SecretStr | None = None
+    jwt_jwks_url: AnyUrl | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+
+    export_retention_days: int = Field(default=30, ge=1)
+
+    # Additions to the contract: names shared with other runs of the gateway
+    # (tests give every run its own prefix), and where local state lives.
+    amqp_prefix: str = ""
+    redis_prefix: str = "analytics:"
+    data_dir: Path = Path(".data")
+    log_level: str = "INFO"
+    db_pool_size: int = Field(default=10, ge=1)
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_scheme(cls, value: SecretStr | None) -> SecretStr | None:
+        return _check_scheme(value, ("postgresql://", "postgres://", "postgresql+asyncpg://"))
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _amqp_scheme(cls, value: SecretStr | None) -> SecretStr | None:
+        return _check_scheme(value, ("amqp://", "amqps://"))
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: SecretStr | None) -> SecretStr | None:
+        return _check_scheme(value, ("redis://", "rediss://", "unix://"))
+
+    @field_validator("jwt_secret")
+    @classmethod
+    def _secret_length(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError("must be at least 32 characters (HS256 key)")
+        return value
+
+    def require_for(self, roles: frozenset[Role]) -> None:
+        """Fail with one line if a setting that ``roles`` need is missing."""
+        serves_graphql = Role.API in roles
+        if serves_graphql and self.jwt_secret is None and self.jwt_jwks_url is None:
+            if self.database_url is not None:
+                raise ConfigError(
+                    f"{ENV_PREFIX}JWT_SECRET or {ENV_PREFIX}JWT_JWKS_URL must be set "
+                    "when a database is configured (only the embedded default has a development secret)"
+                )
+        if self.s3_endpoint_url is not None and self.s3_bucket is None:
+            raise ConfigError(f"{ENV_PREFIX}S3_BUCKET must be set when {ENV_PREFIX}S3_ENDPOINT_URL is")
+
+
+def _check_scheme(value: SecretStr | None, schemes: tuple[str, ...]) -> SecretStr | None:
+    if value is not None and not value.get_secret_value().startswith(schemes):
+        raise ValueError(f"must be a URL starting with {' or '.join(schemes)}")
+    return value
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the environment (and ``overrides``); one clear line on a bad value."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    first = exc.errors(include_url=False, include_input=False)[0]
+    field = str(first["loc"][0]) if first["loc"] else "?"
+    message = str(first["msg"]).removeprefix("Value error, ")
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{ENV_PREFIX}{field.upper()}: {message}{more}"

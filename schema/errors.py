@@ -1,0 +1,56 @@
+"""How GraphQL errors reach clients: every error carries a contract code.
+
+Errors the gateway raised on purpose keep their message and code. Anything
+else is logged with its traceback and shown as ``INTERNAL`` with a generic
+message, so no internals (or secrets in them) leak to callers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from graphql import GraphQLError
+
+from gateway.errors import ErrorCode, GatewayError
+
+log = structlog.get_logger(__name__)
+
+_TOO_COMPLEX_MARKERS = ("exceeds maximum operation depth", "maximum allowed", "aliases")
+
+
+def error_code(error: GraphQLError) -> ErrorCode:
+    """The contract code of one error, from its extensions or its origin."""
+    code = (error.extensions or {}).get("code")
+    if code in ErrorCode.__members__:
+        return ErrorCode(code)
+    original = error.original_error
+    if isinstance(original, GatewayError):
+        return original.code
+    if original is None or isinstance(original, GraphQLError):
+        # Parse, validation and variable-coercion errors: the request is wrong.
+        if any(marker in error.message for marker in _TOO_COMPLEX_MARKERS):
+            return ErrorCode.QUERY_TOO_COMPLEX
+        return ErrorCode.BAD_USER_INPUT
+    if isinstance(original, ValueError) and "scalar" in str(original).lower():
+        return ErrorCode.BAD_USER_INPUT
+    return ErrorCode.INTERNAL
+
+
+def format_error(error: GraphQLError) -> dict[str, Any]:
+    """The JSON of one error as the contract describes it."""
+    code = error_code(error)
+    formatted = error.formatted
+    if code is ErrorCode.INTERNAL:
+        formatted["message"] = "Internal server error"
+    formatted["extensions"] = {**(formatted.get("extensions") or {}), "code": code.value}
+    return dict(formatted)
+
+
+def log_errors(errors: list[GraphQLError]) -> None:
+    """Log unexpected errors with their traceback; expected ones at debug."""
+    for error in errors:
+        if error_code(error) is ErrorCode.INTERNAL:
+            log.error("graphql.internal_error", path=error.path, exc_info=error.original_error)
+        else:
+            log.debug("graphql.client_error", message=error.message, path=error.path)

@@ -1,0 +1,90 @@
+"""The contract's custom scalars, mapped onto plain Python types.
+
+Resolvers return ``datetime``, ``decimal.Decimal`` and ``int``; the schema's
+``scalar_map`` turns them into ``DateTime`` (RFC 3339, answered in UTC with
+``Z``), ``Decimal`` (an exact string with no exponent) and ``BigInt`` (a JSON
+integer).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+from typing import NewType
+
+import strawberry
+from strawberry.types.scalar import ScalarDefinition
+
+BigInt = NewType("BigInt", int)
+
+MAX_SAFE_INTEGER = 2**53 - 1
+_MAX_BIGINT = 2**63 - 1
+
+
+def serialize_datetime(value: dt.datetime) -> str:
+    if value.tzinfo is None:
+        raise ValueError("naive datetime reached the API; the database must return timestamptz")
+    text = value.astimezone(dt.UTC).isoformat()
+    return text.removesuffix("+00:00") + "Z"
+
+
+def parse_datetime(value: object) -> dt.datetime:
+    if not isinstance(value, str):
+        raise ValueError("DateTime must be an RFC 3339 string")
+    try:
+        parsed = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"DateTime {value!r} is not RFC 3339") from None
+    if parsed.tzinfo is None:
+        raise ValueError(f"DateTime {value!r} needs an offset (Z or ±hh:mm)")
+    return parsed.astimezone(dt.UTC)
+
+
+def serialize_decimal(value: decimal.Decimal) -> str:
+    return format(value, "f")
+
+
+def parse_decimal(value: object) -> decimal.Decimal:
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ValueError("Decimal must be a string such as \"12.50\" (or an integer)")
+    try:
+        parsed = decimal.Decimal(value)
+    except decimal.InvalidOperation:
+        raise ValueError(f"Decimal {value!r} is not a decimal number") from None
+    if not parsed.is_finite():
+        raise ValueError(f"Decimal {value!r} must be finite")
+    return parsed
+
+
+def serialize_bigint(value: int) -> int:
+    return int(value)
+
+
+def parse_bigint(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError("BigInt must be a JSON integer")
+    if not -_MAX_BIGINT - 1 <= value <= _MAX_BIGINT:
+        raise ValueError("BigInt must fit in 64 bits")
+    return value
+
+
+SCALAR_MAP: dict[object, ScalarDefinition] = {
+    dt.datetime: strawberry.scalar(
+        name="DateTime",
+        description="RFC 3339 date-time with an offset; answered in UTC (Z).",
+        serialize=serialize_datetime,
+        parse_value=parse_datetime,
+    ),
+    decimal.Decimal: strawberry.scalar(
+        name="Decimal",
+        description="An exact decimal, serialized as a JSON string with no exponent.",
+        serialize=serialize_decimal,
+        parse_value=parse_decimal,
+    ),
+    BigInt: strawberry.scalar(
+        name="BigInt",
+        description="A 64-bit integer, serialized as a JSON integer (exact up to 2^53 - 1 in JavaScript).",
+        serialize=serialize_bigint,
+        parse_value=parse_bigint,
+    ),
+}
