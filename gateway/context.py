@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from gateway.auth import Caller
@@ -25,7 +25,7 @@ class Context:
     caller: Caller | None
     request_id: str | None = None
     connection_params: dict[str, Any] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    upgrade_authorization: str | None = None
 
     def require_caller(self) -> Caller:
         if self.caller is None:

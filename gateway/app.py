@@ -1,0 +1,56 @@
+"""App assembly: ``create_app`` wires routes, middleware and the lifespan."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TypedDict
+
+import structlog
+from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.routing import Route, WebSocketRoute
+
+from gateway import health
+from gateway.graphql_view import AuthenticatedGraphQL, GraphQLView
+from gateway.metrics import Metrics
+from gateway.middleware import RequestIdMiddleware
+from gateway.resources import Resources, open_resources
+from gateway.settings import ALL_ROLES, Role, Settings, load_settings
+from schema.schema import build_schema
+
+log = structlog.get_logger(__name__)
+
+
+class State(TypedDict):
+    """What the lifespan hands every request (``request.state``)."""
+
+    resources: Resources
+
+
+def create_app(settings: Settings | None = None, roles: frozenset[Role] = ALL_ROLES) -> Starlette:
+    """The gateway as an ASGI app; clients open and close with its lifespan."""
+    settings = settings or load_settings()
+    metrics = Metrics.create()
+    view = GraphQLView(build_schema())
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[State]:
+        async with open_resources(settings, roles, metrics) as resources:
+            log.info("gateway.started", roles=sorted(roles), embedded_database=resources.embedded)
+            yield {"resources": resources}
+        log.info("gateway.stopped")
+
+    routes = [
+        Route("/healthz", health.healthz),
+        Route("/readyz", health.readyz),
+        Route("/metrics", health.metrics),
+        Route("/graphql", AuthenticatedGraphQL(view), methods=["GET", "POST"]),
+        WebSocketRoute("/graphql", view),
+    ]
+    middleware = [
+        Middleware(RequestIdMiddleware),
+        Middleware(OpenTelemetryMiddleware, meter_provider=metrics.meter_provider),
+    ]
+    return Starlette(routes=routes, middleware=middleware, lifespan=lifespan)

@@ -1,0 +1,131 @@
+"""The ``analytics-gateway`` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Annotated, NoReturn
+
+import typer
+import uvicorn
+
+from db.engine import create_engine
+from db.migrate import migrate as run_migrations
+from gateway.auth import issue_token, signing_secret
+from gateway.errors import ConfigError
+from gateway.logging import configure_logging
+from gateway.scopes import ROLE_GRANTS
+from gateway.settings import ALL_ROLES, Role, Settings, load_settings
+
+app = typer.Typer(help="GraphQL analytics gateway for an LLM API platform.", no_args_is_help=True)
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _parse_roles(value: str) -> frozenset[Role]:
+    try:
+        return frozenset(Role(part.strip()) for part in value.split(",") if part.strip())
+    except ValueError:
+        _fail(f"--role takes a comma-separated list of {', '.join(r.value for r in Role)}")
+
+
+@app.command()
+def serve(
+    role: Annotated[str, typer.Option(help="Comma-separated roles to run.")] = ",".join(sorted(ALL_ROLES)),
+    host: Annotated[str | None, typer.Option(help="Listen address (default ANALYTICS_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Listen port (default ANALYTICS_PORT).")] = None,
+) -> None:
+    """API, AMQP ingester, rollup and export workers in one process."""
+    from gateway.app import create_app
+
+    settings = _settings()
+    roles = _parse_roles(role)
+    try:
+        settings.require_for(roles)
+    except ConfigError as exc:
+        _fail(str(exc))
+    configure_logging(settings.log_level)
+    bind_host, bind_port = host or settings.host, port if port is not None else settings.port
+    if settings.database_url is None:
+        _print_embedded_banner(bind_host, bind_port)
+    config = uvicorn.Config(create_app(settings, roles), host=bind_host, port=bind_port, log_config=None, access_log=False)
+    server = uvicorn.Server(config)
+    try:
+        server.run()
+    except ConfigError as exc:
+        _fail(str(exc))
+    if not server.started:
+        raise typer.Exit(1)
+
+
+def _print_embedded_banner(host: str, port: int) -> None:
+    typer.echo(
+        f"No ANALYTICS_DATABASE_URL: starting an embedded PostgreSQL under ./.data/\n"
+        f"GraphiQL: http://{host}:{port}/graphql\n"
+        f"A development token: analytics-gateway token --role org_admin --org org_demo\n"
+        f"(in GraphiQL, add the header  Authorization: Bearer <token>)",
+        err=True,
+    )
+
+
+@app.command()
+def migrate() -> None:
+    """Apply database migrations (idempotent; safe from several processes at once)."""
+    settings = _settings()
+    if settings.database_url is None:
+        _fail("ANALYTICS_DATABASE_URL must be set (the embedded default migrates itself on serve)")
+    configure_logging(settings.log_level)
+
+    async def run() -> str:
+        engine = create_engine(settings.database_url.get_secret_value(), pool_size=1)  # type: ignore[union-attr]
+        try:
+            return await run_migrations(engine)
+        finally:
+            await engine.dispose()
+
+    try:
+        revision = asyncio.run(run())
+    except OSError as exc:
+        _fail(f"ANALYTICS_DATABASE_URL: cannot connect to the database ({type(exc).__name__})")
+    typer.echo(f"database at migration {revision}")
+
+
+@app.command()
+def token(
+    role: Annotated[list[str], typer.Option(help="Role to grant (repeatable).")],
+    org: Annotated[str | None, typer.Option(help="The caller's org (omit for platform roles).")] = None,
+    sub: Annotated[str, typer.Option(help="The caller's subject.")] = "dev-user",
+    ttl: Annotated[int, typer.Option(help="Lifetime in seconds.", min=1)] = 3600,
+) -> None:
+    """Print a signed development JWT (HS256 with ANALYTICS_JWT_SECRET)."""
+    settings = _settings()
+    unknown = [r for r in role if r not in ROLE_GRANTS]
+    if unknown:
+        _fail(f"unknown role {unknown[0]!r}; roles: {', '.join(ROLE_GRANTS)}")
+    secret = signing_secret(settings)
+    if secret is None:
+        _fail("ANALYTICS_JWT_SECRET must be set to sign development tokens")
+    typer.echo(
+        issue_token(
+            secret, role, subject=sub, org_id=org, ttl_seconds=ttl,
+            issuer=settings.jwt_issuer, audience=settings.jwt_audience,
+        )
+    )
+
+
+def main() -> None:
+    app(prog_name="analytics-gateway")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Clients shared by a whole process, opened once in the lifespan and closed with it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+
+import aio_pika
+import structlog
+from aio_pika.abc import AbstractRobustConnection
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from db.engine import create_engine
+from db.migrate import current_head, migrate
+from gateway.auth import TokenVerifier
+from gateway.errors import ConfigError
+from gateway.metrics import Metrics
+from gateway.settings import Role, Settings
+
+log = structlog.get_logger(__name__)
+AMQP_CONNECT_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Everything long-lived that request handlers and workers use."""
+
+    settings: Settings
+    roles: frozenset[Role]
+    engine: AsyncEngine
+    verifier: TokenVerifier
+    metrics: Metrics
+    migrations_head: str
+    redis: Redis | None = None
+    amqp: AbstractRobustConnection | None = None
+    embedded: bool = False
+
+
+@asynccontextmanager
+async def open_resources(settings: Settings, roles: frozenset[Role], metrics: Metrics) -> AsyncIterator[Resources]:
+    """Open the database (the embedded one when none is configured), Redis and AMQP."""
+    async with AsyncExitStack() as stack:
+        url, embedded = await _database_url(settings, stack)
+        engine = create_engine(url, pool_size=settings.db_pool_size)
+        stack.push_async_callback(engine.dispose)
+        if embedded:
+            await migrate(engine)
+        redis = _redis(settings)
+        if redis is not None:
+            stack.push_async_callback(redis.aclose)
+        amqp = await _amqp(settings, roles)
+        if amqp is not None:
+            stack.push_async_callback(amqp.close)
+        yield Resources(
+            settings=settings,
+            roles=roles,
+            engine=engine,
+            verifier=TokenVerifier(settings),
+            metrics=metrics,
+            migrations_head=current_head(),
+            redis=redis,
+            amqp=amqp,
+            embedded=embedded,
+        )
+
+
+async def _database_url(settings: Settings, stack: AsyncExitStack) -> tuple[str, bool]:
+    if settings.database_url is not None:
+        return settings.database_url.get_secret_value(), False
+    from gateway.embedded import EmbeddedPostgres  # only the embedded default needs it
+
+    server = EmbeddedPostgres(settings.data_dir)
+    url = await asyncio.to_thread(server.start)
+    stack.push_async_callback(asyncio.to_thread, server.stop)
+    log.info("embedded_postgres.started", data_dir=str(settings.data_dir))
+    return url, True
+
+
+def _redis(settings: Settings) -> Redis | None:
+    if settings.redis_url is None:
+        return None
+    return Redis.from_url(settings.redis_url.get_secret_value(), socket_connect_timeout=5)
+
+
+async def _amqp(settings: Settings, roles: frozenset[Role]) -> AbstractRobustConnection | None:
+    if settings.amqp_url is None or Role.INGEST not in roles:
+        return None
+    try:
+        return await asyncio.wait_for(
+            aio_pika.connect_robust(settings.amqp_url.get_secret_value()), AMQP_CONNECT_TIMEOUT_S
+        )
+    except (OSError, TimeoutError, aio_pika.exceptions.AMQPError) as exc:
+        raise ConfigError(f"ANALYTICS_AMQP_URL: cannot connect to the broker ({type(exc).__name__})") from None

@@ -1,0 +1,60 @@
+"""The GraphQL schema: root types assembled from the domain modules."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import strawberry
+from graphql import GraphQLError
+from strawberry.extensions import MaxAliasesLimiter, MaxTokensLimiter, ParserCache, QueryDepthLimiter, ValidationCache
+from strawberry.schema.config import StrawberryConfig
+from strawberry.types import ExecutionContext
+
+from gateway.scopes import Scope
+from resolvers.exports import resolve_export_job
+from resolvers.viewer import resolve_viewer
+from schema.enums import ALL_ENUMS
+from schema.errors import log_errors
+from schema.exports import ExportJob
+from schema.inputs import ALL_INPUTS
+from schema.permissions import requires
+from schema.scalars import SCALAR_MAP
+from schema.types import Viewer
+
+MAX_DEPTH = 10
+MAX_ALIASES = 50
+MAX_TOKENS = 5000
+CACHE_SIZE = 1000
+
+
+@strawberry.type
+class Query:
+    viewer: Viewer = strawberry.field(resolver=resolve_viewer)
+    export_job: ExportJob | None = strawberry.field(
+        resolver=resolve_export_job, extensions=requires(Scope.EXPORTS_READ)
+    )
+
+
+class GatewaySchema(strawberry.Schema):
+    """Logs only unexpected errors; client errors are the client's business."""
+
+    def process_errors(self, errors: list[GraphQLError], execution_context: ExecutionContext | None = None) -> None:
+        log_errors(errors)
+
+
+def build_schema(**overrides: Any) -> strawberry.Schema:
+    """The schema the app serves (``overrides`` for tests' extra root types)."""
+    options: dict[str, Any] = {
+        "query": Query,
+        "types": [*ALL_INPUTS, *ALL_ENUMS],
+        "config": StrawberryConfig(scalar_map=SCALAR_MAP),
+        # Factories: a fresh extension per request (the caches are shared).
+        "extensions": [
+            lambda: QueryDepthLimiter(max_depth=MAX_DEPTH),
+            lambda: MaxAliasesLimiter(max_alias_count=MAX_ALIASES),
+            lambda: MaxTokensLimiter(max_token_count=MAX_TOKENS),
+            lambda: ParserCache(maxsize=CACHE_SIZE),
+            lambda: ValidationCache(maxsize=CACHE_SIZE),
+        ],
+    }
+    return GatewaySchema(**(options | overrides))
