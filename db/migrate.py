@@ -41,7 +41,8 @@ async def applied_revision(connection: AsyncConnection) -> str | None:
     exists = await connection.scalar(text("SELECT to_regclass('alembic_version') IS NOT NULL"))
     if not exists:
         return None
-    return await connection.scalar(text("SELECT version_num FROM alembic_version"))
+    revision = await connection.scalar(text("SELECT version_num FROM alembic_version"))
+    return str(revision) if revision is not None else None
 
 
 async def migrate(engine: AsyncEngine) -> str:
@@ -53,7 +54,9 @@ async def migrate(engine: AsyncEngine) -> str:
             await connection.run_sync(_upgrade)
             await connection.commit()
             today = dt.datetime.now(dt.UTC).date()
-            await ensure_usage_partitions(connection, today - dt.timedelta(days=1), today + dt.timedelta(days=PARTITION_DAYS_AHEAD))
+            await ensure_usage_partitions(
+                connection, today - dt.timedelta(days=1), today + dt.timedelta(days=PARTITION_DAYS_AHEAD)
+            )
             await connection.commit()
             revision = await applied_revision(connection)
         finally:

@@ -13,6 +13,7 @@ import secrets
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import jwt
 
@@ -96,7 +97,7 @@ class TokenVerifier:
             raise Unauthenticated(f"invalid token: {exc}") from None
         return _caller_from(claims)
 
-    async def _key_for(self, token: str) -> tuple[object, list[str]]:
+    async def _key_for(self, token: str) -> tuple[Any, list[str]]:
         if self._jwks is not None:
             signing_key = await asyncio.to_thread(self._jwks.get_signing_key_from_jwt, token)
             return signing_key.key, JWKS_ALGORITHMS

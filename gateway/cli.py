@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 from typing import Annotated, NoReturn
 
 import typer
@@ -58,7 +57,9 @@ def serve(
     bind_host, bind_port = host or settings.host, port if port is not None else settings.port
     if settings.database_url is None:
         _print_embedded_banner(bind_host, bind_port)
-    config = uvicorn.Config(create_app(settings, roles), host=bind_host, port=bind_port, log_config=None, access_log=False)
+    config = uvicorn.Config(
+        create_app(settings, roles), host=bind_host, port=bind_port, log_config=None, access_log=False
+    )
     server = uvicorn.Server(config)
     try:
         server.run()
@@ -117,8 +118,13 @@ def token(
         _fail("ANALYTICS_JWT_SECRET must be set to sign development tokens")
     typer.echo(
         issue_token(
-            secret, role, subject=sub, org_id=org, ttl_seconds=ttl,
-            issuer=settings.jwt_issuer, audience=settings.jwt_audience,
+            secret,
+            role,
+            subject=sub,
+            org_id=org,
+            ttl_seconds=ttl,
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
         )
     )
 
@@ -128,4 +134,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

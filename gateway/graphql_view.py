@@ -9,7 +9,6 @@ GraphiQL. WebSocket clients authenticate in ``connection_init`` (payload
 from __future__ import annotations
 
 import orjson
-from graphql import ExecutionResult
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
@@ -17,10 +16,12 @@ from starlette.websockets import WebSocket
 from strawberry.asgi import GraphQL
 from strawberry.exceptions import ConnectionRejectionError
 from strawberry.http import GraphQLHTTPResponse
+from strawberry.types import ExecutionResult
+from strawberry.types.unset import UnsetType
 
 from gateway.auth import Caller
 from gateway.context import Context
-from gateway.errors import ErrorCode, HTTP_STATUS, Unauthenticated
+from gateway.errors import HTTP_STATUS, ErrorCode, Unauthenticated
 from gateway.resources import Resources
 from schema.errors import format_error
 
@@ -38,7 +39,7 @@ class GraphQLView(GraphQL[Context, None]):
             upgrade_authorization=request.headers.get("authorization") if isinstance(request, WebSocket) else None,
         )
 
-    async def on_ws_connect(self, context: Context) -> None:
+    async def on_ws_connect(self, context: Context) -> UnsetType:
         authorization = (context.connection_params or {}).get("Authorization")
         if not isinstance(authorization, str):
             authorization = context.upgrade_authorization
@@ -46,6 +47,7 @@ class GraphQLView(GraphQL[Context, None]):
             context.caller = await context.resources.verifier.verify_header(authorization)
         except Unauthenticated as exc:
             raise ConnectionRejectionError({"message": exc.message}) from None
+        return UnsetType()  # a plain connection_ack, no payload
 
     async def process_result(self, request: Request, result: ExecutionResult) -> GraphQLHTTPResponse:
         response: GraphQLHTTPResponse = {"data": result.data}
@@ -55,7 +57,7 @@ class GraphQLView(GraphQL[Context, None]):
             response["extensions"] = result.extensions
         return response
 
-    def encode_json(self, data: object) -> bytes:  # type: ignore[override]
+    def encode_json(self, data: object) -> bytes:
         return orjson.dumps(data)
 
 

@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from db.engine import create_engine
 from db.migrate import current_head, migrate
 from gateway.auth import TokenVerifier
+from gateway.embedded import EmbeddedPostgres
 from gateway.errors import ConfigError
 from gateway.metrics import Metrics
 from gateway.settings import Role, Settings
@@ -70,8 +71,6 @@ async def open_resources(settings: Settings, roles: frozenset[Role], metrics: Me
 async def _database_url(settings: Settings, stack: AsyncExitStack) -> tuple[str, bool]:
     if settings.database_url is not None:
         return settings.database_url.get_secret_value(), False
-    from gateway.embedded import EmbeddedPostgres  # only the embedded default needs it
-
     server = EmbeddedPostgres(settings.data_dir)
     url = await asyncio.to_thread(server.start)
     stack.push_async_callback(asyncio.to_thread, server.stop)

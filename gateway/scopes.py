@@ -27,9 +27,7 @@ class Grant:
     may_ingest: bool = False
 
 
-_ENGINEER = frozenset(
-    {Scope.USAGE_READ, Scope.RELIABILITY_READ, Scope.EXPORTS_READ, Scope.INCIDENT_EXPORT_WRITE}
-)
+_ENGINEER = frozenset({Scope.USAGE_READ, Scope.RELIABILITY_READ, Scope.EXPORTS_READ, Scope.INCIDENT_EXPORT_WRITE})
 _FINANCE = frozenset({Scope.USAGE_READ, Scope.SPEND_READ, Scope.EXPORTS_READ, Scope.COST_EXPORT_WRITE})
 
 ROLE_GRANTS: dict[str, Grant] = {

@@ -85,13 +85,12 @@ class Settings(BaseSettings):
 
     def require_for(self, roles: frozenset[Role]) -> None:
         """Fail with one line if a setting that ``roles`` need is missing."""
-        serves_graphql = Role.API in roles
-        if serves_graphql and self.jwt_secret is None and self.jwt_jwks_url is None:
-            if self.database_url is not None:
-                raise ConfigError(
-                    f"{ENV_PREFIX}JWT_SECRET or {ENV_PREFIX}JWT_JWKS_URL must be set "
-                    "when a database is configured (only the embedded default has a development secret)"
-                )
+        no_key = self.jwt_secret is None and self.jwt_jwks_url is None
+        if Role.API in roles and no_key and self.database_url is not None:
+            raise ConfigError(
+                f"{ENV_PREFIX}JWT_SECRET or {ENV_PREFIX}JWT_JWKS_URL must be set "
+                "when a database is configured (only the embedded default has a development secret)"
+            )
         if self.s3_endpoint_url is not None and self.s3_bucket is None:
             raise ConfigError(f"{ENV_PREFIX}S3_BUCKET must be set when {ENV_PREFIX}S3_ENDPOINT_URL is")
 

@@ -30,11 +30,15 @@ class UsageDimension(Enum):
 class FreshnessStatus(Enum):
     FRESH = strawberry.enum_value(
         "FRESH",
-        description="Everything ingested is queryable and the pipeline lag is under the fresh threshold (default 60 s).",
+        description=(
+            "Everything ingested is queryable and the pipeline lag is under the fresh threshold (default 60 s)."
+        ),
     )
     DELAYED = strawberry.enum_value(
         "DELAYED",
-        description="Lag is above the fresh threshold but under the stale threshold (default 300 s, the 5-minute promise).",
+        description=(
+            "Lag is above the fresh threshold but under the stale threshold (default 300 s, the 5-minute promise)."
+        ),
     )
     STALE = strawberry.enum_value(
         "STALE",
@@ -44,12 +48,8 @@ class FreshnessStatus(Enum):
 
 @strawberry.enum
 class ExportKind(Enum):
-    COST = strawberry.enum_value(
-        "COST", description="Month-to-date (or a closed month's) cost breakdown for finance."
-    )
-    INCIDENT = strawberry.enum_value(
-        "INCIDENT", description="Raw usage events of one org inside an incident window."
-    )
+    COST = strawberry.enum_value("COST", description="Month-to-date (or a closed month's) cost breakdown for finance.")
+    INCIDENT = strawberry.enum_value("INCIDENT", description="Raw usage events of one org inside an incident window.")
 
 
 @strawberry.enum

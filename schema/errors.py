@@ -22,7 +22,7 @@ _TOO_COMPLEX_MARKERS = ("exceeds maximum operation depth", "maximum allowed", "a
 def error_code(error: GraphQLError) -> ErrorCode:
     """The contract code of one error, from its extensions or its origin."""
     code = (error.extensions or {}).get("code")
-    if code in ErrorCode.__members__:
+    if isinstance(code, str) and code in ErrorCode.__members__:
         return ErrorCode(code)
     original = error.original_error
     if isinstance(original, GatewayError):

@@ -43,9 +43,7 @@ class IncidentExportInput:
     org_id: strawberry.ID
     range: TimeRange
     filter: UsageFilter | None = None
-    errors_only: bool | None = strawberry.field(
-        default=False, description="Only events with status_code >= 400."
-    )
+    errors_only: bool | None = strawberry.field(default=False, description="Only events with status_code >= 400.")
     idempotency_key: str | None = None
 
 

@@ -28,12 +28,12 @@ class Requires:
 class RequireScope(BasePermission):
     """Grants a field to callers holding one scope."""
 
-    error_extensions = {"code": ErrorCode.FORBIDDEN.value}
+    error_extensions = {"code": ErrorCode.FORBIDDEN.value}  # noqa: RUF012 - strawberry's own attribute
 
     def __init__(self, scope: ScopeValue) -> None:
         self.scope = scope
         self.message = f"requires scope {scope.value}"
-        self._schema_directive = Requires(scope=scope)
+        self._schema_directive = Requires(scope=scope)  # type: ignore[misc]  # one directive per scope
 
     def has_permission(self, source: Any, info: strawberry.Info[Context, Any], **kwargs: Any) -> bool:
         caller = info.context.caller

@@ -46,7 +46,7 @@ def serialize_decimal(value: decimal.Decimal) -> str:
 
 def parse_decimal(value: object) -> decimal.Decimal:
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise ValueError("Decimal must be a string such as \"12.50\" (or an integer)")
+        raise ValueError('Decimal must be a string such as "12.50" (or an integer)')
     try:
         parsed = decimal.Decimal(value)
     except decimal.InvalidOperation:

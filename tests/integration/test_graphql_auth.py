@@ -111,8 +111,8 @@ async def export_job_id(settings) -> str:  # type: ignore[no-untyped-def]
             text(
                 "INSERT INTO export_jobs (id, org_id, kind, requested_by, range_from, range_to, totals, row_count) "
                 "VALUES (:id, 'org_a', 'COST', 'alice', '2026-11-01T00:00Z', '2026-11-29T00:00Z', "
-                "'{\"requests\": 3000000000, \"input_tokens\": 9007199254740993, \"cached_input_tokens\": 0, "
-                "\"output_tokens\": 1, \"spend\": \"12.5000025\"}', 42)"
+                '\'{"requests": 3000000000, "input_tokens": 9007199254740993, "cached_input_tokens": 0, '
+                '"output_tokens": 1, "spend": "12.5000025"}\', 42)'
             ),
             {"id": job_id},
         )
@@ -120,7 +120,10 @@ async def export_job_id(settings) -> str:  # type: ignore[no-untyped-def]
     return job_id
 
 
-EXPORT_JOB = "query($id: ID!) { viewer { subject } exportJob(id: $id) { id orgId kind status totals { requests inputTokens spend } } }"
+EXPORT_JOB = """query($id: ID!) {
+  viewer { subject }
+  exportJob(id: $id) { id orgId kind status totals { requests inputTokens spend } }
+}"""
 
 
 async def test_field_without_scope_is_null_with_forbidden_and_siblings_returned(

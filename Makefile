@@ -1,0 +1,42 @@
+# The two commands of the README: `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install run test services lint sdl lock clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+## Serve the gateway (embedded PostgreSQL under ./.data/ when ANALYTICS_DATABASE_URL is unset).
+run: install
+	$(BIN)/analytics-gateway serve
+
+## Start any local service that is down, then run the whole suite.
+test: install services
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+services:
+	bash .ci/services.sh
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+## Re-export schema/schema.graphql after an API change.
+sdl: install
+	$(BIN)/python -m schema.export
+
+## Re-pin every dependency (after changing pyproject.toml).
+lock: install
+	$(BIN)/python -m pip freeze --exclude-editable --disable-pip-version-check > constraints.txt
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

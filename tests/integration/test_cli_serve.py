@@ -1,0 +1,179 @@
+"""The command line: ``serve`` as a real process, ``token``, and start-up errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+import jwt
+import pytest
+import websockets
+
+from tests.conftest import AMQP_URL, REDIS_URL, TEST_JWT_SECRET, TokenFactory
+
+READY_TIMEOUT_S = 60
+SECRET_PASSWORD = "pw-that-must-not-leak"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ANALYTICS_")}
+    return env | extra
+
+
+async def _cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway.cli",
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, stdout.decode(), stderr.decode()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("ANALYTICS_AMQP_URL", "not-a-url"), ("ANALYTICS_PORT", "eighty"), ("ANALYTICS_REDIS_URL", "http://x")],
+)
+async def test_serve_with_a_bad_setting_exits_with_one_line_naming_it(variable: str, value: str) -> None:
+    code, _, stderr = await _cli("serve", env=_clean_env(**{variable: value}))
+    assert code != 0
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert variable in lines[0]
+
+
+async def test_serve_with_a_database_but_no_jwt_config_refuses_to_start(database_url: str) -> None:
+    code, _, stderr = await _cli("serve", env=_clean_env(ANALYTICS_DATABASE_URL=database_url))
+    assert code != 0
+    assert "ANALYTICS_JWT_SECRET" in stderr.strip()
+    assert len(stderr.strip().splitlines()) == 1
+
+
+async def test_token_command_signs_the_requested_claims() -> None:
+    env = _clean_env(ANALYTICS_JWT_SECRET=TEST_JWT_SECRET)
+    code, stdout, stderr = await _cli(
+        "token", "--role", "finance", "--org", "org_a", "--sub", "bob", "--ttl", "120", env=env
+    )
+    assert code == 0, stderr
+    claims = jwt.decode(stdout.strip(), TEST_JWT_SECRET, algorithms=["HS256"])
+    assert claims["sub"] == "bob" and claims["org_id"] == "org_a" and claims["roles"] == ["finance"]
+    assert claims["exp"] - claims["iat"] == 120
+    bad = await _cli("token", "--role", "wizard", env=env)
+    assert bad[0] != 0 and "wizard" in bad[2]
+
+
+@dataclass
+class Served:
+    base_url: str
+    process: asyncio.subprocess.Process
+
+
+async def _wait_ready(base_url: str, process: asyncio.subprocess.Process) -> None:
+    async with httpx.AsyncClient(base_url=base_url) as http:
+        for _ in range(READY_TIMEOUT_S * 10):
+            if process.returncode is not None:
+                raise AssertionError(f"serve exited with {process.returncode}")
+            try:
+                if (await http.get("/readyz")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.1)  # polling a server that is starting: there is no event to await
+    raise AssertionError("serve did not become ready")
+
+
+@pytest.fixture
+async def served(database_url: str) -> AsyncIterator[Served]:
+    port = _free_port()
+    url_with_password = database_url.replace("postgres@", f"postgres:{SECRET_PASSWORD}@")
+    env = _clean_env(
+        ANALYTICS_DATABASE_URL=url_with_password,
+        ANALYTICS_JWT_SECRET=TEST_JWT_SECRET,
+        ANALYTICS_REDIS_URL=REDIS_URL,
+        ANALYTICS_AMQP_URL=AMQP_URL.replace("guest:guest", "guest:guest"),
+        ANALYTICS_PORT=str(port),
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway.cli",
+        "serve",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        await _wait_ready(base_url, process)
+        yield Served(base_url, process)
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.wait(), 30)
+
+
+@pytest.mark.slow
+async def test_serve_answers_graphql_logs_json_and_never_logs_secrets(served: Served, make_token: TokenFactory) -> None:
+    token = make_token("viewer", org="org_a", sub="srv")
+    async with httpx.AsyncClient(base_url=served.base_url) as http:
+        response = await http.post(
+            "/graphql", json={"query": "{ viewer { subject } }"}, headers={"Authorization": f"Bearer {token}"}
+        )
+    assert response.json() == {"data": {"viewer": {"subject": "srv"}}}
+    request_id = response.headers["x-request-id"]
+
+    served.process.send_signal(signal.SIGTERM)
+    # uvicorn shuts down gracefully, then re-raises SIGTERM for the parent to see.
+    assert await asyncio.wait_for(served.process.wait(), 30) in (0, -signal.SIGTERM)
+    assert served.process.stderr is not None
+    logs = (await served.process.stderr.read()).decode()
+    records = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
+    access = [r for r in records if r.get("event") == "request" and r.get("path") == "/graphql"]
+    assert access and access[0]["request_id"] == request_id and access[0]["status"] == 200
+    assert any(r.get("event") == "gateway.stopped" for r in records), "lifespan shutdown did not run"
+    for secret in (SECRET_PASSWORD, TEST_JWT_SECRET, token):
+        assert secret not in logs
+
+
+def _ws_url(served: Served) -> str:
+    return served.base_url.replace("http://", "ws://") + "/graphql"
+
+
+async def _connection_init(
+    url: str, payload: dict[str, str], headers: dict[str, str] | None = None
+) -> dict[str, object]:
+    async with websockets.connect(url, subprotocols=["graphql-transport-ws"], additional_headers=headers) as ws:  # type: ignore[list-item]
+        await ws.send(json.dumps({"type": "connection_init", "payload": payload}))
+        try:
+            return dict(json.loads(await asyncio.wait_for(ws.recv(), 10)))
+        except websockets.ConnectionClosed as closed:
+            return {"closed": closed.rcvd.code if closed.rcvd else None}
+
+
+@pytest.mark.slow
+async def test_websocket_authenticates_in_connection_init_or_upgrade_header(
+    served: Served, make_token: TokenFactory
+) -> None:
+    bearer = f"Bearer {make_token('viewer', org='org_a')}"
+    assert await _connection_init(_ws_url(served), {"Authorization": bearer}) == {"type": "connection_ack"}
+    assert await _connection_init(_ws_url(served), {}, headers={"Authorization": bearer}) == {"type": "connection_ack"}
+    assert await _connection_init(_ws_url(served), {"Authorization": "Bearer nope"}) == {"closed": 4403}
+    assert await _connection_init(_ws_url(served), {}) == {"closed": 4403}

@@ -1,0 +1,74 @@
+"""/healthz, /readyz and /metrics against the real database."""
+
+from __future__ import annotations
+
+import httpx
+from asgi_lifespan import LifespanManager
+
+from gateway.app import create_app
+from gateway.settings import Settings
+from tests.conftest import TokenFactory
+from tests.helpers import graphql
+
+
+async def test_healthz(client: httpx.AsyncClient) -> None:
+    response = await client.get("/healthz")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+
+
+async def test_readyz_reports_each_dependency(client: httpx.AsyncClient) -> None:
+    response = await client.get("/readyz")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "ready"
+    assert body["checks"]["database"]["ok"] is True
+    assert body["checks"]["database"]["migration"] == body["checks"]["database"]["expected_migration"]
+    assert body["checks"]["redis"] == {"ok": True, "configured": True}
+    assert body["checks"]["amqp"] == {"ok": True, "configured": True}
+
+
+async def test_readyz_is_503_when_the_database_is_unreachable(settings: Settings) -> None:
+    dead = settings.model_copy(
+        update={"database_url": settings.database_url.__class__("postgresql://postgres@127.0.0.1:1/none")}
+    )
+    app = create_app(dead)
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway.test") as http:
+            response = await http.get("/readyz")
+            assert (await http.get("/healthz")).status_code == 200
+    assert response.status_code == 503
+    body = response.json()
+    assert body["status"] == "not_ready"
+    assert body["checks"]["database"]["ok"] is False
+
+
+async def test_readyz_is_503_when_migrations_are_behind(settings: Settings, empty_database: str) -> None:
+    behind = settings.model_copy(update={"database_url": settings.database_url.__class__(empty_database)})
+    async with LifespanManager(create_app(behind)) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway.test") as http:
+            response = await http.get("/readyz")
+    assert response.status_code == 503
+    database = response.json()["checks"]["database"]
+    assert database["migration"] is None and "migrate" in database["error"]
+
+
+async def test_metrics_expose_request_histogram_and_process_metrics(
+    client: httpx.AsyncClient, make_token: TokenFactory
+) -> None:
+    await graphql(client, "{ viewer { subject } }", make_token("viewer", org="o"))
+    response = await client.get("/metrics")
+    assert response.status_code == 200
+    text = response.text
+    graphql_buckets = [
+        line
+        for line in text.splitlines()
+        if line.startswith("http_server_duration_milliseconds_bucket")
+        and 'http_target="/graphql"' in line
+        and 'http_status_code="200"' in line
+    ]
+    assert graphql_buckets, text[:2000]
+    assert "http_server_duration_milliseconds_count" in text
+    assert "process_cpu_seconds_total" in text

@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from schema.scalars import parse_bigint, parse_datetime, parse_decimal, serialize_datetime, serialize_decimal
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (decimal.Decimal("12.5000025"), "12.5000025"),
+        (decimal.Decimal("1E-7"), "0.0000001"),
+        (decimal.Decimal("1E+3"), "1000"),
+        (decimal.Decimal("0.000"), "0.000"),
+        (decimal.Decimal("-3.10"), "-3.10"),
+    ],
+)
+def test_decimal_is_an_exact_string_without_exponent(value: decimal.Decimal, text: str) -> None:
+    assert serialize_decimal(value) == text
+
+
+@given(st.decimals(allow_nan=False, allow_infinity=False))
+def test_decimal_round_trips_exactly(value: decimal.Decimal) -> None:
+    text = serialize_decimal(value)
+    assert "E" not in text.upper()
+    assert parse_decimal(text) == value
+
+
+@pytest.mark.parametrize("bad", ["NaN", "Infinity", "abc", 1.5, True, None])
+def test_decimal_rejects_non_exact_input(bad: object) -> None:
+    with pytest.raises(ValueError):
+        parse_decimal(bad)
+
+
+def test_datetime_is_answered_in_utc_with_z() -> None:
+    kolkata = dt.timezone(dt.timedelta(hours=5, minutes=30))
+    assert serialize_datetime(dt.datetime(2026, 11, 29, 17, 30, tzinfo=kolkata)) == "2026-11-29T12:00:00Z"
+    assert (
+        serialize_datetime(dt.datetime(2026, 11, 29, 12, 0, 0, 123000, tzinfo=dt.UTC)) == "2026-11-29T12:00:00.123000Z"
+    )
+
+
+def test_datetime_input_needs_an_offset() -> None:
+    assert parse_datetime("2026-11-29T12:00:00+05:30") == dt.datetime(2026, 11, 29, 6, 30, tzinfo=dt.UTC)
+    assert parse_datetime("2026-11-29T12:00:00Z").tzinfo == dt.UTC
+    for bad in ("2026-11-29T12:00:00", "yesterday", 1700000000):
+        with pytest.raises(ValueError):
+            parse_datetime(bad)
+
+
+def test_bigint_is_a_64_bit_integer() -> None:
+    assert parse_bigint(2**53 + 1) == 2**53 + 1
+    for bad in (2**63, "12", 1.0, True):
+        with pytest.raises(ValueError):
+            parse_bigint(bad)
