@@ -18,6 +18,8 @@ from gateway.metrics import Metrics
 from gateway.middleware import RequestIdMiddleware
 from gateway.resources import Resources, open_resources
 from gateway.settings import ALL_ROLES, Role, Settings, load_settings
+from gateway.workers import run_workers
+from ingest.http import post_events
 from schema.schema import build_schema
 
 log = structlog.get_logger(__name__)
@@ -37,7 +39,7 @@ def create_app(settings: Settings | None = None, roles: frozenset[Role] = ALL_RO
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
-        async with open_resources(settings, roles, metrics) as resources:
+        async with open_resources(settings, roles, metrics) as resources, run_workers(resources):
             log.info("gateway.started", roles=sorted(roles), embedded_database=resources.embedded)
             yield {"resources": resources}
         log.info("gateway.stopped")
@@ -47,6 +49,7 @@ def create_app(settings: Settings | None = None, roles: frozenset[Role] = ALL_RO
         Route("/readyz", health.readyz),
         Route("/metrics", health.metrics),
         Route("/graphql", AuthenticatedGraphQL(view), methods=["GET", "POST"]),
+        Route("/v1/events", post_events, methods=["POST"]),
         WebSocketRoute("/graphql", view),
     ]
     middleware = [

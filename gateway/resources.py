@@ -19,7 +19,10 @@ from gateway.auth import TokenVerifier
 from gateway.embedded import EmbeddedPostgres
 from gateway.errors import ConfigError
 from gateway.metrics import Metrics
+from gateway.pubsub import LocalPubSub, PubSub, RedisPubSub
 from gateway.settings import Role, Settings
+from ingest.metrics import IngestMetrics
+from ingest.writer import EventWriter
 
 log = structlog.get_logger(__name__)
 AMQP_CONNECT_TIMEOUT_S = 10.0
@@ -35,6 +38,9 @@ class Resources:
     verifier: TokenVerifier
     metrics: Metrics
     migrations_head: str
+    pubsub: PubSub
+    ingest_metrics: IngestMetrics
+    writer: EventWriter
     redis: Redis | None = None
     amqp: AbstractRobustConnection | None = None
     embedded: bool = False
@@ -55,6 +61,8 @@ async def open_resources(settings: Settings, roles: frozenset[Role], metrics: Me
         amqp = await _amqp(settings, roles)
         if amqp is not None:
             stack.push_async_callback(amqp.close)
+        pubsub: PubSub = RedisPubSub(redis, settings.redis_prefix) if redis is not None else LocalPubSub()
+        ingest_metrics = IngestMetrics(metrics.meter("analytics.ingest"))
         yield Resources(
             settings=settings,
             roles=roles,
@@ -62,6 +70,9 @@ async def open_resources(settings: Settings, roles: frozenset[Role], metrics: Me
             verifier=TokenVerifier(settings),
             metrics=metrics,
             migrations_head=current_head(),
+            pubsub=pubsub,
+            ingest_metrics=ingest_metrics,
+            writer=EventWriter(engine, pubsub, ingest_metrics),
             redis=redis,
             amqp=amqp,
             embedded=embedded,

@@ -52,6 +52,14 @@ class Settings(BaseSettings):
     jwt_audience: str | None = None
 
     export_retention_days: int = Field(default=30, ge=1)
+    raw_retention_days: int = Field(default=90, ge=1)
+
+    # Ingestion from RabbitMQ: prefetch bounds what is in memory (backpressure);
+    # a batch is flushed when it holds batch_events events or is batch_max_age_ms old.
+    ingest_prefetch: int = Field(default=2000, ge=1, le=65535)
+    ingest_batch_events: int = Field(default=5000, ge=1)
+    ingest_batch_max_age_ms: int = Field(default=100, ge=1)
+    amqp_delivery_limit: int = Field(default=20, ge=1)
 
     # Additions to the contract: names shared with other runs of the gateway
     # (tests give every run its own prefix), and where local state lives.

@@ -1,0 +1,110 @@
+"""Writing usage events: COPY into staging, deduplicate, insert, account.
+
+All in the caller's transaction. ``insert_batch`` returns what happened per
+org so freshness can be updated in the same transaction.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import asyncpg
+
+STAGE_COLUMNS = (
+    "ord", "org_id", "event_time", "source", "event_id", "project_id", "api_key_id", "model",
+    "input_tokens", "cached_input_tokens", "output_tokens", "latency_ms", "ttft_ms",
+    "status_code", "error_type", "region",
+)  # fmt: skip
+EVENT_COLUMNS = STAGE_COLUMNS[1:]
+
+CREATE_STAGE = """
+CREATE TEMP TABLE IF NOT EXISTS usage_stage (
+    ord integer NOT NULL, org_id text, event_time timestamptz, source text, event_id text,
+    project_id text, api_key_id text, model text, input_tokens bigint, cached_input_tokens bigint,
+    output_tokens bigint, latency_ms double precision, ttft_ms double precision,
+    status_code smallint, error_type text, region text
+) ON COMMIT DELETE ROWS
+"""
+
+_COLUMNS = ", ".join(EVENT_COLUMNS)
+_FIRST_COLUMNS = ", ".join(f"f.{c}" for c in EVENT_COLUMNS)
+INSERT_NEW = f"""
+WITH firsts AS (
+    SELECT DISTINCT ON (source, event_id) * FROM usage_stage ORDER BY source, event_id, ord
+), fresh AS (
+    INSERT INTO event_receipts (source, event_id, org_id, event_time, batch_id)
+    SELECT source, event_id, org_id, event_time, $1 FROM firsts
+    ON CONFLICT DO NOTHING
+    RETURNING source, event_id
+), inserted AS (
+    INSERT INTO usage_events ({_COLUMNS}, batch_id)
+    SELECT {_FIRST_COLUMNS}, $1 FROM firsts f JOIN fresh USING (source, event_id)
+    RETURNING org_id, event_time
+)
+SELECT org_id, count(*) AS events, min(event_time) AS first_at, max(event_time) AS last_at
+FROM inserted GROUP BY org_id
+"""
+
+UPSERT_FRESHNESS = """
+INSERT INTO freshness_status AS f (org_id, last_event_at, last_ingested_at, updated_at)
+SELECT org_id, last_at, clock_timestamp(), clock_timestamp() FROM unnest($1::text[], $2::timestamptz[]) AS t(org_id, last_at)
+ON CONFLICT (org_id) DO UPDATE SET
+    last_event_at = greatest(f.last_event_at, excluded.last_event_at),
+    last_ingested_at = excluded.last_ingested_at,
+    updated_at = excluded.updated_at
+"""
+
+INSERT_BATCH = """
+INSERT INTO ingestion_batches
+    (id, channel, accepted, duplicates, rejected, min_event_time, max_event_time, started_at, duration_ms)
+OVERRIDING SYSTEM VALUE
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, extract(epoch FROM clock_timestamp() - $8) * 1000)
+"""
+
+
+@dataclass(frozen=True)
+class OrgIngested:
+    org_id: str
+    events: int
+    first_at: dt.datetime
+    last_at: dt.datetime
+
+
+Record = tuple[object, ...]
+
+
+async def next_batch_id(connection: asyncpg.Connection) -> int:
+    return int(await connection.fetchval("SELECT nextval(pg_get_serial_sequence('ingestion_batches', 'id'))"))
+
+
+async def ensure_partitions(connection: asyncpg.Connection, days: Sequence[dt.date]) -> None:
+    await connection.execute("SELECT analytics_ensure_usage_partition(d) FROM unnest($1::date[]) AS d", list(days))
+
+
+async def insert_batch(connection: asyncpg.Connection, batch_id: int, records: Sequence[Record]) -> list[OrgIngested]:
+    """COPY ``records`` (in STAGE_COLUMNS order) and insert the new ones."""
+    await connection.execute(CREATE_STAGE)
+    await connection.copy_records_to_table("usage_stage", records=records, columns=STAGE_COLUMNS)
+    rows = await connection.fetch(INSERT_NEW, batch_id)
+    return [OrgIngested(r["org_id"], r["events"], r["first_at"], r["last_at"]) for r in rows]
+
+
+async def record_batch(
+    connection: asyncpg.Connection,
+    *,
+    batch_id: int,
+    channel: str,
+    orgs: Sequence[OrgIngested],
+    duplicates: int,
+    rejected: int,
+    started_at: dt.datetime,
+) -> None:
+    """Update freshness per org and write the batch's ``ingestion_batches`` row."""
+    if orgs:
+        await connection.execute(UPSERT_FRESHNESS, [o.org_id for o in orgs], [o.last_at for o in orgs])
+    accepted = sum(o.events for o in orgs)
+    first = min((o.first_at for o in orgs), default=None)
+    last = max((o.last_at for o in orgs), default=None)
+    await connection.execute(INSERT_BATCH, batch_id, channel, accepted, duplicates, rejected, first, last, started_at)

@@ -1,0 +1,189 @@
+"""The AMQP ingester: consume, batch, commit, dead-letter, then acknowledge.
+
+Prefetch bounds how many unacknowledged messages are in memory, which is the
+backpressure: while the database is slow or down nothing is acknowledged and
+RabbitMQ stops delivering. A message is acknowledged only after the batch
+holding its valid events has committed and its invalid events are confirmed
+in the dead-letter queue, so a crash at any point means redelivery, and
+redelivered events are duplicates the writer skips.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import itertools
+from dataclasses import dataclass
+
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+
+from gateway.settings import Settings
+from ingest.deadletter import dead_letter
+from ingest.decode import Decoded, UnreadableMessage, decode_body
+from ingest.events import TimeWindow
+from ingest.metrics import IngestMetrics
+from ingest.topology import Declared, Topology, declare
+from ingest.writer import EventWriter
+
+log = structlog.get_logger(__name__)
+RETRY_DELAYS_S = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
+DEPTH_INTERVAL_S = 5.0
+STOP_TIMEOUT_S = 30.0
+
+
+@dataclass
+class Pending:
+    """A delivered message and what decoding made of it."""
+
+    message: AbstractIncomingMessage
+    decoded: Decoded | None = None
+    unreadable: str | None = None
+
+    @property
+    def events(self) -> int:
+        return len(self.decoded.events) if self.decoded else 0
+
+
+class Consumer:
+    """Consumes the ingest queue of one connection until stopped."""
+
+    def __init__(
+        self, connection: AbstractRobustConnection, writer: EventWriter, settings: Settings, metrics: IngestMetrics
+    ) -> None:
+        self._connection = connection
+        self._writer = writer
+        self._settings = settings
+        self._metrics = metrics
+        self._topology = Topology.named(settings.amqp_prefix)
+        self._buffer: list[Pending] = []
+        self._buffered_events = 0
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._channel: AbstractChannel | None = None
+        self._declared: Declared | None = None
+        self._consumer_tag: str | None = None
+
+    async def start(self) -> None:
+        self._channel = await self._connection.channel(publisher_confirms=True)
+        await self._channel.set_qos(prefetch_count=self._settings.ingest_prefetch)
+        self._declared = await declare(self._channel, self._topology, self._settings.amqp_delivery_limit)
+        self._consumer_tag = await self._declared.queue.consume(self._on_message)
+        self._tasks = [asyncio.create_task(self._flush_loop()), asyncio.create_task(self._watch_depths())]
+        log.info("ingest.consuming", queue=self._topology.queue, prefetch=self._settings.ingest_prefetch)
+
+    async def stop(self) -> None:
+        """Stop consuming, flush and acknowledge what is buffered, close."""
+        self._stopping = True
+        if self._declared is not None and self._consumer_tag is not None:
+            await self._declared.queue.cancel(self._consumer_tag)
+        self._wake.set()
+        flusher, *others = self._tasks
+        try:
+            await asyncio.wait_for(asyncio.shield(flusher), STOP_TIMEOUT_S)
+        except TimeoutError:  # the database is away: unacknowledged messages are redelivered later
+            log.warning("ingest.stop_timeout", buffered_messages=len(self._buffer))
+        for task in [flusher, *others]:
+            task.cancel()
+        if self._channel is not None:
+            await self._channel.close()
+        log.info("ingest.stopped")
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        pending = Pending(message)
+        try:
+            pending.decoded = decode_body(message.body, message.content_type, self._window())
+        except UnreadableMessage as exc:
+            pending.unreadable = str(exc)
+        self._buffer.append(pending)
+        self._buffered_events += pending.events
+        if self._is_full():
+            self._wake.set()
+
+    def _window(self) -> TimeWindow:
+        return TimeWindow.around(dt.datetime.now(dt.UTC), self._settings.raw_retention_days)
+
+    def _is_full(self) -> bool:
+        settings = self._settings
+        return self._buffered_events >= settings.ingest_batch_events or len(self._buffer) >= settings.ingest_prefetch // 2
+
+    async def _flush_loop(self) -> None:
+        max_age = self._settings.ingest_batch_max_age_ms / 1000
+        while not (self._stopping and not self._buffer):
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=max_age)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            if self._buffer:
+                await self._flush()
+
+    async def _flush(self) -> None:
+        batch, self._buffer, self._buffered_events = self._buffer, [], 0
+        events = [event for pending in batch if pending.decoded for event in pending.decoded.events]
+        rejected = sum(len(p.decoded.rejected) for p in batch if p.decoded) + sum(1 for p in batch if p.unreadable)
+        await self._write_until_committed(events, rejected)
+        try:
+            await self._dead_letter(batch)
+        except Exception:  # noqa: BLE001 - requeue: the redelivery is written as duplicates and dead-lettered again
+            log.warning("ingest.dead_letter_failed", messages=len(batch), exc_info=True)
+            await _settle(batch, requeue=True)
+            return
+        await _settle(batch)
+
+    async def _write_until_committed(self, events: list[object], rejected: int) -> None:
+        for attempt in itertools.count():
+            try:
+                await self._writer.write(events, channel="amqp", rejected=rejected)  # type: ignore[arg-type]
+                return
+            except Exception as exc:  # noqa: BLE001 - keep the batch and retry; nothing is acknowledged
+                delay = RETRY_DELAYS_S[min(attempt, len(RETRY_DELAYS_S) - 1)]
+                log.warning("ingest.write_failed", attempt=attempt + 1, retry_in_s=delay, error=type(exc).__name__)
+                await asyncio.sleep(delay)
+
+    async def _dead_letter(self, batch: list[Pending]) -> None:
+        assert self._declared is not None
+        exchange = self._declared.dead_letter_exchange
+        for pending in batch:
+            message = pending.message
+            if pending.unreadable is not None:
+                await dead_letter(exchange, message.body, pending.unreadable,
+                                  content_type=message.content_type, message_id=message.message_id)  # fmt: skip
+            for reject in pending.decoded.rejected if pending.decoded else ():
+                await dead_letter(exchange, reject.body, reject.error, content_type="application/cloudevents+json",
+                                  index=reject.index, message_id=message.message_id)  # fmt: skip
+
+    async def _watch_depths(self) -> None:
+        """Keep the queue-depth gauges current (a passive declare on a side channel)."""
+        while True:
+            try:
+                async with self._connection.channel() as channel:
+                    while True:
+                        for name in (self._topology.queue, self._topology.dead_letter_queue):
+                            queue = await channel.declare_queue(name, passive=True)
+                            self._metrics.depths[name] = queue.declaration_result.message_count or 0
+                        await asyncio.sleep(DEPTH_INTERVAL_S)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the broker is away; try again later
+                await asyncio.sleep(DEPTH_INTERVAL_S)
+
+
+async def _settle(batch: list[Pending], *, requeue: bool | None = None) -> None:
+    """Ack (or with ``requeue``, nack) the batch: one call per channel its messages came on.
+
+    After a reconnect some messages belong to a closed channel; the broker
+    redelivers those, so failing to settle them is harmless.
+    """
+    last_per_channel: dict[int, AbstractIncomingMessage] = {}
+    for pending in batch:
+        last_per_channel[id(pending.message.channel)] = pending.message
+    for message in last_per_channel.values():
+        try:
+            if requeue is None:
+                await message.ack(multiple=True)
+            else:
+                await message.nack(multiple=True, requeue=requeue)
+        except Exception:  # noqa: BLE001
+            log.info("ingest.settle_skipped", reason="channel closed; the broker redelivers")

@@ -1,0 +1,63 @@
+"""``POST /v1/events``: the CloudEvents HTTP binding (structured and batch modes).
+
+Answers 202 once the accepted events are committed, with what was accepted,
+what was a duplicate and why each rejected event was rejected.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from gateway.errors import Forbidden, GatewayError, Unauthenticated
+from gateway.resources import Resources
+from ingest.decode import MAX_BODY_BYTES, SUPPORTED, UnreadableMessage, decode_body, media_type
+from ingest.events import TimeWindow
+
+
+class PayloadTooLarge(Exception):
+    pass
+
+
+async def post_events(request: Request) -> Response:
+    resources: Resources = request.state.resources
+    try:
+        caller = await resources.verifier.verify_header(request.headers.get("authorization"))
+        if not caller.may_ingest:
+            raise Forbidden("role 'ingest' is required to post events")
+    except GatewayError as exc:
+        return _error(exc.message, exc.code.value, 401 if isinstance(exc, Unauthenticated) else 403)
+    kind = media_type(request.headers.get("content-type"))
+    if kind not in SUPPORTED:
+        return _error(f"content type must be one of {', '.join(sorted(SUPPORTED))}", "UNSUPPORTED_MEDIA_TYPE", 415)
+    try:
+        body = await _read_limited(request)
+        window = TimeWindow.around(dt.datetime.now(dt.UTC), resources.settings.raw_retention_days)
+        decoded = decode_body(body, kind, window)
+    except PayloadTooLarge:
+        return _error(f"body is over {MAX_BODY_BYTES:,} bytes (10 MiB)", "PAYLOAD_TOO_LARGE", 413)
+    except UnreadableMessage as exc:
+        return _error(str(exc), "BAD_USER_INPUT", 400)
+    result = await resources.writer.write(decoded.events, channel="http", rejected=len(decoded.rejected))
+    rejected = [{"index": r.index, "error": r.error} for r in decoded.rejected]
+    body_out = {"accepted": result.accepted, "duplicates": result.duplicates, "rejected": rejected}
+    return JSONResponse(body_out, status_code=202)
+
+
+async def _read_limited(request: Request) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise PayloadTooLarge
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise PayloadTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _error(message: str, code: str, status: int) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "code": code}}, status_code=status)

@@ -1,0 +1,61 @@
+"""The RabbitMQ names and their declaration (contracts section 1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+
+ROUTING_KEY = "usage.v1"
+BINDING_KEY = "usage.#"
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Names, each with the configured prefix (tests use a unique one)."""
+
+    exchange: str
+    queue: str
+    dead_letter_exchange: str
+    dead_letter_queue: str
+
+    @classmethod
+    def named(cls, prefix: str = "") -> Topology:
+        return cls(
+            exchange=f"{prefix}analytics.events",
+            queue=f"{prefix}analytics.usage",
+            dead_letter_exchange=f"{prefix}analytics.usage.dlx",
+            dead_letter_queue=f"{prefix}analytics.usage.dlq",
+        )
+
+
+@dataclass(frozen=True)
+class Declared:
+    exchange: AbstractExchange
+    queue: AbstractQueue
+    dead_letter_exchange: AbstractExchange
+    dead_letter_queue: AbstractQueue
+
+
+async def declare(channel: AbstractChannel, topology: Topology, delivery_limit: int) -> Declared:
+    """Declare exchange, quorum queue, dead-letter exchange and queue (idempotent).
+
+    Messages the broker gives up on (over the delivery limit) are dead-lettered
+    to the same queue as the events the gateway rejects itself.
+    """
+    exchange = await channel.declare_exchange(topology.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+    dlx = await channel.declare_exchange(topology.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True)
+    dlq = await channel.declare_queue(topology.dead_letter_queue, durable=True, arguments={"x-queue-type": "quorum"})
+    await dlq.bind(dlx)
+    queue = await channel.declare_queue(
+        topology.queue,
+        durable=True,
+        arguments={
+            "x-queue-type": "quorum",
+            "x-dead-letter-exchange": topology.dead_letter_exchange,
+            "x-delivery-limit": delivery_limit,
+        },
+    )
+    await queue.bind(exchange, routing_key=BINDING_KEY)
+    return Declared(exchange, queue, dlx, dlq)
