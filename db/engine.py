@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 
@@ -20,5 +22,9 @@ def create_engine(url: str, *, pool_size: int = 10, connect_timeout: float = 5.0
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_pre_ping=True,
-        connect_args={"timeout": connect_timeout, "server_settings": {"TimeZone": "UTC"}},
+        connect_args={
+            "timeout": connect_timeout,
+            # The process id in application_name lets operators (and tests) find a process's sessions.
+            "server_settings": {"TimeZone": "UTC", "application_name": f"analytics-gateway/{os.getpid()}"},
+        },
     )

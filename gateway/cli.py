@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
 import uvicorn
 
 from db.engine import create_engine
+from ingest.publish_file import publish_file
 from db.migrate import migrate as run_migrations
 from gateway.auth import issue_token, signing_secret
 from gateway.errors import ConfigError
@@ -127,6 +129,23 @@ def token(
             audience=settings.jwt_audience,
         )
     )
+
+
+@app.command()
+def publish(
+    file: Annotated[Path, typer.Argument(help="JSON Lines: one CloudEvents usage event per line.", exists=True)],
+    batch: Annotated[int, typer.Option(help="Events per message (1: single-event messages).", min=1, max=10_000)] = 100,
+    in_flight: Annotated[int, typer.Option(help="Messages awaiting confirms at once.", min=1)] = 1000,
+) -> None:
+    """Publish events from a file to the AMQP exchange, with publisher confirms."""
+    settings = _settings()
+    if settings.amqp_url is None:
+        _fail("ANALYTICS_AMQP_URL must be set to publish")
+    try:
+        published = asyncio.run(publish_file(settings, file, batch=batch, in_flight=in_flight))
+    except (OSError, ValueError) as exc:
+        _fail(f"publish failed: {exc}")
+    typer.echo(f"published {published:,} events", err=True)
 
 
 def main() -> None:

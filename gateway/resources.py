@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -100,7 +101,11 @@ async def _amqp(settings: Settings, roles: frozenset[Role]) -> AbstractRobustCon
         return None
     try:
         return await asyncio.wait_for(
-            aio_pika.connect_robust(settings.amqp_url.get_secret_value()), AMQP_CONNECT_TIMEOUT_S
+            aio_pika.connect_robust(
+                settings.amqp_url.get_secret_value(),
+                client_properties={"connection_name": f"analytics-gateway/{os.getpid()}"},
+            ),
+            AMQP_CONNECT_TIMEOUT_S,
         )
     except (OSError, TimeoutError, aio_pika.exceptions.AMQPError) as exc:
         raise ConfigError(f"ANALYTICS_AMQP_URL: cannot connect to the broker ({type(exc).__name__})") from None
