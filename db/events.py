@@ -49,7 +49,8 @@ FROM inserted GROUP BY org_id
 
 UPSERT_FRESHNESS = """
 INSERT INTO freshness_status AS f (org_id, last_event_at, last_ingested_at, updated_at)
-SELECT org_id, last_at, clock_timestamp(), clock_timestamp() FROM unnest($1::text[], $2::timestamptz[]) AS t(org_id, last_at)
+SELECT org_id, last_at, clock_timestamp(), clock_timestamp()
+FROM unnest($1::text[], $2::timestamptz[]) AS t(org_id, last_at)
 ON CONFLICT (org_id) DO UPDATE SET
     last_event_at = greatest(f.last_event_at, excluded.last_event_at),
     last_ingested_at = excluded.last_ingested_at,

@@ -10,13 +10,13 @@ import typer
 import uvicorn
 
 from db.engine import create_engine
-from ingest.publish_file import publish_file
 from db.migrate import migrate as run_migrations
 from gateway.auth import issue_token, signing_secret
 from gateway.errors import ConfigError
 from gateway.logging import configure_logging
 from gateway.scopes import ROLE_GRANTS
 from gateway.settings import ALL_ROLES, Role, Settings, load_settings
+from ingest.publish_file import publish_file
 
 app = typer.Typer(help="GraphQL analytics gateway for an LLM API platform.", no_args_is_help=True)
 

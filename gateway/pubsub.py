@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Protocol
 
 from redis.asyncio import Redis
@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 class PubSub(Protocol):
     async def publish(self, channel: str, message: bytes) -> None: ...
 
-    def subscribe(self, channels: Iterable[str]) -> AsyncIterator[AsyncIterator[bytes]]: ...
+    def subscribe(self, channels: Iterable[str]) -> AbstractAsyncContextManager[AsyncIterator[bytes]]: ...
 
 
 class RedisPubSub:
@@ -39,7 +39,7 @@ class RedisPubSub:
         try:
             yield _redis_messages(pubsub)
         finally:
-            await pubsub.aclose()
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
 async def _redis_messages(pubsub: object) -> AsyncIterator[bytes]:

@@ -11,6 +11,7 @@ redelivered events are duplicates the writer skips.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import itertools
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobus
 from gateway.settings import Settings
 from ingest.deadletter import dead_letter
 from ingest.decode import Decoded, UnreadableMessage, decode_body
-from ingest.events import TimeWindow
+from ingest.events import TimeWindow, UsageEvent
 from ingest.metrics import IngestMetrics
 from ingest.topology import Declared, Topology, declare
 from ingest.writer import EventWriter
@@ -69,6 +70,7 @@ class Consumer:
         self._channel = await self._connection.channel(publisher_confirms=True)
         await self._channel.set_qos(prefetch_count=self._settings.ingest_prefetch)
         self._declared = await declare(self._channel, self._topology, self._settings.amqp_delivery_limit)
+        await self._read_depths(self._channel)
         self._consumer_tag = await self._declared.queue.consume(self._on_message)
         self._tasks = [asyncio.create_task(self._flush_loop()), asyncio.create_task(self._watch_depths())]
         log.info("ingest.consuming", queue=self._topology.queue, prefetch=self._settings.ingest_prefetch)
@@ -106,15 +108,15 @@ class Consumer:
 
     def _is_full(self) -> bool:
         settings = self._settings
-        return self._buffered_events >= settings.ingest_batch_events or len(self._buffer) >= settings.ingest_prefetch // 2
+        return (
+            self._buffered_events >= settings.ingest_batch_events or len(self._buffer) >= settings.ingest_prefetch // 2
+        )
 
     async def _flush_loop(self) -> None:
         max_age = self._settings.ingest_batch_max_age_ms / 1000
         while not (self._stopping and not self._buffer):
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=max_age)
-            except TimeoutError:
-                pass
             self._wake.clear()
             if self._buffer:
                 await self._flush()
@@ -126,16 +128,16 @@ class Consumer:
         await self._write_until_committed(events, rejected)
         try:
             await self._dead_letter(batch)
-        except Exception:  # noqa: BLE001 - requeue: the redelivery is written as duplicates and dead-lettered again
+        except Exception:
             log.warning("ingest.dead_letter_failed", messages=len(batch), exc_info=True)
             await _settle(batch, requeue=True)
             return
         await _settle(batch)
 
-    async def _write_until_committed(self, events: list[object], rejected: int) -> None:
+    async def _write_until_committed(self, events: list[UsageEvent], rejected: int) -> None:
         for attempt in itertools.count():
             try:
-                await self._writer.write(events, channel="amqp", rejected=rejected)  # type: ignore[arg-type]
+                await self._writer.write(events, channel="amqp", rejected=rejected)
                 return
             except Exception as exc:  # noqa: BLE001 - keep the batch and retry; nothing is acknowledged
                 delay = RETRY_DELAYS_S[min(attempt, len(RETRY_DELAYS_S) - 1)]
@@ -160,14 +162,17 @@ class Consumer:
             try:
                 async with self._connection.channel() as channel:
                     while True:
-                        for name in (self._topology.queue, self._topology.dead_letter_queue):
-                            queue = await channel.declare_queue(name, passive=True)
-                            self._metrics.depths[name] = queue.declaration_result.message_count or 0
                         await asyncio.sleep(DEPTH_INTERVAL_S)
+                        await self._read_depths(channel)
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - the broker is away; try again later
                 await asyncio.sleep(DEPTH_INTERVAL_S)
+
+    async def _read_depths(self, channel: AbstractChannel) -> None:
+        for name in (self._topology.queue, self._topology.dead_letter_queue):
+            queue = await channel.declare_queue(name, passive=True)
+            self._metrics.depths[name] = queue.declaration_result.message_count or 0
 
 
 async def _settle(batch: list[Pending], *, requeue: bool | None = None) -> None:

@@ -108,5 +108,5 @@ class EventWriter:
             for org in orgs:
                 message = orjson.dumps({"org_id": org.org_id, "last_event_at": org.last_at.isoformat()})
                 await self._pubsub.publish(freshness_channel(org.org_id), message)
-        except Exception:  # noqa: BLE001 - never turn a committed write into a failure
+        except Exception:
             log.warning("ingest.announce_failed", orgs=len(orgs), exc_info=True)

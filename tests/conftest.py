@@ -13,11 +13,13 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
+import aio_pika
 import asyncpg
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 from moto.server import ThreadedMotoServer
+from redis.asyncio import Redis
 from starlette.applications import Starlette
 
 from db.engine import create_engine
@@ -25,6 +27,7 @@ from db.migrate import migrate
 from gateway.app import create_app
 from gateway.auth import issue_token
 from gateway.settings import Settings
+from ingest.topology import Topology
 
 RUN_ID = uuid.uuid4().hex[:10]
 TEST_JWT_SECRET = "test-secret-" + "x" * 32
@@ -52,6 +55,25 @@ async def drop_database(name: str) -> None:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await admin.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+async def _clean_broker_and_redis() -> AsyncIterator[None]:
+    """After the run, remove this run's queues, exchanges and Redis keys."""
+    yield
+    topology = Topology.named(f"test_{RUN_ID}.")
+    connection = await aio_pika.connect_robust(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        for queue in (topology.queue, topology.dead_letter_queue):
+            await channel.queue_delete(queue)
+        for exchange in (topology.exchange, topology.dead_letter_exchange):
+            await channel.exchange_delete(exchange)
+    redis = Redis.from_url(REDIS_URL)
+    async with redis:
+        keys = [key async for key in redis.scan_iter(match=f"test:{RUN_ID}:*")]
+        if keys:
+            await redis.delete(*keys)
 
 
 @pytest.fixture(scope="session")
