@@ -119,7 +119,11 @@ def _poison(valid: dict[str, object], marker: str) -> dict[str, tuple[bytes, str
         "unparseable": (b'{"marker": "' + marker.encode() + b'", ', "application/cloudevents+json", "not valid JSON"),
         "wrong type": (variant("input_tokens", "12"), "application/cloudevents+json", "data.input_tokens"),
         "negative": (variant("output_tokens", -3), "application/cloudevents+json", "data.output_tokens"),
-        "cached > input": (variant("cached_input_tokens", 10**7), "application/cloudevents+json", "cached_input_tokens"),
+        "cached > input": (
+            variant("cached_input_tokens", 10**7),
+            "application/cloudevents+json",
+            "cached_input_tokens",
+        ),
         "missing field": (variant("model", None, drop="model"), "application/cloudevents+json", "model"),
         "future": (variant("time", future), "application/cloudevents+json", "future"),
         "too large": (big, "application/cloudevents+json", "10 MiB"),
@@ -149,7 +153,9 @@ async def test_poison_goes_to_the_dlq_with_a_reason_and_valid_siblings_are_inges
     for name, (_, _, words) in poison.items():
         assert any(words in reason for reason in reasons), f"{name}: no reason with {words!r} in {reasons}"
     sibling = [m for m in messages if f"{marker}-sibling".encode() in m.body]
-    assert sibling and sibling[0].headers[INDEX_HEADER] == 1 and "data.latency_ms" in str(sibling[0].headers[ERROR_HEADER])
+    assert (
+        sibling and sibling[0].headers[INDEX_HEADER] == 1 and "data.latency_ms" in str(sibling[0].headers[ERROR_HEADER])
+    )
 
     # The consumer kept running: the batch's valid events and a later event are stored.
     async with publisher(settings.amqp_prefix) as pub:
