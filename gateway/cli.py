@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 from typing import Annotated, NoReturn
 
+import asyncpg
 import typer
 import uvicorn
 
@@ -98,8 +99,8 @@ def migrate() -> None:
 
     try:
         revision = asyncio.run(run())
-    except OSError as exc:
-        _fail(f"ANALYTICS_DATABASE_URL: cannot connect to the database ({type(exc).__name__})")
+    except (OSError, asyncpg.PostgresError) as exc:
+        _fail(f"ANALYTICS_DATABASE_URL: cannot migrate the database ({type(exc).__name__}: {exc})")
     typer.echo(f"database at migration {revision}")
 
 

@@ -84,6 +84,13 @@ class Settings(BaseSettings):
     def _redis_scheme(cls, value: SecretStr | None) -> SecretStr | None:
         return _check_scheme(value, ("redis://", "rediss://", "unix://"))
 
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        if value.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        return value.upper()
+
     @field_validator("jwt_secret")
     @classmethod
     def _secret_length(cls, value: SecretStr | None) -> SecretStr | None:

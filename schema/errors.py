@@ -16,7 +16,8 @@ from gateway.errors import ErrorCode, GatewayError
 
 log = structlog.get_logger(__name__)
 
-_TOO_COMPLEX_MARKERS = ("exceeds maximum operation depth", "maximum allowed", "aliases")
+# Messages of Strawberry's depth, alias and token limiters.
+_TOO_COMPLEX_MARKERS = ("exceeds maximum operation depth", "maximum allowed", "aliases", "tokens")
 
 
 def error_code(error: GraphQLError) -> ErrorCode:
@@ -27,12 +28,10 @@ def error_code(error: GraphQLError) -> ErrorCode:
     original = error.original_error
     if isinstance(original, GatewayError):
         return original.code
-    if original is None or isinstance(original, GraphQLError):
-        # Parse, validation and variable-coercion errors: the request is wrong.
+    if error.path is None or original is None or isinstance(original, GraphQLError):
+        # Before execution (parse, validation, scalar and variable coercion): the request is wrong.
         if any(marker in error.message for marker in _TOO_COMPLEX_MARKERS):
             return ErrorCode.QUERY_TOO_COMPLEX
-        return ErrorCode.BAD_USER_INPUT
-    if isinstance(original, ValueError) and "scalar" in str(original).lower():
         return ErrorCode.BAD_USER_INPUT
     return ErrorCode.INTERNAL
 

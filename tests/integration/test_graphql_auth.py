@@ -193,3 +193,13 @@ async def test_request_id_is_returned_and_kept(client: httpx.AsyncClient) -> Non
     assert kept.headers["x-request-id"] == "abc-123"
     replaced = await client.get("/healthz", headers={"X-Request-ID": "bad id\nwith newline"})
     assert replaced.headers["x-request-id"] != "bad id\nwith newline"
+
+
+async def test_bad_literals_and_token_floods_are_client_errors(
+    client: httpx.AsyncClient, make_token: TokenFactory
+) -> None:
+    token = make_token("org_admin", org="org_a")
+    literal = (await graphql(client, "{ exportJob(id: 12.5) { id } }", token)).json()
+    assert literal["errors"][0]["extensions"]["code"] == "BAD_USER_INPUT"
+    flood = "{ viewer { " + " ".join(["subject"] * 6000) + " } }"
+    assert (await graphql(client, flood, token)).json()["errors"][0]["extensions"]["code"] == "QUERY_TOO_COMPLEX"
