@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from db.locks import WATERMARK_LOCK_KEY
+
 STAGE_COLUMNS = (
     "ord", "org_id", "event_time", "source", "event_id", "project_id", "api_key_id", "model",
     "input_tokens", "cached_input_tokens", "output_tokens", "latency_ms", "ttft_ms",
@@ -42,6 +44,14 @@ WITH firsts AS (
     INSERT INTO usage_events ({_COLUMNS}, batch_id)
     SELECT {_FIRST_COLUMNS}, $1 FROM firsts f JOIN fresh USING (source, event_id)
     RETURNING org_id, event_time
+), dirty AS (
+    -- Late events below the dirty watermark: their hours must be re-rolled (db/rollup.py).
+    INSERT INTO rollup_dirty (org_id, hour)
+    SELECT DISTINCT i.org_id, date_trunc('hour', i.event_time, 'UTC')
+    FROM inserted i CROSS JOIN rollup_state s
+    WHERE i.event_time < s.dirty_before
+    ORDER BY 1, 2
+    ON CONFLICT (org_id, hour) DO UPDATE SET marked_at = excluded.marked_at
 )
 SELECT org_id, count(*) AS events, min(event_time) AS first_at, max(event_time) AS last_at
 FROM inserted GROUP BY org_id
@@ -76,8 +86,15 @@ class OrgIngested:
 Record = tuple[object, ...]
 
 
-async def next_batch_id(connection: asyncpg.Connection) -> int:
-    return int(await connection.fetchval("SELECT nextval(pg_get_serial_sequence('ingestion_batches', 'id'))"))
+async def begin_batch(connection: asyncpg.Connection) -> int:
+    """Take the shared rollup lock for this transaction (see db/rollup.py) and a batch id."""
+    return int(
+        await connection.fetchval(
+            "SELECT nextval(pg_get_serial_sequence('ingestion_batches', 'id')) "
+            "FROM (SELECT pg_advisory_xact_lock_shared($1)) AS locked",
+            WATERMARK_LOCK_KEY,
+        )
+    )
 
 
 async def ensure_partitions(connection: asyncpg.Connection, days: Sequence[dt.date]) -> None:

@@ -16,11 +16,10 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from db.locks import MIGRATION_LOCK_KEY
 from db.partitions import ensure_usage_partitions
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
-# "analytics-gateway migrate" as a 64-bit key, shared by every process.
-MIGRATION_LOCK_KEY = 0x616E616C79746963
 PARTITION_DAYS_AHEAD = 7
 
 

@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from db.engine import create_engine
 from db.migrate import current_head, migrate
 from gateway.auth import TokenVerifier
+from gateway.cache import Cache, LocalCache, RedisCache
 from gateway.embedded import EmbeddedPostgres
 from gateway.errors import ConfigError
 from gateway.metrics import Metrics
@@ -40,6 +41,7 @@ class Resources:
     metrics: Metrics
     migrations_head: str
     pubsub: PubSub
+    cache: Cache
     ingest_metrics: IngestMetrics
     writer: EventWriter
     redis: Redis | None = None
@@ -63,6 +65,7 @@ async def open_resources(settings: Settings, roles: frozenset[Role], metrics: Me
         if amqp is not None:
             stack.push_async_callback(amqp.close)
         pubsub: PubSub = RedisPubSub(redis, settings.redis_prefix) if redis is not None else LocalPubSub()
+        cache: Cache = RedisCache(redis, settings.redis_prefix) if redis is not None else LocalCache()
         ingest_metrics = IngestMetrics(metrics.meter("analytics.ingest"))
         yield Resources(
             settings=settings,
@@ -72,8 +75,9 @@ async def open_resources(settings: Settings, roles: frozenset[Role], metrics: Me
             metrics=metrics,
             migrations_head=current_head(),
             pubsub=pubsub,
+            cache=cache,
             ingest_metrics=ingest_metrics,
-            writer=EventWriter(engine, pubsub, ingest_metrics),
+            writer=EventWriter(engine, pubsub, cache, ingest_metrics),
             redis=redis,
             amqp=amqp,
             embedded=embedded,

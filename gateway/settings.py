@@ -60,6 +60,14 @@ class Settings(BaseSettings):
     ingest_batch_events: int = Field(default=5000, ge=1)
     ingest_batch_max_age_ms: int = Field(default=100, ge=1)
     amqp_delivery_limit: int = Field(default=20, ge=1)
+    ingest_heartbeat_s: float = Field(default=1.0, gt=0)
+
+    # Rollups and freshness.
+    rollup_interval_s: float = Field(default=5.0, gt=0)
+    freshness_fresh_s: float = Field(default=60.0, gt=0)
+    freshness_stale_s: float = Field(default=300.0, gt=0)
+    freshness_cache_ttl_s: float = Field(default=5.0, gt=0)
+    freshness_push_s: float = Field(default=30.0, gt=0)
 
     # Additions to the contract: names shared with other runs of the gateway
     # (tests give every run its own prefix), and where local state lives.

@@ -14,11 +14,15 @@ import asyncio
 import contextlib
 import datetime as dt
 import itertools
+import os
+import socket
 from dataclasses import dataclass
 
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from db.freshness import beat, forget
 from gateway.settings import Settings
 from ingest.deadletter import dead_letter
 from ingest.decode import Decoded, UnreadableMessage, decode_body
@@ -29,7 +33,6 @@ from ingest.writer import EventWriter
 
 log = structlog.get_logger(__name__)
 RETRY_DELAYS_S = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
-DEPTH_INTERVAL_S = 5.0
 STOP_TIMEOUT_S = 30.0
 
 
@@ -38,6 +41,7 @@ class Pending:
     """A delivered message and what decoding made of it."""
 
     message: AbstractIncomingMessage
+    received_at: dt.datetime
     decoded: Decoded | None = None
     unreadable: str | None = None
 
@@ -50,9 +54,15 @@ class Consumer:
     """Consumes the ingest queue of one connection until stopped."""
 
     def __init__(
-        self, connection: AbstractRobustConnection, writer: EventWriter, settings: Settings, metrics: IngestMetrics
+        self,
+        connection: AbstractRobustConnection,
+        engine: AsyncEngine,
+        writer: EventWriter,
+        settings: Settings,
+        metrics: IngestMetrics,
     ) -> None:
         self._connection = connection
+        self._engine = engine
         self._writer = writer
         self._settings = settings
         self._metrics = metrics
@@ -65,6 +75,9 @@ class Consumer:
         self._channel: AbstractChannel | None = None
         self._declared: Declared | None = None
         self._consumer_tag: str | None = None
+        self._flushing_since: dt.datetime | None = None
+        self._caught_up_through = dt.datetime.now(dt.UTC)
+        self._instance = f"{socket.gethostname()}/{os.getpid()}/{self._topology.queue}"
 
     async def start(self) -> None:
         self._channel = await self._connection.channel(publisher_confirms=True)
@@ -72,7 +85,7 @@ class Consumer:
         self._declared = await declare(self._channel, self._topology, self._settings.amqp_delivery_limit)
         await self._read_depths(self._channel)
         self._consumer_tag = await self._declared.queue.consume(self._on_message)
-        self._tasks = [asyncio.create_task(self._flush_loop()), asyncio.create_task(self._watch_depths())]
+        self._tasks = [asyncio.create_task(self._flush_loop()), asyncio.create_task(self._heartbeat())]
         log.info("ingest.consuming", queue=self._topology.queue, prefetch=self._settings.ingest_prefetch)
 
     async def stop(self) -> None:
@@ -90,10 +103,13 @@ class Consumer:
             task.cancel()
         if self._channel is not None:
             await self._channel.close()
+        with contextlib.suppress(Exception):
+            async with self._engine.connect() as connection:
+                await forget(connection, self._instance)
         log.info("ingest.stopped")
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        pending = Pending(message)
+        pending = Pending(message, dt.datetime.now(dt.UTC))
         try:
             pending.decoded = decode_body(message.body, message.content_type, self._window())
         except UnreadableMessage as exc:
@@ -123,9 +139,11 @@ class Consumer:
 
     async def _flush(self) -> None:
         batch, self._buffer, self._buffered_events = self._buffer, [], 0
+        self._flushing_since = batch[0].received_at
         events = [event for pending in batch if pending.decoded for event in pending.decoded.events]
         rejected = sum(len(p.decoded.rejected) for p in batch if p.decoded) + sum(1 for p in batch if p.unreadable)
         await self._write_until_committed(events, rejected)
+        self._flushing_since = None
         try:
             await self._dead_letter(batch)
         except Exception:
@@ -156,23 +174,38 @@ class Consumer:
                 await dead_letter(exchange, reject.body, reject.error, content_type="application/cloudevents+json",
                                   index=reject.index, message_id=message.message_id)  # fmt: skip
 
-    async def _watch_depths(self) -> None:
-        """Keep the queue-depth gauges current (a passive declare on a side channel)."""
+    async def _heartbeat(self) -> None:
+        """Every beat: read queue depths (a passive declare on a side channel) and
+        record how far this ingester is caught up, for freshness."""
+        interval = self._settings.ingest_heartbeat_s
         while True:
             try:
                 async with self._connection.channel() as channel:
                     while True:
-                        await asyncio.sleep(DEPTH_INTERVAL_S)
-                        await self._read_depths(channel)
+                        await asyncio.sleep(interval)
+                        ready = await self._read_depths(channel)
+                        async with self._engine.connect() as connection:
+                            await beat(connection, self._instance, self._caught_up(ready))
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - the broker is away; try again later
-                await asyncio.sleep(DEPTH_INTERVAL_S)
+            except Exception:
+                log.info("ingest.heartbeat_failed", exc_info=True)
+                await asyncio.sleep(interval)
 
-    async def _read_depths(self, channel: AbstractChannel) -> None:
+    def _caught_up(self, ready: int) -> dt.datetime:
+        """With nothing waiting in the broker, everything is committed up to the
+        oldest message still in hand; with a backlog, the last such instant stands."""
+        if ready == 0:
+            in_hand = [t for t in (self._flushing_since, self._buffer[0].received_at if self._buffer else None) if t]
+            self._caught_up_through = min(in_hand, default=dt.datetime.now(dt.UTC))
+        return self._caught_up_through
+
+    async def _read_depths(self, channel: AbstractChannel) -> int:
+        """Update the depth gauges; returns the ingest queue's ready messages."""
         for name in (self._topology.queue, self._topology.dead_letter_queue):
             queue = await channel.declare_queue(name, passive=True)
             self._metrics.depths[name] = queue.declaration_result.message_count or 0
+        return self._metrics.depths[self._topology.queue]
 
 
 async def _settle(batch: list[Pending], *, requeue: bool | None = None) -> None:

@@ -16,7 +16,8 @@ import orjson
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from db.events import OrgIngested, Record, ensure_partitions, insert_batch, next_batch_id, record_batch
+from db.events import OrgIngested, Record, begin_batch, ensure_partitions, insert_batch, record_batch
+from gateway.cache import Cache
 from gateway.pubsub import PubSub
 from ingest.events import UsageEvent
 from ingest.metrics import IngestMetrics
@@ -34,6 +35,7 @@ class WriteResult:
 
 
 def freshness_channel(org_id: str) -> str:
+    """The pub/sub channel, and the cache key, of an org's freshness."""
     return f"freshness:{org_id}"
 
 
@@ -49,9 +51,10 @@ def to_record(ordinal: int, event: UsageEvent) -> Record:
 class EventWriter:
     """Writes batches through the shared engine; safe to call concurrently."""
 
-    def __init__(self, engine: AsyncEngine, pubsub: PubSub | None, metrics: IngestMetrics) -> None:
+    def __init__(self, engine: AsyncEngine, pubsub: PubSub | None, cache: Cache | None, metrics: IngestMetrics) -> None:
         self._engine = engine
         self._pubsub = pubsub
+        self._cache = cache
         self._metrics = metrics
         self._known_days: set[dt.date] = set()
 
@@ -85,7 +88,7 @@ class EventWriter:
     ) -> WriteResult:
         if missing := sorted(days - self._known_days):
             await ensure_partitions(raw, missing)
-        batch_id = await next_batch_id(raw)
+        batch_id = await begin_batch(raw)
         orgs = await insert_batch(raw, batch_id, records) if records else []
         accepted = sum(o.events for o in orgs)
         duplicates = len(records) - accepted
@@ -102,11 +105,11 @@ class EventWriter:
 
     async def _announce(self, orgs: list[OrgIngested]) -> None:
         """Best effort: the data is committed; a lost announcement only delays a push."""
-        if self._pubsub is None:
-            return
         try:
-            for org in orgs:
+            if self._cache is not None and orgs:
+                await self._cache.delete(*(freshness_channel(org.org_id) for org in orgs))
+            for org in orgs if self._pubsub is not None else ():
                 message = orjson.dumps({"org_id": org.org_id, "last_event_at": org.last_at.isoformat()})
-                await self._pubsub.publish(freshness_channel(org.org_id), message)
+                await self._pubsub.publish(freshness_channel(org.org_id), message)  # type: ignore[union-attr]
         except Exception:
             log.warning("ingest.announce_failed", orgs=len(orgs), exc_info=True)

@@ -1,0 +1,160 @@
+"""The rollup worker's database side: hourly rollups that stay exact.
+
+Two watermarks live in ``rollup_state`` (see migration 0003):
+
+- D, ``dirty_before``: ingest transactions (holding the watermark lock shared)
+  mark the (org, hour) of every new event before D in ``rollup_dirty``;
+- M, ``materialized_through``: rollups are complete before M, except dirty
+  hours, which queries read from raw events until they are re-rolled.
+
+A cycle (one process at a time, under an advisory lock):
+
+1. re-roll dirty hours: claim marks (``DELETE … RETURNING``), recompute those
+   hours from raw events, in one transaction;
+2. advance: move D to the current hour under the exclusive watermark lock (so
+   every write either committed before, or sees the new D and marks its late
+   events), then roll [M, D) a day at a time, moving M with each day.
+
+Re-rolling recomputes whole hours, so it is idempotent; a writer that marks an
+hour while it is being re-rolled waits for that transaction (the mark is an
+upsert) and the hour is re-rolled again.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from db.locks import ROLLUP_WORKER_LOCK_KEY, WATERMARK_LOCK_KEY
+from db.sketch import index_sql
+
+CHUNK = dt.timedelta(days=1)
+DIRTY_CLAIM = 500
+
+_AGGREGATE = f"""
+INSERT INTO usage_hourly (org_id, hour, model, project_id, api_key_id, status_class, requests, input_tokens,
+                          cached_input_tokens, output_tokens, latency_sum_ms, latency_sketch)
+SELECT org_id, hour, model, project_id, api_key_id, status_class, sum(n), sum(i), sum(c), sum(o), sum(l),
+       jsonb_object_agg(idx::text, n)
+FROM (
+    SELECT e.org_id, date_trunc('hour', e.event_time, 'UTC') AS hour, e.model, e.project_id, e.api_key_id,
+           (e.status_code / 100)::smallint AS status_class, {index_sql("e.latency_ms")} AS idx,
+           count(*) AS n, sum(e.input_tokens) AS i, sum(e.cached_input_tokens) AS c,
+           sum(e.output_tokens) AS o, sum(e.latency_ms) AS l
+    FROM usage_events e {{source}}
+    GROUP BY 1, 2, 3, 4, 5, 6, 7
+) AS per_bucket
+GROUP BY 1, 2, 3, 4, 5, 6
+"""
+
+ROLL_RANGE = _AGGREGATE.format(source="WHERE e.event_time >= :start AND e.event_time < :end")
+ROLL_HOURS = _AGGREGATE.format(
+    source="JOIN unnest(CAST(:orgs AS text[]), CAST(:hours AS timestamptz[])) AS d(org_id, hour) "
+    "ON e.org_id = d.org_id AND e.event_time >= d.hour AND e.event_time < d.hour + interval '1 hour'"
+)
+CLAIM_DIRTY = """
+DELETE FROM rollup_dirty WHERE (org_id, hour) IN (
+    SELECT org_id, hour FROM rollup_dirty ORDER BY hour, org_id LIMIT :limit FOR UPDATE SKIP LOCKED
+) RETURNING org_id, hour
+"""
+
+
+@dataclass(frozen=True)
+class Watermarks:
+    materialized_through: dt.datetime | None
+    dirty_before: dt.datetime | None
+
+
+@dataclass(frozen=True)
+class CycleResult:
+    ran: bool
+    rerolled_hours: int = 0
+    rolled_until: dt.datetime | None = None
+
+
+def floor_hour(moment: dt.datetime) -> dt.datetime:
+    return moment.astimezone(dt.UTC).replace(minute=0, second=0, microsecond=0)
+
+
+async def watermarks(connection: AsyncConnection) -> Watermarks:
+    row = (await connection.execute(text("SELECT materialized_through, dirty_before FROM rollup_state"))).one()
+    return Watermarks(row.materialized_through, row.dirty_before)
+
+
+async def run_cycle(engine: AsyncEngine, now: dt.datetime) -> CycleResult:
+    """One cycle, unless another process is running one (then ``ran`` is False)."""
+    async with engine.connect() as connection:
+        locked = await connection.scalar(text("SELECT pg_try_advisory_lock(:k)"), {"k": ROLLUP_WORKER_LOCK_KEY})
+        await connection.commit()
+        if not locked:
+            return CycleResult(ran=False)
+        try:
+            rerolled = await reroll_dirty(connection)
+            rolled_until = await advance(connection, floor_hour(now))
+        finally:
+            await connection.rollback()
+            await connection.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": ROLLUP_WORKER_LOCK_KEY})
+            await connection.commit()
+    return CycleResult(ran=True, rerolled_hours=rerolled, rolled_until=rolled_until)
+
+
+async def reroll_dirty(connection: AsyncConnection) -> int:
+    """Recompute every dirty hour below M; drop marks at or above M (not rolled yet)."""
+    total = 0
+    while True:
+        claimed = (await connection.execute(text(CLAIM_DIRTY), {"limit": DIRTY_CLAIM})).all()
+        if not claimed:
+            await connection.commit()
+            return total
+        through = (await watermarks(connection)).materialized_through
+        pairs = [(r.org_id, r.hour) for r in claimed if through is not None and r.hour < through]
+        if pairs:
+            params = {"orgs": [p[0] for p in pairs], "hours": [p[1] for p in pairs]}
+            await connection.execute(
+                text(
+                    "DELETE FROM usage_hourly h USING unnest(CAST(:orgs AS text[]), CAST(:hours AS timestamptz[])) "
+                    "AS d(org_id, hour) WHERE h.org_id = d.org_id AND h.hour = d.hour"
+                ),
+                params,
+            )
+            await connection.execute(text(ROLL_HOURS), params)
+        await connection.commit()
+        total += len(pairs)
+
+
+async def advance(connection: AsyncConnection, target: dt.datetime) -> dt.datetime | None:
+    """Move D to ``target`` and roll [M, D) a day at a time; returns the new M."""
+    marks = await watermarks(connection)
+    await connection.commit()
+    if marks.dirty_before is None or marks.dirty_before < target:
+        await connection.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": WATERMARK_LOCK_KEY})
+        await connection.execute(text("UPDATE rollup_state SET dirty_before = :d, updated_at = now()"), {"d": target})
+        await connection.commit()
+    start = marks.materialized_through or await _first_hour(connection)
+    if start is None:  # nothing ingested yet: everything before target is (trivially) rolled
+        await _set_materialized(connection, target)
+        return target
+    while start < target:
+        end = min(start + CHUNK, target)
+        await connection.execute(text("DELETE FROM usage_hourly WHERE hour >= :start AND hour < :end"),
+                                 {"start": start, "end": end})  # fmt: skip
+        await connection.execute(text(ROLL_RANGE), {"start": start, "end": end})
+        await _set_materialized(connection, end)
+        start = end
+    return start
+
+
+async def _first_hour(connection: AsyncConnection) -> dt.datetime | None:
+    first = await connection.scalar(text("SELECT min(min_event_time) FROM ingestion_batches"))
+    await connection.commit()
+    return floor_hour(first) if first is not None else None
+
+
+async def _set_materialized(connection: AsyncConnection, through: dt.datetime) -> None:
+    await connection.execute(
+        text("UPDATE rollup_state SET materialized_through = :m, updated_at = now()"), {"m": through}
+    )
+    await connection.commit()
