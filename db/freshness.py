@@ -10,6 +10,11 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 
+def freshness_key(org_id: str) -> str:
+    """The pub/sub channel and the cache key of an org's freshness."""
+    return f"freshness:{org_id}"
+
+
 @dataclass(frozen=True)
 class FreshnessRow:
     org_id: str

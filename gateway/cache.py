@@ -22,8 +22,8 @@ class RedisCache:
         self._prefix = prefix
 
     async def get(self, key: str) -> bytes | None:
-        value = await self._redis.get(self._prefix + key)
-        return bytes(value) if value is not None else None
+        value: bytes | str | None = await self._redis.get(self._prefix + key)
+        return value.encode() if isinstance(value, str) else value
 
     async def set(self, key: str, value: bytes, ttl_s: float) -> None:
         await self._redis.set(self._prefix + key, value, px=max(1, int(ttl_s * 1000)))

@@ -10,6 +10,7 @@ from gateway.errors import Unauthenticated
 
 if TYPE_CHECKING:
     from gateway.resources import Resources
+    from resolvers.loaders import Loaders
 
 
 @dataclass
@@ -23,6 +24,7 @@ class Context:
 
     resources: Resources
     caller: Caller | None
+    loaders: Loaders
     request_id: str | None = None
     connection_params: dict[str, Any] | None = None
     upgrade_authorization: str | None = None

@@ -23,6 +23,7 @@ from gateway.auth import Caller
 from gateway.context import Context
 from gateway.errors import HTTP_STATUS, ErrorCode, Unauthenticated
 from gateway.resources import Resources
+from resolvers.loaders import Loaders
 from schema.errors import format_error
 
 CALLER_KEY = "analytics.caller"
@@ -35,6 +36,7 @@ class GraphQLView(GraphQL[Context, None]):
         return Context(
             resources=request.state.resources,
             caller=request.scope.get(CALLER_KEY),
+            loaders=Loaders(request.state.resources),
             request_id=request.scope.get("request_id"),
             upgrade_authorization=request.headers.get("authorization") if isinstance(request, WebSocket) else None,
         )

@@ -40,7 +40,7 @@ class Periodic:
         while not self._stopping.is_set():
             try:
                 await self._work()
-            except Exception:  # noqa: BLE001 - keep the worker alive; the next run retries
+            except Exception:
                 log.warning("worker.failed", worker=self._name, exc_info=True)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self._interval_s)

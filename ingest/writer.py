@@ -17,6 +17,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from db.events import OrgIngested, Record, begin_batch, ensure_partitions, insert_batch, record_batch
+from db.freshness import freshness_key
 from gateway.cache import Cache
 from gateway.pubsub import PubSub
 from ingest.events import UsageEvent
@@ -32,11 +33,6 @@ class WriteResult:
     accepted: int
     duplicates: int
     orgs: list[OrgIngested]
-
-
-def freshness_channel(org_id: str) -> str:
-    """The pub/sub channel, and the cache key, of an org's freshness."""
-    return f"freshness:{org_id}"
 
 
 def to_record(ordinal: int, event: UsageEvent) -> Record:
@@ -107,9 +103,9 @@ class EventWriter:
         """Best effort: the data is committed; a lost announcement only delays a push."""
         try:
             if self._cache is not None and orgs:
-                await self._cache.delete(*(freshness_channel(org.org_id) for org in orgs))
+                await self._cache.delete(*(freshness_key(org.org_id) for org in orgs))
             for org in orgs if self._pubsub is not None else ():
                 message = orjson.dumps({"org_id": org.org_id, "last_event_at": org.last_at.isoformat()})
-                await self._pubsub.publish(freshness_channel(org.org_id), message)  # type: ignore[union-attr]
+                await self._pubsub.publish(freshness_key(org.org_id), message)  # type: ignore[union-attr]
         except Exception:
             log.warning("ingest.announce_failed", orgs=len(orgs), exc_info=True)

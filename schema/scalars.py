@@ -40,8 +40,12 @@ def parse_datetime(value: object) -> dt.datetime:
     return parsed.astimezone(dt.UTC)
 
 
+_WIDE = decimal.Context(prec=100)
+
+
 def serialize_decimal(value: decimal.Decimal) -> str:
-    return format(value, "f")
+    """Canonical: no exponent, no trailing zeros ("0.0002", "100"), so equal amounts print alike."""
+    return format(value.normalize(_WIDE), "f")
 
 
 def parse_decimal(value: object) -> decimal.Decimal:

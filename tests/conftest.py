@@ -98,6 +98,14 @@ async def empty_database() -> AsyncIterator[str]:
     await drop_database(name)
 
 
+@pytest.fixture(scope="module")
+async def empty_database_module() -> AsyncIterator[str]:
+    """An empty database shared by one test module."""
+    name = f"analytics_test_{RUN_ID}_{uuid.uuid4().hex[:6]}"
+    yield await create_database(name)
+    await drop_database(name)
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("data")

@@ -16,8 +16,10 @@ from schema.scalars import parse_bigint, parse_datetime, parse_decimal, serializ
         (decimal.Decimal("12.5000025"), "12.5000025"),
         (decimal.Decimal("1E-7"), "0.0000001"),
         (decimal.Decimal("1E+3"), "1000"),
-        (decimal.Decimal("0.000"), "0.000"),
-        (decimal.Decimal("-3.10"), "-3.10"),
+        (decimal.Decimal("0.000"), "0"),
+        (decimal.Decimal("-3.10"), "-3.1"),
+        (decimal.Decimal("0.00020"), "0.0002"),
+        (decimal.Decimal("123456789012345678901234567890.123456789"), "123456789012345678901234567890.123456789"),
     ],
 )
 def test_decimal_is_an_exact_string_without_exponent(value: decimal.Decimal, text: str) -> None:

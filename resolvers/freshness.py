@@ -1,0 +1,80 @@
+"""Freshness: how current an org's answers are, as a query and a subscription."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import strawberry
+
+from db.freshness import FreshnessRow, freshness_key
+from gateway.auth import ensure_org_access
+from gateway.context import Context
+from gateway.settings import Settings
+from resolvers.loaders import freshness_rows
+from schema.enums import FreshnessStatus
+from schema.usage import Freshness
+
+
+def to_freshness(row: FreshnessRow, settings: Settings, now: dt.datetime) -> Freshness:
+    """Lag is measured to the instant up to which ingested data is queryable:
+    with AMQP ingestion, how far the live ingesters are caught up; with HTTP
+    only, now (a request is answered after its commit)."""
+    if settings.amqp_url is None:
+        queryable_through: dt.datetime | None = now
+    else:
+        queryable_through = row.caught_up_through
+    lag = (now - queryable_through).total_seconds() if queryable_through else float("inf")
+    lag = max(0.0, lag)
+    if lag < settings.freshness_fresh_s:
+        status = FreshnessStatus.FRESH
+    elif lag < settings.freshness_stale_s:
+        status = FreshnessStatus.DELAYED
+    else:
+        status = FreshnessStatus.STALE
+    if lag == float("inf"):  # no ingester has reported: as stale as can be, but a finite number
+        last = row.last_beat_at
+        lag = (now - last).total_seconds() if last else settings.freshness_stale_s
+    return Freshness(
+        org_id=strawberry.ID(row.org_id),
+        last_event_at=row.last_event_at,
+        last_ingested_at=row.last_ingested_at,
+        materialized_through=row.materialized_through,
+        lag_seconds=lag,
+        status=status,
+        as_of=now,
+    )
+
+
+async def load_freshness_type(context: Context, org_id: str) -> Freshness:
+    row = await context.loaders.freshness.load(org_id)
+    return to_freshness(row, context.resources.settings, dt.datetime.now(dt.UTC))
+
+
+async def resolve_freshness(info: strawberry.Info[Context, Any], org_id: strawberry.ID) -> Freshness:
+    ensure_org_access(info.context.require_caller(), org_id)
+    return await load_freshness_type(info.context, org_id)
+
+
+async def subscribe_freshness(
+    info: strawberry.Info[Context, Any], org_id: strawberry.ID
+) -> AsyncGenerator[Freshness, None]:
+    """Pushes now, within a second of each commit for the org, and at least every 30 s."""
+    context = info.context
+    ensure_org_access(context.require_caller(), org_id)
+    resources = context.resources
+    async with resources.pubsub.subscribe([freshness_key(org_id)]) as notifications:
+        # One pending read at a time: cancelling a read would close the stream.
+        next_notification = asyncio.ensure_future(anext(notifications))
+        try:
+            while True:
+                [row] = await freshness_rows(resources, [org_id])
+                yield to_freshness(row, resources.settings, dt.datetime.now(dt.UTC))
+                done, _ = await asyncio.wait({next_notification}, timeout=resources.settings.freshness_push_s)
+                if done:
+                    next_notification.result()
+                    next_notification = asyncio.ensure_future(anext(notifications))
+        finally:
+            next_notification.cancel()

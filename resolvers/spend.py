@@ -1,0 +1,75 @@
+"""``Query.spendByOrg``: every org ranked by spend, for platform finance."""
+
+from __future__ import annotations
+
+import base64
+import decimal
+from typing import Any
+
+import orjson
+import strawberry
+
+from db.prices import periods
+from db.rollup import watermarks
+from db.usage import UsageQuery, usage_rows
+from gateway.auth import ensure_org_access
+from gateway.context import Context
+from gateway.errors import BadUserInput
+from resolvers.loaders import ALL
+from resolvers.usage_report import price_index, row_spend
+from resolvers.validation import MAX_SPEND_RANGE, check_page_size, check_range
+from schema.inputs import TimeRange
+from schema.scalars import BigInt
+from schema.usage import OrgSpend, OrgSpendConnection, OrgSpendEdge, PageInfo
+
+MAX_PAGE = 500
+
+
+async def resolve_spend_by_org(
+    info: strawberry.Info[Context, Any], range: TimeRange, first: int = 50, after: str | None = None
+) -> OrgSpendConnection:
+    context = info.context
+    ensure_org_access(context.require_caller(), None)
+    check_range(range.from_, range.to, MAX_SPEND_RANGE, "spendByOrg")
+    check_page_size(first, MAX_PAGE)
+    prices = await context.loaders.prices.load(ALL)
+    query = UsageQuery(org_id=None, start=range.from_, end=range.to, granularity=None)
+    async with context.resources.engine.connect() as connection:
+        marks = await watermarks(connection)
+        rows = await usage_rows(connection, query, marks.materialized_through, periods(prices))
+    ranked = _ranked(rows, price_index(prices))
+    start = _position_after(ranked, after)
+    page = ranked[start : start + first]
+    edges = [OrgSpendEdge(cursor=_cursor(node), node=node) for node in page]
+    return OrgSpendConnection(
+        edges=edges,
+        page_info=PageInfo(has_next_page=start + first < len(ranked), end_cursor=edges[-1].cursor if edges else None),
+        total_spend=sum((node.spend for node in ranked), decimal.Decimal(0)),
+    )
+
+
+def _ranked(rows: list[Any], prices: dict[tuple[str, object], Any]) -> list[OrgSpend]:
+    sums: dict[str, list[Any]] = {}
+    for row in rows:
+        entry = sums.setdefault(row.org_id, [0, 0, decimal.Decimal(0)])
+        entry[0] += row.requests
+        entry[1] += row.input_tokens + row.output_tokens
+        entry[2] += row_spend(row, prices)
+    nodes = [OrgSpend(org_id=strawberry.ID(org), requests=BigInt(r), total_tokens=BigInt(t), spend=s)
+             for org, (r, t, s) in sums.items()]  # fmt: skip
+    return sorted(nodes, key=lambda n: (-n.spend, n.org_id))
+
+
+def _cursor(node: OrgSpend) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps([str(node.spend), node.org_id])).decode()
+
+
+def _position_after(ranked: list[OrgSpend], after: str | None) -> int:
+    if after is None:
+        return 0
+    try:
+        spend_text, org_id = orjson.loads(base64.urlsafe_b64decode(after.encode()))
+        key = (-decimal.Decimal(spend_text), str(org_id))
+    except (ValueError, TypeError, decimal.InvalidOperation):
+        raise BadUserInput("after is not a cursor returned by spendByOrg") from None
+    return next((i for i, n in enumerate(ranked) if (-n.spend, n.org_id) > key), len(ranked))

@@ -1,0 +1,100 @@
+"""From usage rows to the API's report: buckets, groups, totals and exact spend."""
+
+from __future__ import annotations
+
+import decimal
+import zoneinfo
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from db.prices import Price, spend
+from db.usage import UsageQuery, UsageRow, bucket_end
+from schema.scalars import BigInt
+from schema.usage import UsageBucket, UsageGroup, UsageTotals
+
+GroupKey = tuple[str | None, str | None, str | None]
+ZERO = decimal.Decimal(0)
+
+
+@dataclass
+class Sums:
+    requests: int = 0
+    input_tokens: int = 0
+    cached_input_tokens: int = 0
+    output_tokens: int = 0
+    spend: decimal.Decimal = ZERO
+
+    def add(self, row: UsageRow, row_spend: decimal.Decimal) -> None:
+        self.requests += row.requests
+        self.input_tokens += row.input_tokens
+        self.cached_input_tokens += row.cached_input_tokens
+        self.output_tokens += row.output_tokens
+        self.spend += row_spend
+
+
+@dataclass
+class Report:
+    series: dict[tuple[object, GroupKey], Sums] = field(default_factory=dict)
+    totals: Sums = field(default_factory=Sums)
+    unpriced: set[str] = field(default_factory=set)
+
+
+def price_index(prices: Iterable[Price]) -> dict[tuple[str, object], Price]:
+    return {(p.model, p.effective_from): p for p in prices}
+
+
+def row_spend(row: UsageRow, prices: dict[tuple[str, object], Price]) -> decimal.Decimal:
+    price = prices.get((row.model, row.price_from)) if row.price_from is not None else None
+    if price is None:
+        return ZERO
+    return spend(price, row.input_tokens, row.cached_input_tokens, row.output_tokens)
+
+
+def summarize(query: UsageQuery, rows: Sequence[UsageRow], prices: Iterable[Price]) -> Report:
+    index, report = price_index(prices), Report()
+    with decimal.localcontext() as exact:
+        exact.prec = 80
+        for row in rows:
+            amount = row_spend(row, index)
+            if row.price_from is None:
+                report.unpriced.add(row.model)
+            group = (row.model if "model" in query.group_by else None, row.project_id, row.api_key_id)
+            report.series.setdefault((row.bucket, group), Sums()).add(row, amount)
+            report.totals.add(row, amount)
+    return report
+
+
+def totals_type(sums: Sums) -> UsageTotals:
+    return UsageTotals(
+        requests=BigInt(sums.requests),
+        input_tokens=BigInt(sums.input_tokens),
+        cached_input_tokens=BigInt(sums.cached_input_tokens),
+        output_tokens=BigInt(sums.output_tokens),
+        total_tokens=BigInt(sums.input_tokens + sums.output_tokens),
+        spend=sums.spend,
+    )
+
+
+def series_types(query: UsageQuery, report: Report) -> list[UsageBucket]:
+    assert query.granularity is not None
+    zone = zoneinfo.ZoneInfo(query.time_zone)
+    ordered = sorted(
+        report.series.items(), key=lambda item: (item[0][0], [(v is not None, v or "") for v in item[0][1]])
+    )
+    buckets = []
+    for (start, (model, project_id, api_key_id)), sums in ordered:
+        totals = totals_type(sums)
+        buckets.append(
+            UsageBucket(
+                start=start,  # type: ignore[arg-type]
+                end=bucket_end(start, query.granularity, zone),  # type: ignore[arg-type]
+                group=UsageGroup(model=model, project_id=project_id, api_key_id=api_key_id),
+                requests=totals.requests,
+                input_tokens=totals.input_tokens,
+                cached_input_tokens=totals.cached_input_tokens,
+                output_tokens=totals.output_tokens,
+                total_tokens=totals.total_tokens,
+                spend=totals.spend,
+            )
+        )
+    return buckets
