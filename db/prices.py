@@ -79,7 +79,8 @@ class PricePeriod:
 def periods(prices: Sequence[Price]) -> list[PricePeriod]:
     """Price versions as half-open periods per model (``prices`` sorted by model, time)."""
     result: list[PricePeriod] = []
-    for current, following in zip(prices, [*prices[1:], None], strict=True):
+    for position, current in enumerate(prices):
+        following = prices[position + 1] if position + 1 < len(prices) else None
         same_model = following is not None and following.model == current.model
-        result.append(PricePeriod(current, following.effective_from if same_model and following else None))
+        result.append(PricePeriod(current, following.effective_from if following and same_model else None))
     return result

@@ -24,7 +24,7 @@ from gateway.context import Context
 from gateway.errors import HTTP_STATUS, ErrorCode, Unauthenticated
 from gateway.resources import Resources
 from resolvers.loaders import Loaders
-from schema.errors import format_error
+from schema.errors import collapse_list_errors, format_error
 
 CALLER_KEY = "analytics.caller"
 
@@ -54,7 +54,7 @@ class GraphQLView(GraphQL[Context, None]):
     async def process_result(self, request: Request, result: ExecutionResult) -> GraphQLHTTPResponse:
         response: GraphQLHTTPResponse = {"data": result.data}
         if result.errors:
-            response["errors"] = [format_error(error) for error in result.errors]
+            response["errors"] = [format_error(error) for error in collapse_list_errors(result.errors)]
         if result.extensions:
             response["extensions"] = result.extensions
         return response

@@ -46,6 +46,20 @@ def format_error(error: GraphQLError) -> dict[str, Any]:
     return dict(formatted)
 
 
+def collapse_list_errors(errors: list[GraphQLError]) -> list[GraphQLError]:
+    """One error per field inside a list, at the first item's path (the contract's rule
+    for a forbidden field in every item), instead of one per item."""
+    seen: set[tuple[object, ...]] = set()
+    kept = []
+    for error in errors:
+        shape = tuple("*" if isinstance(part, int) else part for part in error.path or ())
+        key = (error.message, error_code(error), shape)
+        if error.path is None or not any(isinstance(part, int) for part in error.path) or key not in seen:
+            kept.append(error)
+        seen.add(key)
+    return kept
+
+
 def log_errors(errors: list[GraphQLError]) -> None:
     """Log unexpected errors with their traceback; expected ones at debug."""
     for error in errors:

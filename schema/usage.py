@@ -83,7 +83,8 @@ class UsageReport:
         )
     )
     unpriced_models: list[str] = strawberry.field(
-        extensions=requires(Scope.SPEND_READ),
+        # Non-null in the contract, so a denied caller gets [] rather than a null that would void the report.
+        extensions=requires(Scope.SPEND_READ, empty_when_denied=True),
         description="Models seen in the range that have no price in effect; their spend counts as 0 until priced.",
     )
 

@@ -26,6 +26,7 @@ from db.engine import create_engine
 from db.migrate import migrate
 from gateway.app import create_app
 from gateway.auth import issue_token
+from gateway.resources import Resources
 from gateway.settings import Settings
 from ingest.topology import Topology
 
@@ -125,11 +126,21 @@ def settings(database_url: str, data_dir: Path) -> Settings:
 
 
 @pytest.fixture(scope="session")
-async def app(settings: Settings) -> AsyncIterator[Starlette]:
+async def lifespan(settings: Settings) -> AsyncIterator[LifespanManager]:
     """The gateway with its lifespan running (shared by the whole run)."""
-    application = create_app(settings)
-    async with LifespanManager(application, startup_timeout=60) as manager:
-        yield manager.app  # type: ignore[misc]
+    async with LifespanManager(create_app(settings), startup_timeout=60) as manager:
+        yield manager
+
+
+@pytest.fixture(scope="session")
+def app(lifespan: LifespanManager) -> Starlette:
+    return lifespan.app  # type: ignore[return-value]
+
+
+@pytest.fixture(scope="session")
+def resources(lifespan: LifespanManager) -> Resources:
+    """The running app's clients (engine, cache, pub/sub, writer)."""
+    return lifespan._state["resources"]  # type: ignore[no-any-return]
 
 
 @pytest.fixture

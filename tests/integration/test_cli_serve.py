@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import httpx
 import jwt
@@ -17,20 +14,10 @@ import pytest
 import websockets
 
 from tests.conftest import AMQP_URL, REDIS_URL, TEST_JWT_SECRET, TokenFactory
+from tests.integration.serve_support import Served, clean_env, serve
 
 READY_TIMEOUT_S = 60
 SECRET_PASSWORD = "pw-that-must-not-leak"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ANALYTICS_")}
-    return env | extra
 
 
 async def _cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
@@ -53,7 +40,7 @@ async def _cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
     [("ANALYTICS_AMQP_URL", "not-a-url"), ("ANALYTICS_PORT", "eighty"), ("ANALYTICS_REDIS_URL", "http://x")],
 )
 async def test_serve_with_a_bad_setting_exits_with_one_line_naming_it(variable: str, value: str) -> None:
-    code, _, stderr = await _cli("serve", env=_clean_env(**{variable: value}))
+    code, _, stderr = await _cli("serve", env=clean_env(**{variable: value}))
     assert code != 0
     lines = stderr.strip().splitlines()
     assert len(lines) == 1, stderr
@@ -61,14 +48,14 @@ async def test_serve_with_a_bad_setting_exits_with_one_line_naming_it(variable: 
 
 
 async def test_serve_with_a_database_but_no_jwt_config_refuses_to_start(database_url: str) -> None:
-    code, _, stderr = await _cli("serve", env=_clean_env(ANALYTICS_DATABASE_URL=database_url))
+    code, _, stderr = await _cli("serve", env=clean_env(ANALYTICS_DATABASE_URL=database_url))
     assert code != 0
     assert "ANALYTICS_JWT_SECRET" in stderr.strip()
     assert len(stderr.strip().splitlines()) == 1
 
 
 async def test_token_command_signs_the_requested_claims() -> None:
-    env = _clean_env(ANALYTICS_JWT_SECRET=TEST_JWT_SECRET)
+    env = clean_env(ANALYTICS_JWT_SECRET=TEST_JWT_SECRET)
     code, stdout, stderr = await _cli(
         "token", "--role", "finance", "--org", "org_a", "--sub", "bob", "--ttl", "120", env=env
     )
@@ -80,54 +67,17 @@ async def test_token_command_signs_the_requested_claims() -> None:
     assert bad[0] != 0 and "wizard" in bad[2]
 
 
-@dataclass
-class Served:
-    base_url: str
-    process: asyncio.subprocess.Process
-
-
-async def _wait_ready(base_url: str, process: asyncio.subprocess.Process) -> None:
-    async with httpx.AsyncClient(base_url=base_url) as http:
-        for _ in range(READY_TIMEOUT_S * 10):
-            if process.returncode is not None:
-                raise AssertionError(f"serve exited with {process.returncode}")
-            try:
-                if (await http.get("/readyz")).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            await asyncio.sleep(0.1)  # polling a server that is starting: there is no event to await
-    raise AssertionError("serve did not become ready")
-
-
 @pytest.fixture
 async def served(database_url: str) -> AsyncIterator[Served]:
-    port = _free_port()
     url_with_password = database_url.replace("postgres@", f"postgres:{SECRET_PASSWORD}@")
-    env = _clean_env(
+    env = clean_env(
         ANALYTICS_DATABASE_URL=url_with_password,
         ANALYTICS_JWT_SECRET=TEST_JWT_SECRET,
         ANALYTICS_REDIS_URL=REDIS_URL,
-        ANALYTICS_AMQP_URL=AMQP_URL.replace("guest:guest", "guest:guest"),
-        ANALYTICS_PORT=str(port),
+        ANALYTICS_AMQP_URL=AMQP_URL,
     )
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway.cli",
-        "serve",
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        await _wait_ready(base_url, process)
-        yield Served(base_url, process)
-    finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(process.wait(), 30)
+    async with serve(env) as running:
+        yield running
 
 
 @pytest.mark.slow
@@ -153,10 +103,6 @@ async def test_serve_answers_graphql_logs_json_and_never_logs_secrets(served: Se
         assert secret not in logs
 
 
-def _ws_url(served: Served) -> str:
-    return served.base_url.replace("http://", "ws://") + "/graphql"
-
-
 async def _connection_init(
     url: str, payload: dict[str, str], headers: dict[str, str] | None = None
 ) -> dict[str, object]:
@@ -173,7 +119,7 @@ async def test_websocket_authenticates_in_connection_init_or_upgrade_header(
     served: Served, make_token: TokenFactory
 ) -> None:
     bearer = f"Bearer {make_token('viewer', org='org_a')}"
-    assert await _connection_init(_ws_url(served), {"Authorization": bearer}) == {"type": "connection_ack"}
-    assert await _connection_init(_ws_url(served), {}, headers={"Authorization": bearer}) == {"type": "connection_ack"}
-    assert await _connection_init(_ws_url(served), {"Authorization": "Bearer nope"}) == {"closed": 4403}
-    assert await _connection_init(_ws_url(served), {}) == {"closed": 4403}
+    assert await _connection_init(served.ws_url, {"Authorization": bearer}) == {"type": "connection_ack"}
+    assert await _connection_init(served.ws_url, {}, headers={"Authorization": bearer}) == {"type": "connection_ack"}
+    assert await _connection_init(served.ws_url, {"Authorization": "Bearer nope"}) == {"closed": 4403}
+    assert await _connection_init(served.ws_url, {}) == {"closed": 4403}
