@@ -149,6 +149,26 @@ def publish(
     typer.echo(f"published {published:,} events", err=True)
 
 
+@app.command("seed-demo")
+def seed_demo_command(
+    events: Annotated[int, typer.Option(help="Synthetic events to load.", min=1)] = 200_000,
+    orgs: Annotated[int, typer.Option(help="Orgs (Zipf-distributed volume).", min=1)] = 25,
+    days: Annotated[int, typer.Option(help="Days of history, ending now.", min=1, max=89)] = 30,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same data).")] = 7,
+) -> None:
+    """Load a demo price catalog and synthetic events (idempotent for the same seed)."""
+    from gateway.seed import seed_demo
+
+    settings = _settings()
+    configure_logging("WARNING")
+    done = asyncio.run(seed_demo(settings, events=events, orgs=orgs, days=days, seed=seed))
+    typer.echo(
+        f"seeded {done.accepted:,} new events of {done.events:,} for {done.orgs} orgs (org_0000 ...), "
+        f"{done.prices} price versions",
+        err=True,
+    )
+
+
 def main() -> None:
     app(prog_name="analytics-gateway")
 

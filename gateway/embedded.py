@@ -225,6 +225,7 @@ class EmbeddedPostgres:
         self._log = self._data_dir / LOG_FILE
         self._runner: _Runner | None = None
         self._url: str | None = None
+        self._launched = False
 
     @property
     def url(self) -> str | None:
@@ -238,6 +239,7 @@ class EmbeddedPostgres:
         port = self._running_port(runner) if self._is_running(runner) else None
         if port is None:
             port = self._launch(runner)
+            self._launched = True
         self._ensure_database(runner, port)
         self._url = f"postgresql://{SUPERUSER}@127.0.0.1:{port}/{DATABASE}"
         return self._url
@@ -253,6 +255,14 @@ class EmbeddedPostgres:
         done = runner.run("pg_ctl", "stop", "-D", str(self._cluster), "-m", "fast", "-w", "-t", str(START_TIMEOUT_S))
         if done.returncode != 0 and self._is_running(runner):
             raise EmbeddedPostgresError(f"embedded PostgreSQL did not stop: {_one_line(done)}")
+
+    def release(self) -> None:
+        """Stop the server if this object launched it; leave one it reused (another
+        process's, e.g. a running gateway while ``seed-demo`` runs) alone."""
+        if self._launched:
+            self.stop()
+            self._launched = False
+        self._url = None
 
     def _get_runner(self) -> _Runner:
         if self._runner is None:

@@ -53,11 +53,7 @@ class Resources:
 async def open_resources(settings: Settings, roles: frozenset[Role], metrics: Metrics) -> AsyncIterator[Resources]:
     """Open the database (the embedded one when none is configured), Redis and AMQP."""
     async with AsyncExitStack() as stack:
-        url, embedded = await _database_url(settings, stack)
-        engine = create_engine(url, pool_size=settings.db_pool_size)
-        stack.push_async_callback(engine.dispose)
-        if embedded:
-            await migrate(engine)
+        engine, embedded = await open_database(settings, stack)
         redis = _redis(settings)
         if redis is not None:
             stack.push_async_callback(redis.aclose)
@@ -84,12 +80,23 @@ async def open_resources(settings: Settings, roles: frozenset[Role], metrics: Me
         )
 
 
+async def open_database(settings: Settings, stack: AsyncExitStack) -> tuple[AsyncEngine, bool]:
+    """The engine (closed with ``stack``), and whether it is the embedded default,
+    which is migrated here; a configured database is migrated by ``migrate``."""
+    url, embedded = await _database_url(settings, stack)
+    engine = create_engine(url, pool_size=settings.db_pool_size)
+    stack.push_async_callback(engine.dispose)
+    if embedded:
+        await migrate(engine)
+    return engine, embedded
+
+
 async def _database_url(settings: Settings, stack: AsyncExitStack) -> tuple[str, bool]:
     if settings.database_url is not None:
         return settings.database_url.get_secret_value(), False
     server = EmbeddedPostgres(settings.data_dir)
     url = await asyncio.to_thread(server.start)
-    stack.push_async_callback(asyncio.to_thread, server.stop)
+    stack.push_async_callback(asyncio.to_thread, server.release)
     log.info("embedded_postgres.started", data_dir=str(settings.data_dir))
     return url, True
 

@@ -8,6 +8,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator
 
+import asyncpg
 import httpx
 import jwt
 import pytest
@@ -123,3 +124,20 @@ async def test_websocket_authenticates_in_connection_init_or_upgrade_header(
     assert await _connection_init(served.ws_url, {}, headers={"Authorization": bearer}) == {"type": "connection_ack"}
     assert await _connection_init(served.ws_url, {"Authorization": "Bearer nope"}) == {"closed": 4403}
     assert await _connection_init(served.ws_url, {}) == {"closed": 4403}
+
+
+async def test_seed_demo_loads_prices_and_events_idempotently(empty_database: str) -> None:
+    env = clean_env(ANALYTICS_DATABASE_URL=empty_database)
+    assert (await _cli("migrate", env=env))[0] == 0
+    code, _, stderr = await _cli("seed-demo", "--events", "3000", "--orgs", "5", "--days", "3", env=env)
+    assert code == 0, stderr
+    assert "seeded 3,000 new events of 3,000 for 5 orgs" in stderr
+    again = await _cli("seed-demo", "--events", "3000", "--orgs", "5", "--days", "3", env=env)
+    assert "seeded 0 new events of 3,000" in again[2]
+    connection = await asyncpg.connect(empty_database)
+    try:
+        assert await connection.fetchval("SELECT count(*) FROM usage_events") == 3000
+        assert await connection.fetchval("SELECT count(DISTINCT org_id) FROM usage_events") == 5
+        assert await connection.fetchval("SELECT count(*) FROM model_prices") > 10
+    finally:
+        await connection.close()
