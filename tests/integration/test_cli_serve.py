@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import sys
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -15,25 +14,10 @@ import pytest
 import websockets
 
 from tests.conftest import AMQP_URL, REDIS_URL, TEST_JWT_SECRET, TokenFactory
-from tests.integration.serve_support import Served, clean_env, serve
+from tests.integration.serve_support import Served, clean_env, run_cli, serve
 
 READY_TIMEOUT_S = 60
 SECRET_PASSWORD = "pw-that-must-not-leak"
-
-
-async def _cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway.cli",
-        *args,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode is not None
-    return process.returncode, stdout.decode(), stderr.decode()
 
 
 @pytest.mark.parametrize(
@@ -41,7 +25,7 @@ async def _cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
     [("ANALYTICS_AMQP_URL", "not-a-url"), ("ANALYTICS_PORT", "eighty"), ("ANALYTICS_REDIS_URL", "http://x")],
 )
 async def test_serve_with_a_bad_setting_exits_with_one_line_naming_it(variable: str, value: str) -> None:
-    code, _, stderr = await _cli("serve", env=clean_env(**{variable: value}))
+    code, _, stderr = await run_cli("serve", env=clean_env(**{variable: value}))
     assert code != 0
     lines = stderr.strip().splitlines()
     assert len(lines) == 1, stderr
@@ -49,7 +33,7 @@ async def test_serve_with_a_bad_setting_exits_with_one_line_naming_it(variable: 
 
 
 async def test_serve_with_a_database_but_no_jwt_config_refuses_to_start(database_url: str) -> None:
-    code, _, stderr = await _cli("serve", env=clean_env(ANALYTICS_DATABASE_URL=database_url))
+    code, _, stderr = await run_cli("serve", env=clean_env(ANALYTICS_DATABASE_URL=database_url))
     assert code != 0
     assert "ANALYTICS_JWT_SECRET" in stderr.strip()
     assert len(stderr.strip().splitlines()) == 1
@@ -57,14 +41,14 @@ async def test_serve_with_a_database_but_no_jwt_config_refuses_to_start(database
 
 async def test_token_command_signs_the_requested_claims() -> None:
     env = clean_env(ANALYTICS_JWT_SECRET=TEST_JWT_SECRET)
-    code, stdout, stderr = await _cli(
+    code, stdout, stderr = await run_cli(
         "token", "--role", "finance", "--org", "org_a", "--sub", "bob", "--ttl", "120", env=env
     )
     assert code == 0, stderr
     claims = jwt.decode(stdout.strip(), TEST_JWT_SECRET, algorithms=["HS256"])
     assert claims["sub"] == "bob" and claims["org_id"] == "org_a" and claims["roles"] == ["finance"]
     assert claims["exp"] - claims["iat"] == 120
-    bad = await _cli("token", "--role", "wizard", env=env)
+    bad = await run_cli("token", "--role", "wizard", env=env)
     assert bad[0] != 0 and "wizard" in bad[2]
 
 
@@ -128,11 +112,11 @@ async def test_websocket_authenticates_in_connection_init_or_upgrade_header(
 
 async def test_seed_demo_loads_prices_and_events_idempotently(empty_database: str) -> None:
     env = clean_env(ANALYTICS_DATABASE_URL=empty_database)
-    assert (await _cli("migrate", env=env))[0] == 0
-    code, _, stderr = await _cli("seed-demo", "--events", "3000", "--orgs", "5", "--days", "3", env=env)
+    assert (await run_cli("migrate", env=env))[0] == 0
+    code, _, stderr = await run_cli("seed-demo", "--events", "3000", "--orgs", "5", "--days", "3", env=env)
     assert code == 0, stderr
     assert "seeded 3,000 new events of 3,000 for 5 orgs" in stderr
-    again = await _cli("seed-demo", "--events", "3000", "--orgs", "5", "--days", "3", env=env)
+    again = await run_cli("seed-demo", "--events", "3000", "--orgs", "5", "--days", "3", env=env)
     assert "seeded 0 new events of 3,000" in again[2]
     connection = await asyncpg.connect(empty_database)
     try:
