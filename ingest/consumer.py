@@ -135,7 +135,10 @@ class Consumer:
                 await asyncio.wait_for(self._wake.wait(), timeout=max_age)
             self._wake.clear()
             if self._buffer:
-                await self._flush()
+                try:
+                    await self._flush()
+                except Exception:  # noqa: BLE001 - never let the flusher die: a dead one stalls the queue
+                    log.error("ingest.flush_failed", exc_info=True)
 
     async def _flush(self) -> None:
         batch, self._buffer, self._buffered_events = self._buffer, [], 0
@@ -216,7 +219,11 @@ async def _settle(batch: list[Pending], *, requeue: bool | None = None) -> None:
     """
     last_per_channel: dict[int, AbstractIncomingMessage] = {}
     for pending in batch:
-        last_per_channel[id(pending.message.channel)] = pending.message
+        try:
+            channel = pending.message.channel  # raises once that channel is closed
+        except Exception:  # noqa: BLE001 - its messages are redelivered by the broker
+            continue
+        last_per_channel[id(channel)] = pending.message
     for message in last_per_channel.values():
         try:
             if requeue is None:

@@ -4,7 +4,7 @@ reading the dead-letter queue and the stored events."""
 from __future__ import annotations
 
 import asyncio
-import json
+import os
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -40,17 +40,36 @@ async def publish_mixed(pub: EventPublisher, events: Sequence[dict[str, object]]
     await pub.drain()
 
 
-def queue_counts(name: str) -> tuple[int, int]:
-    """(ready, unacknowledged) messages of a queue, from rabbitmqctl."""
+def amqp_connections(connection_name: str) -> list[str]:
+    """The Erlang pids of the broker's connections whose client property connection_name is ``connection_name``.
+
+    ``close_connection`` (RabbitMQ 3.10) takes the pid as the default formatter prints it, ``<rabbit@host.1.2.0>``
+    (the JSON formatter prints ``#PID<…>``, which it does not accept, and it rejects the connection's name), so
+    this reads the table output, where the client properties are an Erlang-like list of ``{"key","value"}``.
+    """
     output = subprocess.run(
-        ["rabbitmqctl", "-q", "list_queues", "--formatter", "json", "name", "messages_ready",
-         "messages_unacknowledged"],
+        ["rabbitmqctl", "-q", "list_connections", "--no-table-headers", "pid", "client_properties"],
         capture_output=True, text=True, check=True, timeout=60,
     ).stdout  # fmt: skip
-    for queue in json.loads(output):
-        if queue["name"] == name:
-            return int(queue["messages_ready"]), int(queue["messages_unacknowledged"])
-    raise AssertionError(f"queue {name} not found")
+    wanted = f'{{"connection_name","{connection_name}"}}'
+    return [line.split("\t", 1)[0] for line in output.splitlines() if wanted in line]
+
+
+def unacknowledged(connection_name: str) -> int | None:
+    """Messages delivered on the process's channels and not acknowledged yet; None while it has no connection.
+
+    From ``list_channels``, which asks the channel processes: ``list_queues`` reports a quorum queue's counts
+    from statistics emitted every few seconds, so right after publishing it can still say 0 ready, 0 unacked.
+    """
+    connections = set(amqp_connections(connection_name))
+    if not connections:
+        return None
+    output = subprocess.run(
+        ["rabbitmqctl", "-q", "list_channels", "--no-table-headers", "connection", "messages_unacknowledged"],
+        capture_output=True, text=True, check=True, timeout=60,
+    ).stdout  # fmt: skip
+    rows = (line.split("\t") for line in output.splitlines() if line.strip())
+    return sum(int(unacked) for connection, unacked in rows if connection in connections)
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 60, what: str = "condition") -> None:
@@ -61,13 +80,40 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 60, 
         await asyncio.sleep(POLL_S)
 
 
-async def drained(queue: str, timeout: float = 120) -> None:
-    """Every message of ``queue`` was acknowledged (so its events are committed)."""
+def own_connection_name() -> str:
+    """The AMQP connection name of gateways running inside this test process."""
+    return f"analytics-gateway/{os.getpid()}"
 
-    async def empty() -> bool:
-        return await asyncio.to_thread(queue_counts, queue) == (0, 0)
 
-    await eventually(empty, timeout, f"queue {queue} to drain")
+async def drained(
+    queue: str,
+    connection_name: str | None = None,
+    timeout: float = 120,
+    alive: Callable[[], bool] = lambda: True,
+) -> None:
+    """Every message of ``queue`` was acknowledged (so its events are committed) by the
+    gateway whose AMQP connection is ``connection_name`` (default: this process's).
+
+    Ready messages come from a passive declare and unacknowledged ones from
+    ``list_channels``, both current; ``list_queues`` reports a quorum queue's
+    counts from statistics a few seconds old. Ready is read before and after
+    unacknowledged, so a message requeued in between is seen.
+    """
+    name = connection_name or own_connection_name()
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+
+        async def ready() -> int:
+            return (await channel.declare_queue(queue, passive=True)).declaration_result.message_count or 0
+
+        async def empty() -> bool:
+            assert alive(), "the ingester exited"
+            if await ready() or await asyncio.to_thread(unacknowledged, name) != 0:
+                return False
+            return await ready() == 0
+
+        await eventually(empty, timeout, f"queue {queue} to drain")
 
 
 async def stored(database_url: str, source: str) -> list[asyncpg.Record]:
