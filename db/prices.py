@@ -11,7 +11,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 MILLION = decimal.Decimal(1_000_000)
-# Wide enough that no sum of 64-bit token counts times a price ever rounds.
+# Wide enough that no sum of 64-bit token counts times a price ever rounds (and a rounding would raise).
 EXACT = decimal.Context(prec=80, traps=[decimal.Inexact, decimal.InvalidOperation])
 
 

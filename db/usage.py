@@ -4,30 +4,25 @@ For a range [start, end) the whole UTC hours in [rollup_from, rollup_to) come
 from ``usage_hourly`` (rollup_to never passes the materialized watermark M);
 the edges, everything from M on, dirty hours (late events not yet re-rolled)
 and hours that a bucket boundary cuts (zones with :30 or :45 offsets) come
-from ``usage_events``. Every row is tagged with the price period in effect
-for it, so spend can be computed exactly by the caller. One SQL statement
+from ``usage_events``. Every row is joined to the price version in effect at
+its time and spend is summed in exact NUMERIC. One SQL statement
 sees one snapshot, so rollups and raw events never double count.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import decimal
 import zoneinfo
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from sqlalchemy import text
+import asyncpg
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from db.prices import PricePeriod
 
 HOUR = dt.timedelta(hours=1)
-BUCKET_SQL = {
-    "MINUTE": "date_trunc('minute', t, 'UTC')",
-    "HOUR": "date_trunc('hour', t, 'UTC')",
-    "DAY": "date_trunc('day', t, CAST(:tz AS text))",
-    "MONTH": "date_trunc('month', t, CAST(:tz AS text))",
-}
 DIMENSIONS = ("model", "project_id", "api_key_id")
 
 
@@ -53,11 +48,12 @@ class UsageRow:
     model: str
     project_id: str | None
     api_key_id: str | None
-    price_from: dt.datetime | None
     requests: int
     input_tokens: int
     cached_input_tokens: int
     output_tokens: int
+    spend: decimal.Decimal
+    unpriced: bool
 
 
 @dataclass(frozen=True)
@@ -132,36 +128,39 @@ def _ceil_hour(moment: dt.datetime) -> dt.datetime:
 
 def _filters(alias: str, query: UsageQuery) -> str:
     clauses = []
-    for column, values in (("model", query.models), ("project_id", query.project_ids),
-                           ("api_key_id", query.api_key_ids)):  # fmt: skip
+    for column, values, param in (("model", query.models, 8), ("project_id", query.project_ids, 9),
+                                  ("api_key_id", query.api_key_ids, 10)):  # fmt: skip
         if values is not None:
-            clauses.append(f"AND {alias}.{column} = ANY(CAST(:{column}s AS text[]))")
+            clauses.append(f"AND {alias}.{column} = ANY(${param}::text[])")
     if query.org_id is not None:
-        clauses.append(f"AND {alias}.org_id = :org_id")
+        clauses.append(f"AND {alias}.org_id = $1")
     return " ".join(clauses)
 
 
+# Parameters: $1 org_id (null: every org), $2 start, $3 end, $4 rollup_from, $5 rollup_to,
+# $6 split hours, $7 time zone, $8-$10 filters, $11-$16 price periods.
 _ROWS = """
-WITH raw_hours AS (
+WITH params AS (  -- declares the types of parameters that a given query shape may not use
+    SELECT $7::text AS time_zone, $8::text[] AS models, $9::text[] AS project_ids, $10::text[] AS api_key_ids
+), raw_hours AS (
     SELECT org_id, hour FROM rollup_dirty d
-    WHERE d.hour >= :rollup_from AND d.hour < :rollup_to {org_filter_d}
+    WHERE d.hour >= $4 AND d.hour < $5 {org_filter_d}
     UNION
-    SELECT CAST(:org_id AS text), unnest(CAST(:split_hours AS timestamptz[]))
+    SELECT $1::text, unnest($6::timestamptz[])
 ), prices AS (
-    SELECT * FROM unnest(CAST(:price_models AS text[]), CAST(:price_froms AS timestamptz[]),
-                         CAST(:price_untils AS timestamptz[])) AS p(model, price_from, price_until)
+    SELECT * FROM unnest($11::text[], $12::timestamptz[], $13::timestamptz[], $14::numeric[], $15::numeric[],
+                         $16::numeric[]) AS p(model, price_from, price_until, input, cached, output)
 ), rows AS (
     SELECT h.org_id, h.hour AS t, h.model, h.project_id, h.api_key_id, h.requests, h.input_tokens,
            h.cached_input_tokens, h.output_tokens
     FROM usage_hourly h
-    WHERE h.hour >= :rollup_from AND h.hour < :rollup_to {filters_h}
+    WHERE h.hour >= $4 AND h.hour < $5 {filters_h}
       AND NOT EXISTS (SELECT 1 FROM raw_hours r WHERE r.org_id = h.org_id AND r.hour = h.hour)
     UNION ALL
     SELECT e.org_id, e.event_time, e.model, e.project_id, e.api_key_id, 1, e.input_tokens,
            e.cached_input_tokens, e.output_tokens
     FROM usage_events e
-    WHERE ((e.event_time >= :start AND e.event_time < :rollup_from)
-           OR (e.event_time >= :rollup_to AND e.event_time < :end)) {filters_e}
+    WHERE ((e.event_time >= $2 AND e.event_time < $4) OR (e.event_time >= $5 AND e.event_time < $3)) {filters_e}
     UNION ALL
     SELECT e.org_id, e.event_time, e.model, e.project_id, e.api_key_id, 1, e.input_tokens,
            e.cached_input_tokens, e.output_tokens
@@ -170,13 +169,23 @@ WITH raw_hours AS (
     WHERE true {filters_e}
 )
 SELECT rows.org_id, {bucket} AS bucket, rows.model, {project} AS project_id, {api_key} AS api_key_id,
-       p.price_from, sum(requests) AS requests, sum(input_tokens) AS input_tokens,
-       sum(cached_input_tokens) AS cached_input_tokens, sum(output_tokens) AS output_tokens
+       sum(requests)::bigint AS requests, sum(input_tokens)::bigint AS input_tokens,
+       sum(cached_input_tokens)::bigint AS cached_input_tokens, sum(output_tokens)::bigint AS output_tokens,
+       -- Contract spend formula, exact NUMERIC (times 0.000001 rather than / 1e6, which would round).
+       coalesce(sum((input_tokens - cached_input_tokens) * p.input + cached_input_tokens * p.cached
+                    + output_tokens * p.output), 0) * 0.000001 AS spend,
+       bool_or(p.model IS NULL) AS unpriced
 FROM rows
 LEFT JOIN prices p ON p.model = rows.model AND rows.t >= p.price_from
                   AND (p.price_until IS NULL OR rows.t < p.price_until)
-GROUP BY 1, 2, 3, 4, 5, 6
+GROUP BY 1, 2, 3, 4, 5
 """
+BUCKET_SQL = {
+    "MINUTE": "date_trunc('minute', t, 'UTC')",
+    "HOUR": "date_trunc('hour', t, 'UTC')",
+    "DAY": "date_trunc('day', t, $7::text)",
+    "MONTH": "date_trunc('month', t, $7::text)",
+}
 
 
 async def usage_rows(
@@ -185,30 +194,31 @@ async def usage_rows(
     materialized_through: dt.datetime | None,
     prices: Sequence[PricePeriod],
 ) -> list[UsageRow]:
-    """Token sums by org, bucket, model (and the grouped dimensions), and price period."""
+    """Token sums and exact spend by org, bucket, model and the grouped dimensions."""
     steps = plan(query, materialized_through)
     sql = _ROWS.format(
-        org_filter_d="AND d.org_id = :org_id" if query.org_id is not None else "",
+        org_filter_d="AND d.org_id = $1" if query.org_id is not None else "",
         filters_h=_filters("h", query),
         filters_e=_filters("e", query),
-        bucket=BUCKET_SQL[query.granularity] if query.granularity else "CAST(NULL AS timestamptz)",
-        project="rows.project_id" if "project_id" in query.group_by else "CAST(NULL AS text)",
-        api_key="rows.api_key_id" if "api_key_id" in query.group_by else "CAST(NULL AS text)",
+        bucket=BUCKET_SQL[query.granularity] if query.granularity else "NULL::timestamptz",
+        project="rows.project_id" if "project_id" in query.group_by else "NULL::text",
+        api_key="rows.api_key_id" if "api_key_id" in query.group_by else "NULL::text",
     )
-    params = {
-        "org_id": query.org_id,
-        "start": query.start,
-        "end": query.end,
-        "rollup_from": steps.rollup_from,
-        "rollup_to": steps.rollup_to,
-        "split_hours": steps.split_hours if query.org_id is not None else [],
-        "tz": query.time_zone,
-        "models": list(query.models or []),
-        "project_ids": list(query.project_ids or []),
-        "api_key_ids": list(query.api_key_ids or []),
-        "price_models": [p.price.model for p in prices],
-        "price_froms": [p.price.effective_from for p in prices],
-        "price_untils": [p.until for p in prices],
-    }
-    result = await connection.execute(text(sql), params)
-    return [UsageRow(*row) for row in result]
+    raw = await driver_connection(connection)
+    records = await raw.fetch(
+        sql,
+        query.org_id, query.start, query.end, steps.rollup_from, steps.rollup_to,
+        steps.split_hours if query.org_id is not None else [], query.time_zone,
+        list(query.models or []), list(query.project_ids or []), list(query.api_key_ids or []),
+        [p.price.model for p in prices], [p.price.effective_from for p in prices], [p.until for p in prices],
+        [p.price.input_per_million for p in prices], [p.price.cached_input_per_million for p in prices],
+        [p.price.output_per_million for p in prices],
+    )  # fmt: skip
+    return [UsageRow(*record) for record in records]
+
+
+async def driver_connection(connection: AsyncConnection) -> asyncpg.Connection:
+    """The asyncpg connection under a SQLAlchemy one, for hot queries without row processing."""
+    raw = (await connection.get_raw_connection()).driver_connection
+    assert isinstance(raw, asyncpg.Connection)
+    return raw

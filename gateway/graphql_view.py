@@ -59,8 +59,10 @@ class GraphQLView(GraphQL[Context, None]):
             response["extensions"] = result.extensions
         return response
 
-    def encode_json(self, data: object) -> bytes:
-        return orjson.dumps(data)
+    def encode_json(self, data: object) -> str:
+        # A str: Strawberry sends bytes over the WebSocket as binary frames, which browsers'
+        # GraphQL clients (GraphiQL, graphql-ws) cannot parse.
+        return orjson.dumps(data).decode()
 
 
 class AuthenticatedGraphQL:

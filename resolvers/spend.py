@@ -11,12 +11,11 @@ import strawberry
 
 from db.prices import periods
 from db.rollup import watermarks
-from db.usage import UsageQuery, usage_rows
+from db.usage import UsageQuery, UsageRow, usage_rows
 from gateway.auth import ensure_org_access
 from gateway.context import Context
 from gateway.errors import BadUserInput
 from resolvers.loaders import ALL
-from resolvers.usage_report import price_index, row_spend
 from resolvers.validation import MAX_SPEND_RANGE, check_page_size, check_range
 from schema.inputs import TimeRange
 from schema.scalars import BigInt
@@ -37,7 +36,7 @@ async def resolve_spend_by_org(
     async with context.resources.engine.connect() as connection:
         marks = await watermarks(connection)
         rows = await usage_rows(connection, query, marks.materialized_through, periods(prices))
-    ranked = _ranked(rows, price_index(prices))
+    ranked = _ranked(rows)
     start = _position_after(ranked, after)
     page = ranked[start : start + first]
     edges = [OrgSpendEdge(cursor=_cursor(node), node=node) for node in page]
@@ -48,13 +47,13 @@ async def resolve_spend_by_org(
     )
 
 
-def _ranked(rows: list[Any], prices: dict[tuple[str, object], Any]) -> list[OrgSpend]:
+def _ranked(rows: list[UsageRow]) -> list[OrgSpend]:
     sums: dict[str, list[Any]] = {}
     for row in rows:
         entry = sums.setdefault(row.org_id, [0, 0, decimal.Decimal(0)])
         entry[0] += row.requests
         entry[1] += row.input_tokens + row.output_tokens
-        entry[2] += row_spend(row, prices)
+        entry[2] += row.spend
     nodes = [OrgSpend(org_id=strawberry.ID(org), requests=BigInt(r), total_tokens=BigInt(t), spend=s)
              for org, (r, t, s) in sums.items()]  # fmt: skip
     return sorted(nodes, key=lambda n: (-n.spend, n.org_id))

@@ -61,7 +61,7 @@ async def resolve_usage(
     prices = await context.loaders.prices.load(ALL)
     async with context.resources.engine.connect() as connection:
         rows = await usage_rows(connection, query, freshness.materialized_through, periods(prices))
-    report = summarize(query, rows, prices)
+    report = summarize(query, rows)
     return UsageReport(
         org_id=org_id,
         from_=range.from_,

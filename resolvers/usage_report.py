@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import decimal
 import zoneinfo
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from db.prices import Price, spend
+from db.prices import EXACT
 from db.usage import UsageQuery, UsageRow, bucket_end
 from schema.scalars import BigInt
 from schema.usage import UsageBucket, UsageGroup, UsageTotals
@@ -24,12 +24,12 @@ class Sums:
     output_tokens: int = 0
     spend: decimal.Decimal = ZERO
 
-    def add(self, row: UsageRow, row_spend: decimal.Decimal) -> None:
+    def add(self, row: UsageRow) -> None:
         self.requests += row.requests
         self.input_tokens += row.input_tokens
         self.cached_input_tokens += row.cached_input_tokens
         self.output_tokens += row.output_tokens
-        self.spend += row_spend
+        self.spend += row.spend
 
 
 @dataclass
@@ -39,28 +39,15 @@ class Report:
     unpriced: set[str] = field(default_factory=set)
 
 
-def price_index(prices: Iterable[Price]) -> dict[tuple[str, object], Price]:
-    return {(p.model, p.effective_from): p for p in prices}
-
-
-def row_spend(row: UsageRow, prices: dict[tuple[str, object], Price]) -> decimal.Decimal:
-    price = prices.get((row.model, row.price_from)) if row.price_from is not None else None
-    if price is None:
-        return ZERO
-    return spend(price, row.input_tokens, row.cached_input_tokens, row.output_tokens)
-
-
-def summarize(query: UsageQuery, rows: Sequence[UsageRow], prices: Iterable[Price]) -> Report:
-    index, report = price_index(prices), Report()
-    with decimal.localcontext() as exact:
-        exact.prec = 80
+def summarize(query: UsageQuery, rows: Sequence[UsageRow]) -> Report:
+    report = Report()
+    with decimal.localcontext(EXACT):
         for row in rows:
-            amount = row_spend(row, index)
-            if row.price_from is None:
+            if row.unpriced:
                 report.unpriced.add(row.model)
             group = (row.model if "model" in query.group_by else None, row.project_id, row.api_key_id)
-            report.series.setdefault((row.bucket, group), Sums()).add(row, amount)
-            report.totals.add(row, amount)
+            report.series.setdefault((row.bucket, group), Sums()).add(row)
+            report.totals.add(row)
     return report
 
 

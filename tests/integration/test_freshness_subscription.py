@@ -61,7 +61,9 @@ async def test_pushes_after_a_commit_for_its_org_only(
         assert json.loads(await ws.recv()) == {"type": "connection_ack"}
         await ws.send(json.dumps({"id": "1", "type": "subscribe",
                                   "payload": {"query": SUBSCRIBE, "variables": {"org": mine}}}))  # fmt: skip
-        first = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        frame = await asyncio.wait_for(ws.recv(), 10)
+        assert isinstance(frame, str), "subscription messages must be text frames (browsers' clients parse text)"
+        first = json.loads(frame)
         assert first["type"] == "next" and first["payload"]["data"]["freshness"]["lastEventAt"] is None
 
         await _post(client, ingest, for_other)  # another org's events: no push
