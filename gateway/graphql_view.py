@@ -8,7 +8,6 @@ GraphiQL. WebSocket clients authenticate in ``connection_init`` (payload
 
 from __future__ import annotations
 
-import orjson
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
@@ -25,6 +24,7 @@ from gateway.errors import HTTP_STATUS, ErrorCode, Unauthenticated
 from gateway.resources import Resources
 from resolvers.loaders import Loaders
 from schema.errors import collapse_list_errors, format_error
+from schema.json import dumps
 
 CALLER_KEY = "analytics.caller"
 
@@ -62,7 +62,7 @@ class GraphQLView(GraphQL[Context, None]):
     def encode_json(self, data: object) -> str:
         # A str: Strawberry sends bytes over the WebSocket as binary frames, which browsers'
         # GraphQL clients (GraphiQL, graphql-ws) cannot parse.
-        return orjson.dumps(data).decode()
+        return dumps(data).decode()
 
 
 class AuthenticatedGraphQL:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import decimal
 import zoneinfo
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from db.prices import EXACT
 from db.usage import UsageQuery, UsageRow, bucket_end
@@ -13,6 +15,7 @@ from schema.scalars import BigInt
 from schema.usage import UsageBucket, UsageGroup, UsageTotals
 
 GroupKey = tuple[str | None, str | None, str | None]
+
 ZERO = decimal.Decimal(0)
 
 
@@ -34,7 +37,7 @@ class Sums:
 
 @dataclass
 class Report:
-    series: dict[tuple[object, GroupKey], Sums] = field(default_factory=dict)
+    series: dict[tuple[dt.datetime, GroupKey], Sums] = field(default_factory=dict)
     totals: Sums = field(default_factory=Sums)
     unpriced: set[str] = field(default_factory=set)
 
@@ -46,7 +49,8 @@ def summarize(query: UsageQuery, rows: Sequence[UsageRow]) -> Report:
             if row.unpriced:
                 report.unpriced.add(row.model)
             group = (row.model if "model" in query.group_by else None, row.project_id, row.api_key_id)
-            report.series.setdefault((row.bucket, group), Sums()).add(row)
+            if row.bucket is not None:  # None only for range-wide rows (no granularity)
+                report.series.setdefault((row.bucket, group), Sums()).add(row)
             report.totals.add(row)
     return report
 
@@ -62,26 +66,30 @@ def totals_type(sums: Sums) -> UsageTotals:
     )
 
 
+def _order(item: tuple[tuple[dt.datetime, GroupKey], Sums]) -> tuple[Any, ...]:
+    """By start, then group; within a dimension null first, then by value."""
+    start, (model, project_id, api_key_id) = item[0]
+    return (start, model is not None, model or "", project_id is not None, project_id or "",
+            api_key_id is not None, api_key_id or "")  # fmt: skip
+
+
 def series_types(query: UsageQuery, report: Report) -> list[UsageBucket]:
     assert query.granularity is not None
-    zone = zoneinfo.ZoneInfo(query.time_zone)
-    ordered = sorted(
-        report.series.items(), key=lambda item: (item[0][0], [(v is not None, v or "") for v in item[0][1]])
-    )
+    granularity, zone = query.granularity, zoneinfo.ZoneInfo(query.time_zone)
+    fixed = {"MINUTE": dt.timedelta(minutes=1), "HOUR": dt.timedelta(hours=1)}.get(granularity)
     buckets = []
-    for (start, (model, project_id, api_key_id)), sums in ordered:
-        totals = totals_type(sums)
+    for (start, (model, project_id, api_key_id)), sums in sorted(report.series.items(), key=_order):
         buckets.append(
             UsageBucket(
-                start=start,  # type: ignore[arg-type]
-                end=bucket_end(start, query.granularity, zone),  # type: ignore[arg-type]
+                start=start,
+                end=start + fixed if fixed else bucket_end(start, granularity, zone),
                 group=UsageGroup(model=model, project_id=project_id, api_key_id=api_key_id),
-                requests=totals.requests,
-                input_tokens=totals.input_tokens,
-                cached_input_tokens=totals.cached_input_tokens,
-                output_tokens=totals.output_tokens,
-                total_tokens=totals.total_tokens,
-                spend=totals.spend,
+                requests=BigInt(sums.requests),
+                input_tokens=BigInt(sums.input_tokens),
+                cached_input_tokens=BigInt(sums.cached_input_tokens),
+                output_tokens=BigInt(sums.output_tokens),
+                total_tokens=BigInt(sums.input_tokens + sums.output_tokens),
+                spend=sums.spend,
             )
         )
     return buckets

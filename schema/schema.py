@@ -27,6 +27,7 @@ from resolvers.usage import resolve_usage
 from resolvers.viewer import resolve_viewer
 from schema.enums import ALL_ENUMS
 from schema.errors import log_errors
+from schema.execution import FastExecutionContext
 from schema.exports import ExportJob
 from schema.inputs import ALL_INPUTS
 from schema.permissions import requires
@@ -95,6 +96,7 @@ def build_schema(**overrides: Any) -> strawberry.Schema:
         "subscription": Subscription,
         "types": [*ALL_INPUTS, *ALL_ENUMS],
         "config": StrawberryConfig(scalar_map=SCALAR_MAP),
+        "execution_context_class": FastExecutionContext,
         # Factories: a fresh extension per request (the caches are shared).
         "extensions": [
             lambda: AddValidationRules(list(LIMIT_RULES)),
