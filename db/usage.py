@@ -168,6 +168,7 @@ WITH params AS (  -- declares the types of parameters that a given query shape m
     JOIN usage_events e ON e.org_id = r.org_id AND e.event_time >= r.hour AND e.event_time < r.hour + interval '1 hour'
     WHERE true {filters_e}
 )
+SELECT * FROM (
 SELECT rows.org_id, {bucket} AS bucket, rows.model, {project} AS project_id, {api_key} AS api_key_id,
        sum(requests)::bigint AS requests, sum(input_tokens)::bigint AS input_tokens,
        sum(cached_input_tokens)::bigint AS cached_input_tokens, sum(output_tokens)::bigint AS output_tokens,
@@ -179,6 +180,10 @@ FROM rows
 LEFT JOIN prices p ON p.model = rows.model AND rows.t >= p.price_from
                   AND (p.price_until IS NULL OR rows.t < p.price_until)
 GROUP BY 1, 2, 3, 4, 5
+) AS grouped
+-- The API's order (bucket, then the grouped dimensions, null first, by code point): rows of one
+-- bucket and group are consecutive, so the report is built in one pass.
+ORDER BY org_id COLLATE "C", bucket, {order_group}
 """
 BUCKET_SQL = {
     "MINUTE": "date_trunc('minute', t, 'UTC')",
@@ -203,6 +208,7 @@ async def usage_rows(
         bucket=BUCKET_SQL[query.granularity] if query.granularity else "NULL::timestamptz",
         project="rows.project_id" if "project_id" in query.group_by else "NULL::text",
         api_key="rows.api_key_id" if "api_key_id" in query.group_by else "NULL::text",
+        order_group=", ".join(f'{c} COLLATE "C" NULLS FIRST' for c in _group_order(query)),
     )
     raw = await driver_connection(connection)
     records = await raw.fetch(
@@ -215,6 +221,12 @@ async def usage_rows(
         [p.price.output_per_million for p in prices],
     )  # fmt: skip
     return [UsageRow(*record) for record in records]
+
+
+def _group_order(query: UsageQuery) -> tuple[str, ...]:
+    """Output columns to order by: the grouped dimensions, then the model when it is not one."""
+    model, project, api_key = "model", "project_id", "api_key_id"
+    return (model, project, api_key) if "model" in query.group_by else (project, api_key, model)
 
 
 async def driver_connection(connection: AsyncConnection) -> asyncpg.Connection:

@@ -11,7 +11,7 @@ from db.usage import UsageQuery, usage_rows
 from gateway.auth import ensure_org_access
 from gateway.context import Context
 from resolvers.loaders import ALL
-from resolvers.usage_report import series_types, summarize, totals_type
+from resolvers.usage_report import build_report
 from resolvers.validation import MAX_RANGE, check_range, check_time_zone
 from schema.enums import Granularity, UsageDimension
 from schema.inputs import TimeRange, UsageFilter
@@ -61,7 +61,7 @@ async def resolve_usage(
     prices = await context.loaders.prices.load(ALL)
     async with context.resources.engine.connect() as connection:
         rows = await usage_rows(connection, query, freshness.materialized_through, periods(prices))
-    report = summarize(query, rows)
+    report = build_report(query, rows)
     return UsageReport(
         org_id=org_id,
         from_=range.from_,
@@ -69,7 +69,7 @@ async def resolve_usage(
         granularity=granularity,
         time_zone=time_zone,
         currency="USD",
-        totals=totals_type(report.totals),
-        series=series_types(query, report),
-        unpriced_models=sorted(report.unpriced),
+        totals=report.totals,
+        series=report.series,
+        unpriced_models=report.unpriced_models,
     )

@@ -1,4 +1,9 @@
-"""From usage rows to the API's report: buckets, groups, totals and exact spend."""
+"""From usage rows to the API's report: buckets, groups, totals and unpriced models.
+
+The query returns rows ordered by bucket and group (db/usage.py), so buckets
+are built in one pass: consecutive rows of the same bucket and group (several
+models when not grouping by model) are added together.
+"""
 
 from __future__ import annotations
 
@@ -6,90 +11,76 @@ import datetime as dt
 import decimal
 import zoneinfo
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from db.prices import EXACT
 from db.usage import UsageQuery, UsageRow, bucket_end
 from schema.scalars import BigInt
 from schema.usage import UsageBucket, UsageGroup, UsageTotals
 
-GroupKey = tuple[str | None, str | None, str | None]
-
-ZERO = decimal.Decimal(0)
+FIXED_WIDTH = {"MINUTE": dt.timedelta(minutes=1), "HOUR": dt.timedelta(hours=1)}
 
 
-@dataclass
-class Sums:
-    requests: int = 0
-    input_tokens: int = 0
-    cached_input_tokens: int = 0
-    output_tokens: int = 0
-    spend: decimal.Decimal = ZERO
-
-    def add(self, row: UsageRow) -> None:
-        self.requests += row.requests
-        self.input_tokens += row.input_tokens
-        self.cached_input_tokens += row.cached_input_tokens
-        self.output_tokens += row.output_tokens
-        self.spend += row.spend
-
-
-@dataclass
+@dataclass(frozen=True)
 class Report:
-    series: dict[tuple[dt.datetime, GroupKey], Sums] = field(default_factory=dict)
-    totals: Sums = field(default_factory=Sums)
-    unpriced: set[str] = field(default_factory=set)
+    totals: UsageTotals
+    series: list[UsageBucket]
+    unpriced_models: list[str]
 
 
-def summarize(query: UsageQuery, rows: Sequence[UsageRow]) -> Report:
-    report = Report()
+def build_report(query: UsageQuery, rows: Sequence[UsageRow]) -> Report:
+    assert query.granularity is not None
+    by_model = "model" in query.group_by
+    width, zone = FIXED_WIDTH.get(query.granularity), zoneinfo.ZoneInfo(query.time_zone)
+    series: list[UsageBucket] = []
+    unpriced: set[str] = set()
+    current_key: tuple[object, ...] | None = None
+    bucket: UsageBucket | None = None
     with decimal.localcontext(EXACT):
         for row in rows:
             if row.unpriced:
-                report.unpriced.add(row.model)
-            group = (row.model if "model" in query.group_by else None, row.project_id, row.api_key_id)
-            if row.bucket is not None:  # None only for range-wide rows (no granularity)
-                report.series.setdefault((row.bucket, group), Sums()).add(row)
-            report.totals.add(row)
-    return report
-
-
-def totals_type(sums: Sums) -> UsageTotals:
-    return UsageTotals(
-        requests=BigInt(sums.requests),
-        input_tokens=BigInt(sums.input_tokens),
-        cached_input_tokens=BigInt(sums.cached_input_tokens),
-        output_tokens=BigInt(sums.output_tokens),
-        total_tokens=BigInt(sums.input_tokens + sums.output_tokens),
-        spend=sums.spend,
-    )
-
-
-def _order(item: tuple[tuple[dt.datetime, GroupKey], Sums]) -> tuple[Any, ...]:
-    """By start, then group; within a dimension null first, then by value."""
-    start, (model, project_id, api_key_id) = item[0]
-    return (start, model is not None, model or "", project_id is not None, project_id or "",
-            api_key_id is not None, api_key_id or "")  # fmt: skip
-
-
-def series_types(query: UsageQuery, report: Report) -> list[UsageBucket]:
-    assert query.granularity is not None
-    granularity, zone = query.granularity, zoneinfo.ZoneInfo(query.time_zone)
-    fixed = {"MINUTE": dt.timedelta(minutes=1), "HOUR": dt.timedelta(hours=1)}.get(granularity)
-    buckets = []
-    for (start, (model, project_id, api_key_id)), sums in sorted(report.series.items(), key=_order):
-        buckets.append(
-            UsageBucket(
-                start=start,
-                end=start + fixed if fixed else bucket_end(start, granularity, zone),
-                group=UsageGroup(model=model, project_id=project_id, api_key_id=api_key_id),
-                requests=BigInt(sums.requests),
-                input_tokens=BigInt(sums.input_tokens),
-                cached_input_tokens=BigInt(sums.cached_input_tokens),
-                output_tokens=BigInt(sums.output_tokens),
-                total_tokens=BigInt(sums.input_tokens + sums.output_tokens),
-                spend=sums.spend,
+                unpriced.add(row.model)
+            model = row.model if by_model else None
+            key = (row.bucket, model, row.project_id, row.api_key_id)
+            if key == current_key and bucket is not None:
+                _add(bucket, row)
+                continue
+            current_key, start = key, row.bucket
+            assert start is not None
+            end = start + width if width else bucket_end(start, query.granularity, zone)
+            bucket = _bucket(
+                start, end, UsageGroup(model=model, project_id=row.project_id, api_key_id=row.api_key_id), row
             )
-        )
-    return buckets
+            series.append(bucket)
+        totals = _totals(series)
+    return Report(totals, series, sorted(unpriced))
+
+
+def _bucket(start: dt.datetime, end: dt.datetime, group: UsageGroup, row: UsageRow) -> UsageBucket:
+    return UsageBucket(
+        start=start, end=end, group=group, requests=BigInt(row.requests), input_tokens=BigInt(row.input_tokens),
+        cached_input_tokens=BigInt(row.cached_input_tokens), output_tokens=BigInt(row.output_tokens),
+        total_tokens=BigInt(row.input_tokens + row.output_tokens), spend=row.spend,
+    )  # fmt: skip
+
+
+def _add(bucket: UsageBucket, row: UsageRow) -> None:
+    bucket.requests = BigInt(bucket.requests + row.requests)
+    bucket.input_tokens = BigInt(bucket.input_tokens + row.input_tokens)
+    bucket.cached_input_tokens = BigInt(bucket.cached_input_tokens + row.cached_input_tokens)
+    bucket.output_tokens = BigInt(bucket.output_tokens + row.output_tokens)
+    bucket.total_tokens = BigInt(bucket.input_tokens + bucket.output_tokens)
+    bucket.spend = (bucket.spend or decimal.Decimal(0)) + row.spend
+
+
+def _totals(series: Sequence[UsageBucket]) -> UsageTotals:
+    inputs = sum(b.input_tokens for b in series)
+    outputs = sum(b.output_tokens for b in series)
+    return UsageTotals(
+        requests=BigInt(sum(b.requests for b in series)),
+        input_tokens=BigInt(inputs),
+        cached_input_tokens=BigInt(sum(b.cached_input_tokens for b in series)),
+        output_tokens=BigInt(outputs),
+        total_tokens=BigInt(inputs + outputs),
+        spend=sum((b.spend or decimal.Decimal(0) for b in series), decimal.Decimal(0)),
+    )
