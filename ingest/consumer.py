@@ -137,7 +137,7 @@ class Consumer:
             if self._buffer:
                 try:
                     await self._flush()
-                except Exception:  # noqa: BLE001 - never let the flusher die: a dead one stalls the queue
+                except Exception:
                     log.error("ingest.flush_failed", exc_info=True)
 
     async def _flush(self) -> None:

@@ -21,7 +21,6 @@ from strawberry.schema.schema import StrawberryGraphQLCoreExecutionContext
 
 from gateway.auth import Caller
 from schema.errors import collapse_list_errors, format_error
-from schema.execution import FastExecutionContext
 from schema.json import dumps
 from schema.scalars import BigInt
 from schema.schema import build_schema
@@ -148,7 +147,7 @@ def selections(draw: st.DrawFn) -> tuple[str, dict[str, bool]]:
     """A random selection over UsageBucket: aliases, fragments, directives, nesting."""
     variables = {"v0": draw(st.booleans()), "v1": draw(st.booleans())}
     parts = []
-    for field in draw(st.lists(st.sampled_from(BUCKET_FIELDS + ["group"]), min_size=1, max_size=8)):
+    for field in draw(st.lists(st.sampled_from([*BUCKET_FIELDS, "group"]), min_size=1, max_size=8)):
         alias = draw(st.sampled_from(["", f"a{len(parts)}: "]))
         directive = draw(st.sampled_from(["", " @include(if: $v0)", " @skip(if: $v1)"]))
         if field == "group":
