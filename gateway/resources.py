@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from db.engine import create_engine
 from db.migrate import current_head, migrate
+from gateway.audit import AuditTrail
 from gateway.auth import TokenVerifier
 from gateway.cache import Cache, LocalCache, RedisCache
 from gateway.embedded import EmbeddedPostgres
@@ -42,6 +43,7 @@ class Resources:
     migrations_head: str
     pubsub: PubSub
     cache: Cache
+    audit: AuditTrail
     ingest_metrics: IngestMetrics
     writer: EventWriter
     redis: Redis | None = None
@@ -63,6 +65,9 @@ async def open_resources(settings: Settings, roles: frozenset[Role], metrics: Me
         pubsub: PubSub = RedisPubSub(redis, settings.redis_prefix) if redis is not None else LocalPubSub()
         cache: Cache = RedisCache(redis, settings.redis_prefix) if redis is not None else LocalCache()
         ingest_metrics = IngestMetrics(metrics.meter("analytics.ingest"))
+        audit = AuditTrail(engine)
+        await audit.start()
+        stack.push_async_callback(audit.stop)
         yield Resources(
             settings=settings,
             roles=roles,
@@ -72,6 +77,7 @@ async def open_resources(settings: Settings, roles: frozenset[Role], metrics: Me
             migrations_head=current_head(),
             pubsub=pubsub,
             cache=cache,
+            audit=audit,
             ingest_metrics=ingest_metrics,
             writer=EventWriter(engine, pubsub, cache, ingest_metrics),
             redis=redis,

@@ -221,7 +221,7 @@ async def _settle(batch: list[Pending], *, requeue: bool | None = None) -> None:
     for pending in batch:
         try:
             channel = pending.message.channel  # raises once that channel is closed
-        except Exception:  # noqa: BLE001 - its messages are redelivered by the broker
+        except Exception:  # noqa: BLE001, S112 - its messages are redelivered by the broker
             continue
         last_per_channel[id(channel)] = pending.message
     for message in last_per_channel.values():

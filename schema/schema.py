@@ -25,6 +25,7 @@ from resolvers.prices import resolve_model_prices, resolve_upsert_model_price
 from resolvers.spend import resolve_spend_by_org
 from resolvers.usage import resolve_usage
 from resolvers.viewer import resolve_viewer
+from schema.audit import AuditOperations
 from schema.enums import ALL_ENUMS
 from schema.errors import log_errors
 from schema.execution import FastExecutionContext
@@ -103,6 +104,7 @@ def build_schema(**overrides: Any) -> strawberry.Schema:
             lambda: MaxTokensLimiter(max_token_count=MAX_TOKENS),
             lambda: ParserCache(maxsize=CACHE_SIZE),
             lambda: ValidationCache(maxsize=CACHE_SIZE),
+            AuditOperations,
         ],
     }
     return GatewaySchema(**(options | overrides))

@@ -11,6 +11,7 @@ import jwt
 import pytest
 from sqlalchemy import text
 
+from gateway.resources import Resources
 from tests.conftest import TEST_JWT_SECRET, TokenFactory
 from tests.helpers import graphql
 
@@ -203,3 +204,26 @@ async def test_bad_literals_and_token_floods_are_client_errors(
     assert literal["errors"][0]["extensions"]["code"] == "BAD_USER_INPUT"
     flood = "{ viewer { " + " ".join(["subject"] * 6000) + " } }"
     assert (await graphql(client, flood, token)).json()["errors"][0]["extensions"]["code"] == "QUERY_TOO_COMPLEX"
+
+
+async def test_every_operation_is_audited_with_caller_org_and_outcome(
+    client: httpx.AsyncClient, make_token: TokenFactory, resources: Resources
+) -> None:
+    subject = f"auditor-{uuid.uuid4().hex[:6]}"
+    ok = await graphql(client, "query Who { viewer { subject } }", make_token("viewer", org="org_a", sub=subject))
+    assert ok.status_code == 200
+    job = "query($id: ID!) { exportJob(id: $id) { id } }"
+    await graphql(client, job, make_token("viewer", org="org_a", sub=subject), {"id": str(uuid.uuid4())})
+    await resources.audit.flush()
+    async with resources.engine.connect() as connection:
+        rows = (
+            await connection.execute(
+                text("SELECT action, target, outcome, detail FROM audit_log WHERE actor = :s ORDER BY id"),
+                {"s": subject},
+            )
+        ).all()
+    assert [(r.action, r.target, r.outcome) for r in rows] == [
+        ("graphql.query", "Who", "ok"),
+        ("graphql.query", "exportJob", "error: FORBIDDEN"),
+    ]
+    assert rows[0].detail == {"fields": ["viewer"], "orgs": []}
