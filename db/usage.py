@@ -200,6 +200,15 @@ async def usage_rows(
     prices: Sequence[PricePeriod],
 ) -> list[UsageRow]:
     """Token sums and exact spend by org, bucket, model and the grouped dimensions."""
+    sql, args = usage_statement(query, materialized_through, prices)
+    raw = await driver_connection(connection)
+    return [UsageRow(*record) for record in await raw.fetch(sql, *args)]
+
+
+def usage_statement(
+    query: UsageQuery, materialized_through: dt.datetime | None, prices: Sequence[PricePeriod]
+) -> tuple[str, tuple[object, ...]]:
+    """The SQL and arguments of :func:`usage_rows` (benchmarks run it bare, as the floor)."""
     steps = plan(query, materialized_through)
     sql = _ROWS.format(
         org_filter_d="AND d.org_id = $1" if query.org_id is not None else "",
@@ -210,9 +219,7 @@ async def usage_rows(
         api_key="rows.api_key_id" if "api_key_id" in query.group_by else "NULL::text",
         order_group=", ".join(f'{c} COLLATE "C" NULLS FIRST' for c in _group_order(query)),
     )
-    raw = await driver_connection(connection)
-    records = await raw.fetch(
-        sql,
+    args = (
         query.org_id, query.start, query.end, steps.rollup_from, steps.rollup_to,
         steps.split_hours if query.org_id is not None else [], query.time_zone,
         list(query.models or []), list(query.project_ids or []), list(query.api_key_ids or []),
@@ -220,7 +227,7 @@ async def usage_rows(
         [p.price.input_per_million for p in prices], [p.price.cached_input_per_million for p in prices],
         [p.price.output_per_million for p in prices],
     )  # fmt: skip
-    return [UsageRow(*record) for record in records]
+    return sql, args
 
 
 def _group_order(query: UsageQuery) -> tuple[str, ...]:
