@@ -73,6 +73,12 @@ def validate(item: object, window: TimeWindow) -> UsageEvent:
         event = msgspec.convert(item, UsageEvent)
     except msgspec.ValidationError as exc:
         raise InvalidEvent(_describe(str(exc))) from None
+    check_rules(event, window)
+    return event
+
+
+def check_rules(event: UsageEvent, window: TimeWindow) -> None:
+    """The rules the types cannot say (the schema's ``$comment``)."""
     if event.time.tzinfo is None:
         raise InvalidEvent("time: must be RFC 3339 with an offset (Z or ±hh:mm)")
     if event.data.cached_input_tokens > event.data.input_tokens:
@@ -81,7 +87,6 @@ def validate(item: object, window: TimeWindow) -> UsageEvent:
         raise InvalidEvent(f"time: {event.time.isoformat()} is more than 5 minutes in the future")
     if event.time < window.oldest:
         raise InvalidEvent(f"time: {event.time.isoformat()} is older than the raw-event retention")
-    return event
 
 
 def _describe(message: str) -> str:
