@@ -141,7 +141,7 @@ class Consumer:
                     log.error("ingest.flush_failed", exc_info=True)
 
     async def _flush(self) -> None:
-        batch, self._buffer, self._buffered_events = self._buffer, [], 0
+        batch = self._take_batch()
         self._flushing_since = batch[0].received_at
         events = [event for pending in batch if pending.decoded for event in pending.decoded.events]
         rejected = sum(len(p.decoded.rejected) for p in batch if p.decoded) + sum(1 for p in batch if p.unreadable)
@@ -154,6 +154,20 @@ class Consumer:
             await _settle(batch, requeue=True)
             return
         await _settle(batch)
+
+    def _take_batch(self) -> list[Pending]:
+        """The oldest messages holding up to ``ingest_batch_events`` events (at least one
+        message): what arrived while the last batch was written waits for the next one,
+        so batches, and the time to commit them, stay bounded."""
+        limit, taken, count = self._settings.ingest_batch_events, 0, 0
+        while taken < len(self._buffer) and (taken == 0 or count + self._buffer[taken].events <= limit):
+            count += self._buffer[taken].events
+            taken += 1
+        batch, self._buffer = self._buffer[:taken], self._buffer[taken:]
+        self._buffered_events -= count
+        if self._is_full():
+            self._wake.set()
+        return batch
 
     async def _write_until_committed(self, events: list[UsageEvent], rejected: int) -> None:
         for attempt in itertools.count():
