@@ -7,6 +7,7 @@ message, so no internals (or secrets in them) leak to callers.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import structlog
@@ -16,8 +17,10 @@ from gateway.errors import ErrorCode, GatewayError
 
 log = structlog.get_logger(__name__)
 
-# Messages of Strawberry's depth, alias and token limiters.
-_TOO_COMPLEX_MARKERS = ("exceeds maximum operation depth", "maximum allowed", "aliases", "tokens")
+# The messages of the depth, alias and token limiters (strawberry and graphql-core).
+_TOO_COMPLEX = re.compile(
+    r"exceeds maximum operation depth|^\d+ aliases found\. Allowed: \d+|^Syntax Error: Document contains more than"
+)
 
 
 def error_code(error: GraphQLError) -> ErrorCode:
@@ -30,7 +33,7 @@ def error_code(error: GraphQLError) -> ErrorCode:
         return original.code
     if error.path is None or original is None or isinstance(original, GraphQLError):
         # Before execution (parse, validation, scalar and variable coercion): the request is wrong.
-        if any(marker in error.message for marker in _TOO_COMPLEX_MARKERS):
+        if _TOO_COMPLEX.search(error.message):
             return ErrorCode.QUERY_TOO_COMPLEX
         return ErrorCode.BAD_USER_INPUT
     return ErrorCode.INTERNAL
