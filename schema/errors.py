@@ -39,14 +39,19 @@ def error_code(error: GraphQLError) -> ErrorCode:
     return ErrorCode.INTERNAL
 
 
+def apply_contract(error: GraphQLError) -> None:
+    """Give ``error`` its contract code and hide an internal error's message, in place,
+    so every transport (HTTP, WebSocket) formats it the same way."""
+    code = error_code(error)
+    error.extensions = {**(error.extensions or {}), "code": code.value}
+    if code is ErrorCode.INTERNAL:
+        error.message = "Internal server error"
+
+
 def format_error(error: GraphQLError) -> dict[str, Any]:
     """The JSON of one error as the contract describes it."""
-    code = error_code(error)
-    formatted = error.formatted
-    if code is ErrorCode.INTERNAL:
-        formatted["message"] = "Internal server error"
-    formatted["extensions"] = {**(formatted.get("extensions") or {}), "code": code.value}
-    return dict(formatted)
+    apply_contract(error)
+    return dict(error.formatted)
 
 
 def collapse_list_errors(errors: list[GraphQLError]) -> list[GraphQLError]:

@@ -27,7 +27,7 @@ from resolvers.usage import resolve_usage
 from resolvers.viewer import resolve_viewer
 from schema.audit import AuditOperations
 from schema.enums import ALL_ENUMS
-from schema.errors import log_errors
+from schema.errors import apply_contract, log_errors
 from schema.execution import FastExecutionContext
 from schema.exports import ExportJob
 from schema.inputs import ALL_INPUTS
@@ -83,10 +83,12 @@ class Subscription:
 
 
 class GatewaySchema(strawberry.Schema):
-    """Logs only unexpected errors; client errors are the client's business."""
+    """Logs unexpected errors, then gives every error its contract code (for every transport)."""
 
     def process_errors(self, errors: list[GraphQLError], execution_context: ExecutionContext | None = None) -> None:
         log_errors(errors)
+        for error in errors:
+            apply_contract(error)
 
 
 def build_schema(**overrides: Any) -> strawberry.Schema:

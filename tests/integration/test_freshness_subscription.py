@@ -92,3 +92,14 @@ async def test_subscription_refuses_other_orgs(api_process: Served, make_token: 
     assert message["type"] in ("error", "next")
     errors = message["payload"] if message["type"] == "error" else message["payload"]["errors"]
     assert errors[0]["extensions"]["code"] == "FORBIDDEN"
+
+
+async def test_websocket_errors_carry_contract_codes(api_process: Served, make_token: TokenFactory) -> None:
+    bearer = f"Bearer {make_token('viewer', org='org_a')}"
+    async with websockets.connect(api_process.ws_url, subprotocols=["graphql-transport-ws"]) as ws:  # type: ignore[list-item]
+        await ws.send(json.dumps({"type": "connection_init", "payload": {"Authorization": bearer}}))
+        await ws.recv()
+        await ws.send(json.dumps({"id": "1", "type": "subscribe", "payload": {"query": "{ viewer { nope } }"}}))
+        message = json.loads(await asyncio.wait_for(ws.recv(), 10))
+    assert message["type"] == "error"
+    assert message["payload"][0]["extensions"]["code"] == "BAD_USER_INPUT"
