@@ -13,7 +13,6 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
-import aio_pika
 import asyncpg
 import httpx
 import pytest
@@ -28,7 +27,6 @@ from gateway.app import create_app
 from gateway.auth import issue_token
 from gateway.resources import Resources
 from gateway.settings import Settings
-from ingest.topology import Topology
 
 RUN_ID = uuid.uuid4().hex[:10]
 TEST_JWT_SECRET = "test-secret-" + "x" * 32
@@ -62,14 +60,9 @@ async def drop_database(name: str) -> None:
 async def _clean_broker_and_redis() -> AsyncIterator[None]:
     """After the run, remove this run's queues, exchanges and Redis keys."""
     yield
-    topology = Topology.named(f"test_{RUN_ID}.")
-    connection = await aio_pika.connect_robust(AMQP_URL)
-    async with connection:
-        channel = await connection.channel()
-        for queue in (topology.queue, topology.dead_letter_queue):
-            await channel.queue_delete(queue)
-        for exchange in (topology.exchange, topology.dead_letter_exchange):
-            await channel.exchange_delete(exchange)
+    from tests.integration.ingest_support import delete_topology
+
+    await delete_topology(f"test_{RUN_ID}.")
     redis = Redis.from_url(REDIS_URL)
     async with redis:
         keys = [key async for key in redis.scan_iter(match=f"test:{RUN_ID}:*")]

@@ -116,6 +116,18 @@ async def drained(
         await eventually(empty, timeout, f"queue {queue} to drain")
 
 
+async def delete_topology(prefix: str) -> None:
+    """Remove the queues and exchanges named with ``prefix``."""
+    topology = Topology.named(prefix)
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        for queue in (topology.queue, topology.dead_letter_queue):
+            await channel.queue_delete(queue)
+        for exchange in (topology.exchange, topology.dead_letter_exchange):
+            await channel.exchange_delete(exchange)
+
+
 async def stored(database_url: str, source: str) -> list[asyncpg.Record]:
     connection = await asyncpg.connect(database_url)
     try:

@@ -21,7 +21,6 @@ from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import aio_pika
 import asyncpg
 import httpx
 import pytest
@@ -32,6 +31,7 @@ from tests.conftest import AMQP_URL, POSTGRES_ADMIN_URL, REDIS_URL, RUN_ID, TEST
 from tests.integration.ingest_support import (
     POLL_S,
     amqp_connections,
+    delete_topology,
     drained,
     eventually,
     publish_mixed,
@@ -136,23 +136,12 @@ async def _wait_ready(ingester: Ingester) -> None:
     raise AssertionError(f"serve did not become ready:\n{ingester.log_tail()}")
 
 
-async def _delete_topology(prefix: str) -> None:
-    topology = Topology.named(prefix)
-    connection = await aio_pika.connect(AMQP_URL)
-    async with connection:
-        channel = await connection.channel()
-        for queue in (topology.queue, topology.dead_letter_queue):
-            await channel.queue_delete(queue)
-        for exchange in (topology.exchange, topology.dead_letter_exchange):
-            await channel.exchange_delete(exchange)
-
-
 @pytest.fixture
 async def prefix() -> AsyncIterator[str]:
     """This test's own AMQP names, deleted afterwards."""
     name = f"test_{RUN_ID}_{uuid.uuid4().hex[:8]}."
     yield name
-    await _delete_topology(name)
+    await delete_topology(name)
 
 
 @pytest.fixture

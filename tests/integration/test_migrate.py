@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
 
 import asyncpg
 import pytest
 
 from db.migrate import current_head
+from tests.integration.serve_support import clean_env, run_cli
 
 SNAPSHOT = """
 SELECT 'column', table_name || '.' || column_name || ' ' || data_type || ' ' || is_nullable
@@ -23,19 +22,8 @@ ORDER BY 1, 2
 
 
 async def _run_migrate(database_url: str) -> tuple[int, str]:
-    env = os.environ | {"ANALYTICS_DATABASE_URL": database_url}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway.cli",
-        "migrate",
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    output, _ = await process.communicate()
-    assert process.returncode is not None
-    return process.returncode, output.decode()
+    code, stdout, stderr = await run_cli("migrate", env=clean_env(ANALYTICS_DATABASE_URL=database_url))
+    return code, stdout + stderr
 
 
 async def _snapshot(database_url: str) -> list[tuple[str, str]]:
@@ -67,17 +55,7 @@ async def test_migrate_from_two_processes_at_once(empty_database: str, database_
 
 
 async def test_migrate_without_database_url_fails_with_one_line() -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ANALYTICS_")}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway.cli",
-        "migrate",
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    _, stderr = await process.communicate()
-    assert process.returncode == 2
-    lines = stderr.decode().strip().splitlines()
+    code, _, stderr = await run_cli("migrate", env=clean_env())
+    assert code == 2
+    lines = stderr.strip().splitlines()
     assert len(lines) == 1 and "ANALYTICS_DATABASE_URL" in lines[0]
