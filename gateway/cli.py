@@ -116,6 +116,8 @@ def token(
     unknown = [r for r in role if r not in ROLE_GRANTS]
     if unknown:
         _fail(f"unknown role {unknown[0]!r}; roles: {', '.join(ROLE_GRANTS)}")
+    if settings.jwt_jwks_url is not None:
+        _fail("ANALYTICS_JWT_JWKS_URL is set: the gateway accepts only the identity provider's tokens")
     secret = signing_secret(settings)
     if secret is None:
         _fail("ANALYTICS_JWT_SECRET must be set to sign development tokens")

@@ -103,3 +103,30 @@ async def test_websocket_errors_carry_contract_codes(api_process: Served, make_t
         message = json.loads(await asyncio.wait_for(ws.recv(), 10))
     assert message["type"] == "error"
     assert message["payload"][0]["extensions"]["code"] == "BAD_USER_INPUT"
+
+
+@pytest.fixture
+async def fast_push_process(settings: Settings, database_url: str) -> AsyncIterator[Served]:
+    env = clean_env(
+        ANALYTICS_DATABASE_URL=database_url,
+        ANALYTICS_JWT_SECRET=TEST_JWT_SECRET,
+        ANALYTICS_REDIS_URL=REDIS_URL,
+        ANALYTICS_REDIS_PREFIX=settings.redis_prefix,
+        ANALYTICS_FRESHNESS_PUSH_S="0.5",
+    )
+    async with serve(env, "--role", "api") as running:
+        yield running
+
+
+async def test_pushes_periodically_without_new_data(fast_push_process: Served, make_token: TokenFactory) -> None:
+    """The push interval (30 s by default; 0.5 s here) holds when nothing is ingested."""
+    org = f"quiet_{uuid.uuid4().hex[:6]}"
+    bearer = f"Bearer {make_token('viewer', org=org)}"
+    async with websockets.connect(fast_push_process.ws_url, subprotocols=["graphql-transport-ws"]) as ws:  # type: ignore[list-item]
+        await ws.send(json.dumps({"type": "connection_init", "payload": {"Authorization": bearer}}))
+        await ws.recv()
+        await ws.send(json.dumps({"id": "1", "type": "subscribe",
+                                  "payload": {"query": SUBSCRIBE, "variables": {"org": org}}}))  # fmt: skip
+        pushes = [json.loads(await asyncio.wait_for(ws.recv(), 5)) for _ in range(3)]
+    assert [p["type"] for p in pushes] == ["next", "next", "next"]
+    assert all(p["payload"]["data"]["freshness"]["orgId"] == org for p in pushes)
