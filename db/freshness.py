@@ -55,8 +55,3 @@ async def beat(connection: AsyncConnection, instance: str, caught_up_through: dt
         {"i": instance, "c": caught_up_through},
     )
     await connection.commit()
-
-
-async def forget(connection: AsyncConnection, instance: str) -> None:
-    await connection.execute(text("DELETE FROM ingest_heartbeats WHERE instance = :i"), {"i": instance})
-    await connection.commit()

@@ -22,7 +22,7 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from db.freshness import beat, forget
+from db.freshness import beat
 from gateway.settings import Settings
 from ingest.deadletter import dead_letter
 from ingest.decode import Decoded, UnreadableMessage, decode_body
@@ -103,9 +103,6 @@ class Consumer:
             task.cancel()
         if self._channel is not None:
             await self._channel.close()
-        with contextlib.suppress(Exception):
-            async with self._engine.connect() as connection:
-                await forget(connection, self._instance)
         log.info("ingest.stopped")
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:

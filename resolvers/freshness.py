@@ -20,23 +20,22 @@ from schema.usage import Freshness
 
 def to_freshness(row: FreshnessRow, settings: Settings, now: dt.datetime) -> Freshness:
     """Lag is measured to the instant up to which ingested data is queryable:
-    with AMQP ingestion, how far the live ingesters are caught up; with HTTP
-    only, now (a request is answered after its commit)."""
-    if settings.amqp_url is None:
-        queryable_through: dt.datetime | None = now
-    else:
+    how far the live AMQP ingesters are caught up (their heartbeats); when none
+    beats any more, their last beat (the pipeline stopped reporting); when no
+    ingester ever beat, now (HTTP ingestion answers after its commit)."""
+    if row.last_beat_at is None:
+        queryable_through = now
+    elif row.caught_up_through is not None:
         queryable_through = row.caught_up_through
-    lag = (now - queryable_through).total_seconds() if queryable_through else float("inf")
-    lag = max(0.0, lag)
+    else:
+        queryable_through = row.last_beat_at
+    lag = max(0.0, (now - queryable_through).total_seconds())
     if lag < settings.freshness_fresh_s:
         status = FreshnessStatus.FRESH
     elif lag < settings.freshness_stale_s:
         status = FreshnessStatus.DELAYED
     else:
         status = FreshnessStatus.STALE
-    if lag == float("inf"):  # no ingester has reported: as stale as can be, but a finite number
-        last = row.last_beat_at
-        lag = (now - last).total_seconds() if last else settings.freshness_stale_s
     return Freshness(
         org_id=strawberry.ID(row.org_id),
         last_event_at=row.last_event_at,
