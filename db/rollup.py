@@ -55,6 +55,22 @@ ROLL_HOURS = _AGGREGATE.format(
     source="JOIN unnest(CAST(:orgs AS text[]), CAST(:hours AS timestamptz[])) AS d(org_id, hour) "
     "ON e.org_id = d.org_id AND e.event_time >= d.hour AND e.event_time < d.hour + interval '1 hour'"
 )
+_BY_MODEL = """
+INSERT INTO usage_hourly_model
+SELECT h.org_id, h.hour, h.model, sum(h.requests), sum(h.input_tokens), sum(h.cached_input_tokens),
+       sum(h.output_tokens)
+FROM usage_hourly h {source}
+GROUP BY 1, 2, 3
+"""
+BY_MODEL_RANGE = _BY_MODEL.format(source="WHERE h.hour >= :start AND h.hour < :end")
+BY_MODEL_HOURS = _BY_MODEL.format(
+    source="JOIN unnest(CAST(:orgs AS text[]), CAST(:hours AS timestamptz[])) AS d(org_id, hour) "
+    "ON h.org_id = d.org_id AND h.hour = d.hour"
+)
+DELETE_HOURS = (
+    "DELETE FROM {table} h USING unnest(CAST(:orgs AS text[]), CAST(:hours AS timestamptz[])) AS d(org_id, hour) "
+    "WHERE h.org_id = d.org_id AND h.hour = d.hour"
+)
 CLAIM_DIRTY = """
 DELETE FROM rollup_dirty WHERE (org_id, hour) IN (
     SELECT org_id, hour FROM rollup_dirty ORDER BY hour, org_id LIMIT :limit FOR UPDATE SKIP LOCKED
@@ -113,14 +129,10 @@ async def reroll_dirty(connection: AsyncConnection) -> int:
         pairs = [(r.org_id, r.hour) for r in claimed if through is not None and r.hour < through]
         if pairs:
             params = {"orgs": [p[0] for p in pairs], "hours": [p[1] for p in pairs]}
-            await connection.execute(
-                text(
-                    "DELETE FROM usage_hourly h USING unnest(CAST(:orgs AS text[]), CAST(:hours AS timestamptz[])) "
-                    "AS d(org_id, hour) WHERE h.org_id = d.org_id AND h.hour = d.hour"
-                ),
-                params,
-            )
+            for table in ("usage_hourly", "usage_hourly_model"):
+                await connection.execute(text(DELETE_HOURS.format(table=table)), params)
             await connection.execute(text(ROLL_HOURS), params)
+            await connection.execute(text(BY_MODEL_HOURS), params)
         await connection.commit()
         total += len(pairs)
 
@@ -139,9 +151,11 @@ async def advance(connection: AsyncConnection, target: dt.datetime) -> dt.dateti
         return target
     while start < target:
         end = min(start + CHUNK, target)
-        await connection.execute(text("DELETE FROM usage_hourly WHERE hour >= :start AND hour < :end"),
-                                 {"start": start, "end": end})  # fmt: skip
-        await connection.execute(text(ROLL_RANGE), {"start": start, "end": end})
+        span = {"start": start, "end": end}
+        for table in ("usage_hourly", "usage_hourly_model"):
+            await connection.execute(text(f"DELETE FROM {table} WHERE hour >= :start AND hour < :end"), span)
+        await connection.execute(text(ROLL_RANGE), span)
+        await connection.execute(text(BY_MODEL_RANGE), span)
         await _set_materialized(connection, end)
         start = end
     return start

@@ -151,9 +151,9 @@ WITH params AS (  -- declares the types of parameters that a given query shape m
     SELECT * FROM unnest($11::text[], $12::timestamptz[], $13::timestamptz[], $14::numeric[], $15::numeric[],
                          $16::numeric[]) AS p(model, price_from, price_until, input, cached, output)
 ), rows AS (
-    SELECT h.org_id, h.hour AS t, h.model, h.project_id, h.api_key_id, h.requests, h.input_tokens,
+    SELECT h.org_id, h.hour AS t, h.model, {rollup_dims}, h.requests, h.input_tokens,
            h.cached_input_tokens, h.output_tokens
-    FROM usage_hourly h
+    FROM {rollup} h
     WHERE h.hour >= $4 AND h.hour < $5 {filters_h}
       AND NOT EXISTS (SELECT 1 FROM raw_hours r WHERE r.org_id = h.org_id AND r.hour = h.hour)
     UNION ALL
@@ -210,9 +210,13 @@ def usage_statement(
 ) -> tuple[str, tuple[object, ...]]:
     """The SQL and arguments of :func:`usage_rows` (benchmarks run it bare, as the floor)."""
     steps = plan(query, materialized_through)
+    # Grouping and filtering by model at most: the per-model rollup has far fewer rows.
+    by_model_only = query.group_by <= {"model"} and query.project_ids is None and query.api_key_ids is None
     sql = _ROWS.format(
         org_filter_d="AND d.org_id = $1" if query.org_id is not None else "",
         filters_h=_filters("h", query),
+        rollup="usage_hourly_model" if by_model_only else "usage_hourly",
+        rollup_dims="NULL::text, NULL::text" if by_model_only else "h.project_id, h.api_key_id",
         filters_e=_filters("e", query),
         bucket=BUCKET_SQL[query.granularity] if query.granularity else "NULL::timestamptz",
         project="rows.project_id" if "project_id" in query.group_by else "NULL::text",
