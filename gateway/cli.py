@@ -155,13 +155,15 @@ def publish(
 def seed_demo_command(
     events: Annotated[int, typer.Option(help="Synthetic events to load.", min=1)] = 200_000,
     orgs: Annotated[int, typer.Option(help="Orgs (Zipf-distributed volume).", min=1)] = 25,
-    days: Annotated[int, typer.Option(help="Days of history, ending now.", min=1, max=89)] = 30,
+    days: Annotated[int, typer.Option(help="Days of history, ending now.", min=1)] = 30,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same data).")] = 7,
 ) -> None:
     """Load a demo price catalog and synthetic events (idempotent for the same seed)."""
     from gateway.seed import seed_demo
 
     settings = _settings()
+    if days >= settings.raw_retention_days:
+        _fail(f"--days must be under ANALYTICS_RAW_RETENTION_DAYS ({settings.raw_retention_days})")
     configure_logging("WARNING")
     done = asyncio.run(seed_demo(settings, events=events, orgs=orgs, days=days, seed=seed))
     typer.echo(

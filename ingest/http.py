@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 
+import structlog
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -15,6 +16,9 @@ from gateway.errors import Forbidden, GatewayError, Unauthenticated
 from gateway.resources import Resources
 from ingest.decode import MAX_BODY_BYTES, SUPPORTED, UnreadableMessage, decode_body, media_type
 from ingest.events import TimeWindow
+from ingest.writer import CONNECTION_ERRORS
+
+log = structlog.get_logger(__name__)
 
 
 class PayloadTooLarge(Exception):
@@ -27,8 +31,10 @@ async def post_events(request: Request) -> Response:
         caller = await resources.verifier.verify_header(request.headers.get("authorization"))
         if not caller.may_ingest:
             raise Forbidden("role 'ingest' is required to post events")
+    except Unauthenticated as exc:
+        return _error(exc.message, exc.code.value, 401, {"WWW-Authenticate": 'Bearer realm="analytics"'})
     except GatewayError as exc:
-        return _error(exc.message, exc.code.value, 401 if isinstance(exc, Unauthenticated) else 403)
+        return _error(exc.message, exc.code.value, 403)
     kind = media_type(request.headers.get("content-type"))
     if kind not in SUPPORTED:
         return _error(f"content type must be one of {', '.join(sorted(SUPPORTED))}", "UNSUPPORTED_MEDIA_TYPE", 415)
@@ -40,7 +46,12 @@ async def post_events(request: Request) -> Response:
         return _error(f"body is over {MAX_BODY_BYTES:,} bytes (10 MiB)", "PAYLOAD_TOO_LARGE", 413)
     except UnreadableMessage as exc:
         return _error(str(exc), "BAD_USER_INPUT", 400)
-    result = await resources.writer.write(decoded.events, channel="http", rejected=len(decoded.rejected))
+    try:
+        result = await resources.writer.write(decoded.events, channel="http", rejected=len(decoded.rejected))
+    except CONNECTION_ERRORS:
+        log.warning("ingest.http_write_failed", exc_info=True)
+        message = "the database is unavailable; nothing was stored, retry the same request"
+        return _error(message, "UNAVAILABLE", 503, {"Retry-After": "1"})
     rejected = [{"index": r.index, "error": r.error} for r in decoded.rejected]
     body_out = {"accepted": result.accepted, "duplicates": result.duplicates, "rejected": rejected}
     return JSONResponse(body_out, status_code=202)
@@ -59,5 +70,5 @@ async def _read_limited(request: Request) -> bytes:
     return b"".join(chunks)
 
 
-def _error(message: str, code: str, status: int) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "code": code}}, status_code=status)
+def _error(message: str, code: str, status: int, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "code": code}}, status_code=status, headers=headers)

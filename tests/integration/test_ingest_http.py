@@ -8,8 +8,12 @@ import uuid
 
 import httpx
 import pytest
+from asgi_lifespan import LifespanManager
+from pydantic import SecretStr
 
 from bench.loadgen import Traffic, generate
+from gateway.app import create_app
+from gateway.settings import Settings
 from tests.conftest import TokenFactory
 from tests.integration.ingest_support import stored
 
@@ -71,6 +75,7 @@ async def test_missing_token_is_401(client: httpx.AsyncClient) -> None:
     response = await client.post("/v1/events", content=b"[]", headers={"Content-Type": BATCH})
     assert response.status_code == 401
     assert response.json()["error"]["code"] == "UNAUTHENTICATED"
+    assert response.headers["www-authenticate"].startswith("Bearer")
 
 
 async def test_wrong_content_type_is_415_and_bad_body_400(client: httpx.AsyncClient, make_token: TokenFactory) -> None:
@@ -101,3 +106,16 @@ async def test_ingest_metrics_count_outcomes(client: httpx.AsyncClient, make_tok
     assert "analytics_ingest_batch_events_bucket" in text
     depths = [line for line in text.splitlines() if line.startswith("analytics_ingest_queue_messages{")]
     assert any('analytics.usage.dlq"' in line for line in depths), depths  # queue and DLQ depth, from the consumer
+
+
+async def test_database_down_is_503_with_retry_after(settings: Settings, make_token: TokenFactory) -> None:
+    dead = settings.model_copy(update={"database_url": SecretStr("postgresql://postgres@127.0.0.1:1/none"),
+                                       "amqp_url": None})  # fmt: skip
+    _, events = _events(2)
+    async with LifespanManager(create_app(dead)) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway.test") as http:
+            response = await _post(http, make_token("ingest"), json.dumps(events).encode(), BATCH)
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
+    assert response.json()["error"]["code"] == "UNAVAILABLE"
