@@ -16,6 +16,7 @@ import decimal
 import zoneinfo
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -41,8 +42,9 @@ class UsageQuery:
     api_key_ids: Sequence[str] | None = None
 
 
-@dataclass(frozen=True)
-class UsageRow:
+class UsageRow(NamedTuple):
+    """One result row (a tuple: built straight from the driver's record)."""
+
     org_id: str
     bucket: dt.datetime | None
     model: str
@@ -173,8 +175,8 @@ SELECT rows.org_id, {bucket} AS bucket, rows.model, {project} AS project_id, {ap
        sum(requests)::bigint AS requests, sum(input_tokens)::bigint AS input_tokens,
        sum(cached_input_tokens)::bigint AS cached_input_tokens, sum(output_tokens)::bigint AS output_tokens,
        -- Contract spend formula, exact NUMERIC (times 0.000001 rather than / 1e6, which would round).
-       coalesce(sum((input_tokens - cached_input_tokens) * p.input + cached_input_tokens * p.cached
-                    + output_tokens * p.output), 0) * 0.000001 AS spend,
+       trim_scale(coalesce(sum((input_tokens - cached_input_tokens) * p.input + cached_input_tokens * p.cached
+                               + output_tokens * p.output), 0) * 0.000001) AS spend,
        bool_or(p.model IS NULL) AS unpriced
 FROM rows
 LEFT JOIN prices p ON p.model = rows.model AND rows.t >= p.price_from
@@ -202,7 +204,8 @@ async def usage_rows(
     """Token sums and exact spend by org, bucket, model and the grouped dimensions."""
     sql, args = usage_statement(query, materialized_through, prices)
     raw = await driver_connection(connection)
-    return [UsageRow(*record) for record in await raw.fetch(sql, *args)]
+    make = UsageRow._make
+    return [make(record) for record in await raw.fetch(sql, *args)]
 
 
 def usage_statement(

@@ -46,7 +46,10 @@ _WIDE = decimal.Context(prec=100)
 
 def serialize_decimal(value: decimal.Decimal) -> str:
     """Canonical: no exponent, no trailing zeros ("0.0002", "100"), so equal amounts print alike."""
-    return format(value.normalize(_WIDE), "f")
+    text = str(value)
+    if "E" in text or ("." in text and text.endswith("0")):  # amounts from SQL are already trimmed
+        return format(value.normalize(_WIDE), "f")
+    return text
 
 
 def parse_decimal(value: object) -> decimal.Decimal:
