@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     # Ingestion from RabbitMQ: prefetch bounds what is in memory (backpressure);
     # a batch is flushed when it holds batch_events events or is batch_max_age_ms old.
     ingest_prefetch: int = Field(default=2000, ge=1, le=65535)
-    ingest_batch_events: int = Field(default=5000, ge=1)
+    ingest_batch_events: int = Field(default=20000, ge=1)
     ingest_batch_max_age_ms: int = Field(default=100, ge=1)
     amqp_delivery_limit: int = Field(default=20, ge=1)
     ingest_heartbeat_s: float = Field(default=1.0, gt=0)
