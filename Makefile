@@ -40,3 +40,13 @@ lock: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+## Benchmarks: ingestion, then usage/GraphQL/publish-to-visible; writes docs/benchmarks.md (about an hour).
+.PHONY: bench
+bench: install services
+	command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk)
+	$(BIN)/python -c 'import shutil, sys; sys.exit(shutil.which("py-spy", path="$(BIN)") is None)' \
+		|| $(BIN)/python -m pip install --quiet --disable-pip-version-check py-spy
+	$(BIN)/python -m bench.ingest_bench
+	$(BIN)/python -m bench.graphql_bench $(BENCH_ARGS)
+	$(BIN)/python -m bench.report

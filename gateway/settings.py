@@ -75,7 +75,7 @@ class Settings(BaseSettings):
     redis_prefix: str = "analytics:"
     data_dir: Path = Path(".data")
     log_level: str = "INFO"
-    db_pool_size: int = Field(default=10, ge=1)
+    db_pool_size: int = Field(default=20, ge=1)
 
     @field_validator("database_url")
     @classmethod

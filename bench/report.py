@@ -1,0 +1,437 @@
+"""Write docs/benchmarks.md from the recorded results.
+
+    python -m bench.report            # after python -m bench.ingest_bench and python -m bench.graphql_bench
+
+The sections "Usage queries", "GraphQL" and "Publish-to-visible" are generated from
+``bench/results/graphql.json``. Every other section of the page (the "Ingestion" write-up of
+``bench/ingest_bench.py`` in particular) is kept as it is; when there is no "Ingestion" section yet, a short
+one is generated from ``bench/results/ingest.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+DOC = ROOT / "docs" / "benchmarks.md"
+
+TITLE = "# Benchmarks"
+PREAMBLE = """\
+# Benchmarks
+
+What the gateway does on one small machine, measured by scripts in `bench/` whose raw results are in
+`bench/results/`. Everything runs on the same machine: PostgreSQL, RabbitMQ, Redis, the gateway and the load
+generators share its cores, so every figure includes that competition.
+
+Rerun everything (installs wrk when missing, starts the services, about an hour):
+
+```sh
+make bench
+```
+
+or one part at a time:
+
+```sh
+.venv/bin/python -m bench.ingest_bench     # Ingestion        -> bench/results/ingest.json
+.venv/bin/python -m bench.graphql_bench    # Usage queries, GraphQL, Publish-to-visible -> bench/results/graphql.json
+.venv/bin/python -m bench.report           # this page from the results
+```
+"""
+OWN = ("Usage queries", "GraphQL", "Publish-to-visible")
+ORDER = ("Ingestion", *OWN)
+
+
+# --- page assembly ------------------------------------------------------------------------------------------------
+
+
+def split_sections(text: str) -> tuple[str, dict[str, str]]:
+    """(preamble, {heading: section text including its "## " line}) in the page's order."""
+    parts = re.split(r"(?m)^(?=## )", text)
+    preamble = "" if not parts or parts[0].startswith("## ") else parts[0]
+    sections = {part.splitlines()[0][3:].strip(): part.rstrip() + "\n" for part in parts if part.startswith("## ")}
+    return preamble, sections
+
+
+def assemble(existing: str, generated: dict[str, str]) -> str:
+    preamble, sections = split_sections(existing)
+    for heading, body in generated.items():
+        if heading in OWN or heading not in sections:
+            sections[heading] = body.rstrip() + "\n"
+    ordered = [h for h in ORDER if h in sections] + [h for h in sections if h not in ORDER]
+    head = preamble.rstrip() + "\n" if preamble.strip() else PREAMBLE
+    return head + "\n" + "\n".join(sections[h] for h in ordered)
+
+
+# --- formatting helpers -------------------------------------------------------------------------------------------
+
+
+def table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def num(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, int) or (isinstance(value, float) and value >= 100):
+        return f"{value:,.0f}"
+    return f"{value:,.{digits}f}"
+
+
+def met(flag: bool | None) -> str:
+    return "–" if flag is None else ("**met**" if flag else "**not met**")
+
+
+def target_rows(results: dict[str, Any], names: tuple[str, ...]) -> list[list[Any]]:
+    rows = []
+    for row in results.get("summary", {}).get("targets", []):
+        if any(row["what"].startswith(n) for n in names):
+            sign = "≤" if row["better"] == "lower" else "≥"
+            unit = "" if row["unit"] in ("share", "x") else f" {row['unit']}"
+            value = f"{row['value']:.0%}" if row["unit"] == "share" else f"{row['value']}{unit}"
+            target = f"{row['target']:.0%}" if row["unit"] == "share" else f"{row['target']}{unit}"
+            if row["unit"] == "x":
+                value, target = f"{row['value']}×", f"{row['target']}×"
+            rows.append([row["what"], value, f"{sign} {target}", met(row["met"])])
+    return rows
+
+
+def header_facts(results: dict[str, Any]) -> str:
+    env, git = results.get("environment", {}), results.get("git", {})
+    dirty = f", {len(git.get('dirty_files', []))} files uncommitted" if git.get("dirty_files") else ""
+    return (
+        f"Measured {results.get('date', '?')} at commit `{str(git.get('commit', '?'))[:12]}`{dirty}; "
+        f"{env.get('cpus')} cores ({env.get('cpu_model')}), {env.get('memory_gb')} GB, {env.get('postgres')}, "
+        f"Python {env.get('python')}, {env.get('wrk')}. Raw figures: `bench/results/graphql.json`.\n"
+    )
+
+
+def disturbed_note(entries: list[dict[str, Any]]) -> str:
+    bad = [e for e in entries if e and e.get("disturbed")]
+    if not bad:
+        return ""
+    return (
+        f"\n{len(bad)} window(s) were still disturbed by other work after the reruns (see `cpu.foreign_cores` in "
+        "the results); their figures are less reliable.\n"
+    )
+
+
+# --- the generated sections ---------------------------------------------------------------------------------------
+
+
+def usage_section(results: dict[str, Any]) -> str:
+    data = results.get("dataset", {})
+    settings = results.get("settings", {})
+    params = data.get("params", {})
+    out = ["## Usage queries\n\n"]
+    out.append("```sh\n.venv/bin/python -m bench.graphql_bench [--events 10000000] [--keep-db] [--only a,b,c]\n```\n")
+    out.append(header_facts(results))
+    load = (
+        f"loaded in {num(data.get('load_s'))} s ({num(data.get('load_events_per_s'))} events/s through "
+        f"`EventWriter`), rolled up in {num(data.get('rollup_s'))} s, VACUUM ANALYZE {num(data.get('vacuum_s'))} s"
+        if not data.get("reused")
+        else f"reused from an earlier run (loaded {data.get('loaded_at')}: {num(data.get('load_s'))} s, "
+        f"{num(data.get('load_events_per_s'))} events/s; rollup {num(data.get('rollup_s'))} s)"
+    )
+    out.append(
+        f"\n**Data.** {num(data.get('events_loaded'))} events over the {params.get('days')} days before the load, "
+        f"{num(params.get('orgs'))} orgs with Zipf volume (s = {params.get('zipf_s')}), {params.get('models')} models "
+        f"(1–4 per org), demo prices (`gateway.seed.demo_prices`); {load}; database {data.get('database_size')}. "
+        f"The measured org is the largest, `{data.get('largest_org')}`: {num(data.get('largest_org_events'))} events, "
+        f"models {', '.join(data.get('largest_org_models', []))}.\n"
+    )
+    out.append(
+        "\n**Method.** The gateway (`create_app(settings, roles={api})`, uvicorn with uvloop and httptools, one "
+        "worker, log level WARNING, Redis freshness cache) runs in a child process; wrk sends the query (POST, a Lua "
+        "script) with an `org_admin` token and reports its latency histogram. The *floor* is the same SQL with the "
+        "same arguments (`db.usage.usage_statement`, same rollup watermark and prices) from an asyncpg client in the "
+        f"benchmark's process, rows turned into dicts and encoded with orjson. Every window lasts "
+        f"{settings.get('window_s')} s after a {settings.get('warmup_s')} s warm-up. The query:\n"
+    )
+    out.append(
+        "\n```graphql\nusage(orgId: $largest, range: $range, granularity: $g, groupBy: [MODEL]) {\n"
+        "  totals { requests inputTokens cachedInputTokens outputTokens totalTokens spend }\n"
+        "  series { start end group { model } requests inputTokens cachedInputTokens outputTokens totalTokens spend }\n"
+        "  unpricedModels\n}\n```\n"
+    )
+    single = results.get("usage_single", {})
+    labels = {"hour_30d": "HOUR, last 30 days", "day_30d": "DAY, last 30 days", "day_365d": "DAY, last 365 days"}
+    rows = []
+    for key, label in labels.items():
+        entry = single.get(key)
+        if not entry:
+            continue
+        q, gw, fl = entry["query"], entry["gateway"], entry["floor"]
+        ratio = entry.get("ratio_gateway_to_floor", {})
+        rows.append([
+            label, num(q["buckets"]), f"{q['response_bytes'] / 1024:,.0f} KiB",
+            f"{num(gw['latency_ms']['p50'])} / {num(gw['latency_ms']['p90'])} / {num(gw['latency_ms']['p99'])}",
+            f"{num(fl['latency_ms']['p50'])} / {num(fl['latency_ms']['p90'])} / {num(fl['latency_ms']['p99'])}",
+            f"{ratio.get('p50', '–')}× / {ratio.get('p99', '–')}×", num(gw["rps"]), num(fl["rps"]),
+            num(gw.get("database", {}).get("transactions_per_request"), 2),
+        ])  # fmt: skip
+    if rows:
+        out.append("\n**One client, sequential** (latency in ms: p50 / p90 / p99):\n\n")
+        out.append(
+            table(
+                [
+                    "query",
+                    "buckets",
+                    "response",
+                    "gateway",
+                    "floor",
+                    "gateway ÷ floor (p50 / p99)",
+                    "gateway req/s",
+                    "floor queries/s",
+                    "DB transactions per request",
+                ],
+                rows,
+            )
+        )
+        first = single.get("hour_30d", {}).get("query", {})
+        if first:
+            out.append(
+                f"\nThe HOUR answer covers {num(first.get('requests_in_range'))} requests; the floor returns "
+                f"{num(first.get('floor_rows'))} rows ({first.get('floor_json_bytes', 0) / 1024:,.0f} KiB of JSON) of "
+                f"which {first.get('rollup_hours_in_plan')} hours come from `usage_hourly`.\n"
+            )
+    concurrent = results.get("usage_concurrent")
+    if concurrent:
+        gw, fl = concurrent["gateway"], concurrent["floor"]
+        out.append(f"\n**{concurrent['clients']} concurrent clients** (HOUR, last 30 days):\n\n")
+        out.append(
+            table(
+                [
+                    "",
+                    "requests/s",
+                    "p50 ms",
+                    "p99 ms",
+                    "cores: gateway / postgres / client",
+                    "new DB sessions per request",
+                ],
+                [
+                    [
+                        "gateway (wrk)",
+                        num(gw["rps"]),
+                        num(gw["latency_ms"]["p50"]),
+                        num(gw["latency_ms"]["p99"]),
+                        _cores(gw, "api_gateway", "wrk"),
+                        num(gw.get("database", {}).get("new_sessions_per_request"), 2),
+                    ],
+                    [
+                        "floor (asyncpg pool)",
+                        num(fl["rps"]),
+                        num(fl["latency_ms"]["p50"]),
+                        num(fl["latency_ms"]["p99"]),
+                        _cores(fl, None, "bench"),
+                        num(fl.get("database", {}).get("new_sessions_per_request"), 2),
+                    ],
+                ],
+            )
+        )
+        out.append(f"\nGateway throughput is {concurrent['throughput_share_of_floor']:.0%} of the floor's.\n")
+    rows = target_rows(results, ("usage", "gateway /", "16 clients"))
+    if rows:
+        out.append("\n**Targets:**\n\n" + table(["what", "measured", "target", ""], rows))
+    entries = [e.get(k) for e in single.values() for k in ("gateway", "floor")]
+    if concurrent:
+        entries += [concurrent.get("gateway"), concurrent.get("floor")]
+    out.append(disturbed_note([e for e in entries if e]))
+    return "".join(out)
+
+
+def _cores(entry: dict[str, Any], server: str | None, client: str) -> str:
+    cores = entry.get("cpu", {}).get("cores_used", {})
+    first = num(cores.get(server), 2) if server else "–"
+    return f"{first} / {num(cores.get('postgres'), 2)} / {num(cores.get(client), 2)}"
+
+
+def graphql_section(results: dict[str, Any]) -> str:
+    out = ["## GraphQL\n\n"]
+    out.append("```sh\n.venv/bin/python -m bench.graphql_bench --keep-db --only d,f\n```\n")
+    trivial = results.get("trivial")
+    if trivial:
+        out.append(
+            f"\n**Trivial query against a plain endpoint of the same process**, {trivial['connections']} "
+            "connections (wrk). `/bench/plain` is a Starlette route added to the gateway's app, so it passes the "
+            "gateway's middleware (request id and access log, OpenTelemetry); `/bench/bare` is the same handler "
+            "outside that middleware.\n\n"
+        )
+        rows = []
+        for key, label in (("viewer", f"`{trivial['viewer_query']}`"), ("plain", "`/bench/plain`"),
+                           ("bare", "`/bench/bare`")):  # fmt: skip
+            entry = trivial[key]
+            rows.append([label, num(entry["rps"]), num(entry["latency_ms"]["p50"]), num(entry["latency_ms"]["p99"]),
+                         num(entry["cpu"]["cores_used"].get("api_gateway"), 2)])  # fmt: skip
+        out.append(table(["endpoint", "requests/s", "p50 ms", "p99 ms", "gateway cores"], rows))
+        out.append(
+            f"\nThe trivial query runs at {trivial['viewer_share_of_plain']:.0%} of `/bench/plain`'s rate and "
+            f"{trivial['viewer_share_of_bare']:.0%} of `/bench/bare`'s; the middleware alone leaves "
+            f"`/bench/plain` at {trivial['plain_share_of_bare']:.0%} of `/bench/bare`.\n"
+        )
+        rows = target_rows(results, ("trivial",))
+        if rows:
+            out.append("\n**Target:**\n\n" + table(["what", "measured", "target", ""], rows))
+        out.append(disturbed_note([trivial.get(k) for k in ("viewer", "plain", "bare")]))
+    profile = results.get("profile")
+    if profile and "error" not in profile:
+        out.append(
+            f"\n**Profile.** py-spy (100 Hz, {profile['duration_s']} s) of the gateway process under "
+            f"{profile['under']} ({profile['rps_under_profiler']} req/s under the profiler; the process was busy "
+            f"{profile['busy_share_of_one_core']:.0%} of the time). Top functions: "
+            f"`bench/results/graphql_profile.txt`; collapsed stacks: `bench/results/graphql_profile_raw.txt`.\n\n"
+        )
+        rows = [[r["function"], f"{r['share']:.0%}"] for r in profile["by_area_self"][:10]]
+        out.append(table(["self time by area", "share"], rows))
+        out.append("\n")
+        rows = [[f"`{r['function']}`", f"{r['share']:.0%}"] for r in profile["top_self"][:12]]
+        out.append(table(["self time by function", "share"], rows))
+        out.append(
+            "\nSelf time of the event loop's frame (`Runner.run`) is time in uvloop's native code: socket reads and "
+            "writes, callbacks. `<string>` frames are code made with `exec`: dataclass `__init__`s and the compiled "
+            "list projectors of `schema/execution.py`.\n"
+        )
+    trivial_profile = results.get("profile_trivial")
+    if trivial_profile and "error" not in trivial_profile:
+        areas = ", ".join(f"{r['function']} {r['share']:.0%}" for r in trivial_profile["by_area_self"][:8])
+        inclusive = ", ".join(
+            f"{r['function']} {r['share']:.0%}" for r in trivial_profile["by_area_total"][:10] if r["share"] < 0.97
+        )
+        out.append(
+            f"\nUnder {trivial_profile['under']} ({trivial_profile['rps_under_profiler']} req/s under the profiler, "
+            f"`bench/results/graphql_profile_trivial.txt`), self time by area: {areas}. Inclusive: {inclusive}.\n"
+        )
+    return "".join(out)
+
+
+def visible_section(results: dict[str, Any]) -> str:
+    entry = results.get("publish_to_visible")
+    out = ["## Publish-to-visible\n\n"]
+    out.append("```sh\n.venv/bin/python -m bench.graphql_bench --keep-db --only e\n```\n")
+    if not entry:
+        return "".join(out) + "\nNot measured yet.\n"
+    publish = entry.get("publish", {})
+    out.append(
+        f"\n**Method.** An ingest gateway (`serve --role ingest,rollup`, default settings, its own AMQP prefix) "
+        f"writes into the benchmark's database while {num(publish.get('events_per_s'))} events/s are published for "
+        f"{num(publish.get('seconds'))} s: background events for 200 other orgs in "
+        f"{publish.get('background_message_events')}-event messages, and every "
+        f"{entry['probe_every_s'] * 1000:.0f} ms one single-event *probe* for a dedicated org (publisher confirms, "
+        f"1,000 in flight). The API is asked every {entry['poll_every_s'] * 1000:.0f} ms for that org's `usage` "
+        "(MINUTE, last hour) `totals.requests`. Probes commit in publish order, so probe *k* is visible once the "
+        "count reaches *k*: lag = the arrival of that poll's response − the probe's publish time (wall clock). "
+        "The previous poll's send time bounds it from below.\n\n"
+    )
+    rows = []
+    for key, label in (("lag_s", "publish → visible in the API"), ("lag_s_after_5s", "the same, after the first 5 s"),
+                       ("lag_lower_bound_s", "lower bound (previous poll sent)"),
+                       ("publish_to_commit_s", "publish → commit (database)")):  # fmt: skip
+        lag = entry.get(key, {})
+        if lag.get("count"):
+            rows.append([label, lag["count"], num(lag["p50"], 3), num(lag["p90"], 3), num(lag["p99"], 3),
+                         num(lag["max"], 3)])  # fmt: skip
+    out.append(table(["seconds", "probes", "p50", "p90", "p99", "max"], rows))
+    poll = entry.get("poll_latency_ms", {})
+    cores = entry.get("cpu", {}).get("cores_used", {})
+    out.append(
+        f"\nPolls: {num(entry.get('polls'))}, answered in p50 {num(poll.get('p50'))} ms / p99 {num(poll.get('p99'))} "
+        f"ms. Cores during the window: ingest gateway {num(cores.get('ingest_gateway'), 2)}, API "
+        f"{num(cores.get('api_gateway'), 2)}, PostgreSQL {num(cores.get('postgres'), 2)}, RabbitMQ "
+        f"{num(cores.get('rabbitmq'), 2)}, publisher and poller {num(cores.get('bench'), 2)}.\n"
+    )
+    rows = target_rows(results, ("publish-to-visible",))
+    if rows:
+        out.append("\n**Target:**\n\n" + table(["what", "measured", "target", ""], rows))
+    out.append(disturbed_note([entry]))
+    out.append(CAVEATS)
+    return "".join(out)
+
+
+CAVEATS = """
+### Caveats (usage, GraphQL, publish-to-visible)
+
+- Two cores run everything: wrk or the asyncpg client, PostgreSQL, Redis, RabbitMQ and the gateway. Ratios
+  are fairer than absolute figures, but the floor's client (Python) and the gateway's (wrk, C) do not cost
+  the same: the floor includes asyncpg's decoding and orjson in Python, the gateway's figures include HTTP.
+- wrk is a closed loop: latency under load is the time of requests that were sent, with no correction for
+  coordinated omission.
+- The data ends when it was loaded; a reused database (`--keep-db`) holds fewer events in "the last 30 days" as
+  it ages (the results record when it was loaded). Zipf s = 1.1 over 1,000 orgs gives the largest org about 18%
+  of all events.
+- The freshness cache (Redis, 5 s TTL) is hit by most requests; a miss costs one more query.
+- DB transactions and sessions per request come from `pg_stat_database`, which backends flush about once a
+  second: they are approximate.
+- Figures of the profiled window are not used for anything else (py-spy slows the process it samples).
+"""
+
+
+def ingest_section(ingest: dict[str, Any]) -> str:
+    """A short stand-in built from bench/results/ingest.json, used only when the page has no Ingestion section."""
+    summary = ingest.get("summary", {})
+    rows = []
+    for kind, label in (("batched", "100-event messages"), ("single", "single-event messages")):
+        entry = summary.get(kind)
+        if entry:
+            rows.append([label, num(max(entry["at_defaults_events_per_s"] or [0])), num(entry["best_events_per_s"]),
+                         f"≥ {num(entry['target_events_per_s'])}", met(entry["met_at_best"])])  # fmt: skip
+    out = [
+        "## Ingestion\n\n",
+        "```sh\n.venv/bin/python -m bench.ingest_bench\n```\n\n",
+        "Summary generated by `bench/report.py` from `bench/results/ingest.json` (the ingestion benchmark's own "
+        "write-up goes here).\n\n",
+    ]
+    if rows:
+        out.append(table(["messages", "events/s at defaults", "best events/s", "target", ""], rows))
+    latency = summary.get("latency", {}).get("runs", {})
+    if latency:
+        out.append("\n")
+        out.append(
+            table(
+                ["latency run", "p50 s", "p99 s", "max s", "target p99", ""],
+                [
+                    [k, v["p50"], v["p99"], v["max"], f"≤ {summary['latency']['target_p99_s']}", met(v["met"])]
+                    for k, v in latency.items()
+                ],
+            )
+        )
+    return "".join(out)
+
+
+def generate(graphql: dict[str, Any] | None, ingest: dict[str, Any] | None) -> dict[str, str]:
+    sections: dict[str, str] = {}
+    if ingest:
+        sections["Ingestion"] = ingest_section(ingest)
+    if graphql:
+        sections["Usage queries"] = usage_section(graphql)
+        sections["GraphQL"] = graphql_section(graphql)
+        sections["Publish-to-visible"] = visible_section(graphql)
+    return sections
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n")[0])
+    parser.add_argument("--graphql", default=str(RESULTS / "graphql.json"), help="GraphQL benchmark results")
+    parser.add_argument("--ingest", default=str(RESULTS / "ingest.json"), help="ingestion benchmark results")
+    parser.add_argument("--out", default=str(DOC), help="the page to write (its other sections are kept)")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    existing = out.read_text() if out.exists() else ""
+    page = assemble(existing, generate(_load(Path(args.graphql)), _load(Path(args.ingest))))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
