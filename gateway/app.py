@@ -13,6 +13,7 @@ from starlette.middleware import Middleware
 from starlette.routing import Route, WebSocketRoute
 
 from gateway import health
+from gateway.gc_policy import settle_heap
 from gateway.graphql_view import AuthenticatedGraphQL, GraphQLView
 from gateway.metrics import Metrics
 from gateway.middleware import RequestIdMiddleware
@@ -40,6 +41,7 @@ def create_app(settings: Settings | None = None, roles: frozenset[Role] = ALL_RO
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
         async with open_resources(settings, roles, metrics) as resources, run_workers(resources):
+            settle_heap(settings.gc_gen0_threshold)
             log.info("gateway.started", roles=sorted(roles), embedded_database=resources.embedded)
             yield {"resources": resources}
         log.info("gateway.stopped")

@@ -76,6 +76,8 @@ class Settings(BaseSettings):
     data_dir: Path = Path(".data")
     log_level: str = "INFO"
     db_pool_size: int = Field(default=20, ge=1)
+    # Allocations between young garbage collections once started (see gateway/gc_policy.py).
+    gc_gen0_threshold: int = Field(default=50_000, ge=100)
 
     @field_validator("database_url")
     @classmethod

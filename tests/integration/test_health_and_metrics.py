@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gc
+
 import httpx
 from asgi_lifespan import LifespanManager
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import create_app
 from gateway.settings import Settings
@@ -72,3 +75,15 @@ async def test_metrics_expose_request_histogram_and_process_metrics(
     assert graphql_buckets, text[:2000]
     assert "http_server_duration_milliseconds_count" in text
     assert "process_cpu_seconds_total" in text
+
+
+async def test_metrics_expose_garbage_collector_pauses(client: httpx.AsyncClient) -> None:
+    gc.collect()  # at least one full collection has been timed
+    samples = {
+        (sample.name, sample.labels.get("generation")): sample.value
+        for family in text_string_to_metric_families((await client.get("/metrics")).text)
+        for sample in family.samples
+    }
+    assert samples[("python_gc_pause_seconds_total", "2")] > 0
+    assert samples[("python_gc_longest_pause_seconds", "2")] > 0
+    assert samples[("python_gc_collections_total", "2")] >= 1
