@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
+from sqlalchemy import event
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 
@@ -16,15 +19,31 @@ def sqlalchemy_url(url: str) -> str:
 
 
 def create_engine(url: str, *, pool_size: int = 10, connect_timeout: float = 5.0) -> AsyncEngine:
-    """An engine whose sessions all run in UTC, failing fast when the server is down."""
-    return create_async_engine(
+    """An engine whose sessions run in UTC without JIT, failing fast when the server is down."""
+    engine = create_async_engine(
         sqlalchemy_url(url),
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,
         connect_args={
             "timeout": connect_timeout,
-            # The process id in application_name lets operators (and tests) find a process's sessions.
-            "server_settings": {"TimeZone": "UTC", "application_name": f"analytics-gateway/{os.getpid()}"},
+            "server_settings": {
+                "TimeZone": "UTC",
+                # The process id in application_name lets operators (and tests) find a process's sessions.
+                "application_name": f"analytics-gateway/{os.getpid()}",
+                # JIT compiles a usage statement over a month of partitions for 100+ ms (measured: 129 ms
+                # of compilation for a 12 ms query), on each new connection's first executions.
+                "jit": "off",
+            },
         },
     )
+    event.listen(engine.sync_engine, "checkout", _replace_closed)
+    return engine
+
+
+def _replace_closed(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+    """Hand out no connection that the server has closed (restart, fail-over, ``pg_terminate_backend``):
+    the pool discards it and checks out another. asyncpg sees the server's close on its socket, so this
+    costs no round trip, where SQLAlchemy's ``pool_pre_ping`` costs three per checkout (BEGIN, ping,
+    ROLLBACK: 1.2 ms of a 27 ms usage answer in the benchmark)."""
+    if dbapi_connection.driver_connection.is_closed():
+        raise DisconnectionError("the server closed this connection")
