@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import text
@@ -66,21 +65,3 @@ async def upsert_price(connection: AsyncConnection, price: Price, created_by: st
         },
     )  # fmt: skip
     return Price(*result.one())
-
-
-@dataclass(frozen=True)
-class PricePeriod:
-    """One price version with the instant the next one starts (None: still in effect)."""
-
-    price: Price
-    until: dt.datetime | None
-
-
-def periods(prices: Sequence[Price]) -> list[PricePeriod]:
-    """Price versions as half-open periods per model (``prices`` sorted by model, time)."""
-    result: list[PricePeriod] = []
-    for position, current in enumerate(prices):
-        following = prices[position + 1] if position + 1 < len(prices) else None
-        same_model = following is not None and following.model == current.model
-        result.append(PricePeriod(current, following.effective_from if following and same_model else None))
-    return result

@@ -21,8 +21,6 @@ from typing import NamedTuple
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from db.prices import PricePeriod
-
 HOUR = dt.timedelta(hours=1)
 DIMENSIONS = ("model", "project_id", "api_key_id")
 
@@ -140,7 +138,7 @@ def _filters(alias: str, query: UsageQuery) -> str:
 
 
 # Parameters: $1 org_id (null: every org), $2 start, $3 end, $4 rollup_from, $5 rollup_to,
-# $6 split hours, $7 time zone, $8-$10 filters, $11-$16 price periods.
+# $6 split hours, $7 time zone, $8-$10 filters.
 _ROWS = """
 WITH params AS (  -- declares the types of parameters that a given query shape may not use
     SELECT $7::text AS time_zone, $8::text[] AS models, $9::text[] AS project_ids, $10::text[] AS api_key_ids
@@ -149,9 +147,11 @@ WITH params AS (  -- declares the types of parameters that a given query shape m
     WHERE d.hour >= $4 AND d.hour < $5 {org_filter_d}
     UNION
     SELECT $1::text, unnest($6::timestamptz[])
-), prices AS (
-    SELECT * FROM unnest($11::text[], $12::timestamptz[], $13::timestamptz[], $14::numeric[], $15::numeric[],
-                         $16::numeric[]) AS p(model, price_from, price_until, input, cached, output)
+), prices AS (  -- each price version until its model's next one, from the statement's snapshot
+    SELECT model, effective_from AS price_from,
+           lead(effective_from) OVER (PARTITION BY model ORDER BY effective_from) AS price_until,
+           input_per_million AS input, cached_input_per_million AS cached, output_per_million AS output
+    FROM model_prices
 ), rows AS (
     SELECT h.org_id, h.hour AS t, h.model, {rollup_dims}, h.requests, h.input_tokens,
            h.cached_input_tokens, h.output_tokens
@@ -199,18 +199,15 @@ async def usage_rows(
     connection: AsyncConnection,
     query: UsageQuery,
     materialized_through: dt.datetime | None,
-    prices: Sequence[PricePeriod],
 ) -> list[UsageRow]:
     """Token sums and exact spend by org, bucket, model and the grouped dimensions."""
-    sql, args = usage_statement(query, materialized_through, prices)
+    sql, args = usage_statement(query, materialized_through)
     raw = await driver_connection(connection)
     make = UsageRow._make
     return [make(record) for record in await raw.fetch(sql, *args)]
 
 
-def usage_statement(
-    query: UsageQuery, materialized_through: dt.datetime | None, prices: Sequence[PricePeriod]
-) -> tuple[str, tuple[object, ...]]:
+def usage_statement(query: UsageQuery, materialized_through: dt.datetime | None) -> tuple[str, tuple[object, ...]]:
     """The SQL and arguments of :func:`usage_rows` (benchmarks run it bare, as the floor)."""
     steps = plan(query, materialized_through)
     # Grouping and filtering by model at most: the per-model rollup has far fewer rows.
@@ -230,9 +227,6 @@ def usage_statement(
         query.org_id, query.start, query.end, steps.rollup_from, steps.rollup_to,
         steps.split_hours if query.org_id is not None else [], query.time_zone,
         list(query.models or []), list(query.project_ids or []), list(query.api_key_ids or []),
-        [p.price.model for p in prices], [p.price.effective_from for p in prices], [p.until for p in prices],
-        [p.price.input_per_million for p in prices], [p.price.cached_input_per_million for p in prices],
-        [p.price.output_per_million for p in prices],
     )  # fmt: skip
     return sql, args
 

@@ -1,4 +1,6 @@
-"""Per-request DataLoaders: each kind of shared input is loaded once per operation."""
+"""Per-request DataLoaders: each kind of shared input is loaded once per operation.
+
+Prices need none: the usage statement reads them in its own snapshot (db/usage.py)."""
 
 from __future__ import annotations
 
@@ -10,12 +12,9 @@ import orjson
 from strawberry.dataloader import DataLoader
 
 from db.freshness import FreshnessRow, freshness_key, load_freshness
-from db.prices import Price, list_prices
 
 if TYPE_CHECKING:
     from gateway.resources import Resources
-
-ALL = "*"
 
 
 class Loaders:
@@ -24,15 +23,9 @@ class Loaders:
     def __init__(self, resources: Resources) -> None:
         self._resources = resources
         self.freshness: DataLoader[str, FreshnessRow] = DataLoader(load_fn=self._load_freshness)
-        self.prices: DataLoader[str, list[Price]] = DataLoader(load_fn=self._load_prices)
 
     async def _load_freshness(self, org_ids: Sequence[str]) -> list[FreshnessRow]:
         return await freshness_rows(self._resources, org_ids)
-
-    async def _load_prices(self, keys: Sequence[str]) -> list[list[Price]]:
-        async with self._resources.engine.connect() as connection:
-            prices = await list_prices(connection)
-        return [prices for _ in keys]
 
 
 async def freshness_rows(resources: Resources, org_ids: Sequence[str]) -> list[FreshnessRow]:

@@ -9,13 +9,11 @@ from typing import Any
 import orjson
 import strawberry
 
-from db.prices import periods
 from db.rollup import watermarks
 from db.usage import UsageQuery, UsageRow, usage_rows
 from gateway.auth import ensure_org_access
 from gateway.context import Context
 from gateway.errors import BadUserInput
-from resolvers.loaders import ALL
 from resolvers.validation import MAX_SPEND_RANGE, check_page_size, check_range
 from schema.inputs import TimeRange
 from schema.scalars import BigInt
@@ -31,11 +29,10 @@ async def resolve_spend_by_org(
     ensure_org_access(context.require_caller(), None)
     check_range(range.from_, range.to, MAX_SPEND_RANGE, "spendByOrg")
     check_page_size(first, MAX_PAGE)
-    prices = await context.loaders.prices.load(ALL)
     query = UsageQuery(org_id=None, start=range.from_, end=range.to, granularity=None)
     async with context.resources.engine.connect() as connection:
         marks = await watermarks(connection)
-        rows = await usage_rows(connection, query, marks.materialized_through, periods(prices))
+        rows = await usage_rows(connection, query, marks.materialized_through)
     ranked = _ranked(rows)
     start = _position_after(ranked, after)
     page = ranked[start : start + first]

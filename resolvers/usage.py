@@ -6,11 +6,9 @@ from typing import Annotated, Any
 
 import strawberry
 
-from db.prices import periods
 from db.usage import UsageQuery, usage_rows
 from gateway.auth import ensure_org_access
 from gateway.context import Context
-from resolvers.loaders import ALL
 from resolvers.usage_report import build_report
 from resolvers.validation import MAX_RANGE, check_range, check_time_zone
 from schema.enums import Granularity, UsageDimension
@@ -58,9 +56,8 @@ async def resolve_usage(
     ensure_org_access(context.require_caller(), org_id)
     query = usage_query(org_id, range, granularity, filter, list(group_by), time_zone)
     freshness = await context.loaders.freshness.load(org_id)
-    prices = await context.loaders.prices.load(ALL)
     async with context.resources.engine.connect() as connection:
-        rows = await usage_rows(connection, query, freshness.materialized_through, periods(prices))
+        rows = await usage_rows(connection, query, freshness.materialized_through)
     report = build_report(query, rows)
     return UsageReport(
         org_id=org_id,

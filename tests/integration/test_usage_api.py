@@ -133,7 +133,7 @@ async def test_bad_time_zone_and_reversed_range(client: httpx.AsyncClient, make_
     assert naive["errors"][0]["extensions"]["code"] == "BAD_USER_INPUT"
 
 
-async def test_freshness_and_prices_load_once_per_request(
+async def test_freshness_loads_once_per_request_and_prices_come_with_each_usage_statement(
     resources: Resources, client: httpx.AsyncClient, make_token: TokenFactory, orgs: tuple[str, str]
 ) -> None:
     statements: list[str] = []
@@ -170,10 +170,10 @@ async def test_freshness_and_prices_load_once_per_request(
     # Round trips to our tables (not transaction control, nor asyncpg's one-off type introspection).
     statements = [s for s in statements if any(t in s for t in ("freshness_status", "model_prices", "usage_"))]
     freshness_loads = [s for s in statements if "freshness_status" in s]
-    price_loads = [s for s in statements if "FROM model_prices" in s]
-    usage_queries = [s for s in statements if "usage_hourly" in s]
-    assert len(freshness_loads) == 1 and len(price_loads) == 1 and len(usage_queries) == 4
-    assert len(statements) == 6, statements
+    price_loads = [s for s in statements if "FROM model_prices" in s and "usage_hourly" not in s]
+    usage_queries = [s for s in statements if "usage_hourly" in s and "FROM model_prices" in s]
+    assert len(freshness_loads) == 1 and len(price_loads) == 0 and len(usage_queries) == 4
+    assert len(statements) == 5, statements
     statements.clear()  # the loggers stay on pooled connections; nothing more is counted
 
 
