@@ -12,6 +12,7 @@ import decimal
 import zoneinfo
 from collections.abc import Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 
 from db.prices import EXACT
 from db.usage import UsageQuery, UsageRow, bucket_end
@@ -33,13 +34,10 @@ def build_report(query: UsageQuery, rows: Sequence[UsageRow]) -> Report:
     by_model = "model" in query.group_by
     width, zone = FIXED_WIDTH.get(query.granularity), zoneinfo.ZoneInfo(query.time_zone)
     series: list[UsageBucket] = []
-    unpriced: set[str] = set()
     current_key: tuple[object, ...] | None = None
     bucket: UsageBucket | None = None
     with decimal.localcontext(EXACT):
         for row in rows:
-            if row.unpriced:
-                unpriced.add(row.model)
             model = row.model if by_model else None
             key = (row.bucket, model, row.project_id, row.api_key_id)
             if key == current_key and bucket is not None:
@@ -52,8 +50,8 @@ def build_report(query: UsageQuery, rows: Sequence[UsageRow]) -> Report:
                 start, end, UsageGroup(model=model, project_id=row.project_id, api_key_id=row.api_key_id), row
             )
             series.append(bucket)
-        totals = _totals(series)
-    return Report(totals, series, sorted(unpriced))
+        totals = _totals(rows)
+    return Report(totals, series, sorted({row.model for row in rows if row.unpriced}))
 
 
 def _bucket(start: dt.datetime, end: dt.datetime, group: UsageGroup, row: UsageRow) -> UsageBucket:
@@ -73,14 +71,20 @@ def _add(bucket: UsageBucket, row: UsageRow) -> None:
     bucket.spend = (bucket.spend or decimal.Decimal(0)) + row.spend
 
 
-def _totals(series: Sequence[UsageBucket]) -> UsageTotals:
-    inputs = sum(b.input_tokens for b in series)
-    outputs = sum(b.output_tokens for b in series)
+def _totals(rows: Sequence[UsageRow]) -> UsageTotals:
+    """Sums over the rows (the buckets' sums, without walking the buckets in Python: ``map`` runs in C)."""
+    inputs = sum(map(_INPUT, rows))
+    outputs = sum(map(_OUTPUT, rows))
     return UsageTotals(
-        requests=BigInt(sum(b.requests for b in series)),
+        requests=BigInt(sum(map(_REQUESTS, rows))),
         input_tokens=BigInt(inputs),
-        cached_input_tokens=BigInt(sum(b.cached_input_tokens for b in series)),
+        cached_input_tokens=BigInt(sum(map(_CACHED, rows))),
         output_tokens=BigInt(outputs),
         total_tokens=BigInt(inputs + outputs),
-        spend=sum((b.spend or decimal.Decimal(0) for b in series), decimal.Decimal(0)),
+        spend=sum(map(_SPEND, rows), decimal.Decimal(0)),
     )
+
+
+_REQUESTS, _INPUT, _CACHED, _OUTPUT, _SPEND = (
+    attrgetter(name) for name in ("requests", "input_tokens", "cached_input_tokens", "output_tokens", "spend")
+)

@@ -25,16 +25,19 @@ the contract describes.
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from graphql import (
+    GraphQLBoolean,
     GraphQLError,
     GraphQLList,
     GraphQLObjectType,
     GraphQLOutputType,
+    GraphQLString,
     get_nullable_type,
     is_leaf_type,
     is_list_type,
@@ -49,8 +52,18 @@ from strawberry.schema.schema_converter import GraphQLCoreConverter
 
 from gateway.errors import ErrorCode
 from schema.permissions import RequireScope
+from schema.scalars import serialize_bigint, serialize_datetime
 
 MAX_COMPILED = 512
+
+# Values that a serializer returns unchanged, recognised inline by the compiled code
+# ({v}: the value), which then skips the call; every other value is serialized.
+UNCHANGED_WHEN: dict[Callable[[Any], Any], str] = {
+    serialize_bigint: "{v}.__class__ is int",
+    serialize_datetime: "{v}.__class__ is _datetime and {v}.tzinfo is _UTC",
+    GraphQLString.serialize: "{v}.__class__ is str",
+    GraphQLBoolean.serialize: "{v}.__class__ is bool",
+}
 
 
 class _Fallback(Exception):
@@ -214,7 +227,7 @@ def _compiled(plan: ObjectPlan) -> Callable[[Any], dict[str, Any]]:
 
 def _compile(plan: ObjectPlan) -> Callable[[Any], dict[str, Any]]:
     """Generate ``project(item) -> dict`` for ``plan`` (nested objects get their own)."""
-    namespace: dict[str, Any] = {"_Fallback": _Fallback}
+    namespace: dict[str, Any] = {"_Fallback": _Fallback, "_datetime": dt.datetime, "_UTC": dt.UTC}
     lines = ["def project(item):"]
     entries = []
     for index, field in enumerate(plan.fields):
@@ -245,6 +258,16 @@ def _field_lines(field: FieldPlan, value: str, namespace: dict[str, Any], index:
         namespace[f"p{index}"] = _compiled(field.nested)
         convert = f"p{index}({value})"
     missing = "raise _Fallback" if field.non_null else f"{value} = None"
+    unchanged = UNCHANGED_WHEN.get(field.serialize) if not field.leaf_list else None  # type: ignore[arg-type]
+    if unchanged is not None:  # the common case costs a type check, not a call
+        return [
+            f"    {value} = {raw}",
+            f"    if not ({unchanged.format(v=value)}):",
+            f"        if {value} is None:",
+            f"            {missing}",
+            "        else:",
+            f"            {value} = {convert}",
+        ]
     return [
         f"    {value} = {raw}",
         f"    if {value} is None:",

@@ -40,6 +40,15 @@ def _bucket(i: int, *, naive: bool = False, project: str | None = "p") -> UsageB
     )  # fmt: skip
 
 
+class _Count(int):
+    def __repr__(self) -> str:
+        return "count"
+
+
+class _Name(str):
+    pass
+
+
 @strawberry.type
 class Flaky:
     n: int
@@ -60,6 +69,17 @@ class SampleQuery:
     @strawberry.field
     def with_naive_time(self) -> list[UsageBucket]:
         return [_bucket(0), _bucket(1, naive=True), _bucket(2)]
+
+    @strawberry.field
+    def unusual_values(self) -> list[UsageBucket]:
+        """Values that serializers change (the projector's inline checks must not pass them through)."""
+        kolkata = dt.timezone(dt.timedelta(hours=5, minutes=30))
+        odd = _bucket(1)
+        odd.start = odd.start.astimezone(kolkata)  # answered in UTC
+        odd.requests = True  # type: ignore[assignment]  # a bool is not a BigInt: int(True) is 1
+        odd.output_tokens = _Count(7)  # type: ignore[assignment]  # an int subclass becomes a plain int
+        odd.group.model = _Name("m-sub")
+        return [_bucket(0), odd, _bucket(2)]
 
     @strawberry.field
     def nullable_buckets(self) -> list[UsageBucket | None]:
@@ -105,6 +125,7 @@ CORPUS = [
     "query($yes: Boolean!, $no: Boolean!) { buckets { start @include(if: $yes) end @include(if: $no) "
     "requests @skip(if: $yes) group @skip(if: $no) { model projectId } } }",
     "{ withNaiveTime { start requests } }",
+    "{ unusualValues { start requests outputTokens group { model } } }",
     "{ nullableBuckets { start spend group { model } } }",
     "{ flaky { n boom } }",
     "{ empty { start } }",
