@@ -820,7 +820,7 @@ class Plan:
     batched_events: int
     single_events: int
     latency_seconds: int
-    latency_runs: list[tuple[int, int, dict[str, int] | None]]
+    latency_runs: list[tuple[int, int, dict[str, int | None] | None]]
     configs_batched: list[dict[str, int]]
     configs_single: list[dict[str, int]]
     profile: bool
@@ -851,6 +851,7 @@ async def run_throughput(
             result["publish"] = await publish_bodies(prefix, bodies, batch=batch, events=events)
             result["quiet"] = await wait_quiet(plan.quiet_wait_s, plan.quiet_threshold)
             log_path = log_file(name)
+            server_before = await server_counters()
             gateway = await start_gateway(url, prefix, config, log_path)
             sampler = CpuSampler(gateway.pid, db_name)
             sampler.start()
@@ -876,10 +877,20 @@ async def run_throughput(
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(process.wait(), 60)
                 code = await stop_gateway(gateway)
+            server_after = await server_counters()
             rows = await _batches(url)
             stats = batch_stats(rows)
             start, end = stats.pop("window")
             result["ingest"] = stats
+            wal = server_after["wal_lsn"] - server_before["wal_lsn"]
+            result["postgres_server"] = {
+                "wal_bytes": wal,
+                "wal_bytes_per_event": round(wal / max(events, 1)),
+                "checkpoints": {
+                    k: server_after[k] - server_before[k] for k in ("checkpoints_timed", "checkpoints_req")
+                },
+                "note": "whole-server counters from the gateway's start to its stop (other databases included)",
+            }
             result["cpu"] = sampler.window(start, end)
             result["startup_s"] = round((gateway.ready_at or start) - gateway.started_at, 2)
             result["stored_rows"] = await _count(url)
@@ -897,6 +908,19 @@ async def run_throughput(
         finally:
             await delete_topology(prefix)
     return result
+
+
+async def server_counters() -> dict[str, int]:
+    """The server's WAL position (bytes) and checkpoint counts."""
+    admin = await asyncpg.connect(ADMIN_URL)
+    try:
+        row = await admin.fetchrow(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint AS wal_lsn, checkpoints_timed, "
+            "checkpoints_req FROM pg_stat_bgwriter"
+        )
+    finally:
+        await admin.close()
+    return {k: int(v) for k, v in dict(row).items()}
 
 
 async def start_py_spy(pid: int, spec: str) -> asyncio.subprocess.Process:
@@ -1172,15 +1196,16 @@ def summarize(plan: Plan, defaults: dict[str, int]) -> dict[str, Any]:
 # 5,000 events/s as 1, 10 and 100 events a message; single-event messages at lower rates (on 2 cores the
 # publisher, the broker and the gateway together saturate the machine well below 5,000 messages/s);
 # and 10-event messages with the larger prefetch that single-event throughput prefers.
-DEFAULT_LATENCY_RUNS = "5000x1,5000x10,5000x100,2500x1,1000x1,5000x10@5000/8000/100"
+DEFAULT_LATENCY_RUNS = "5000x1,5000x10,5000x100,2500x1,1000x1,5000x10@/8000/"
 
 
-def parse_latency_runs(text: str) -> list[tuple[int, int, dict[str, int] | None]]:
+def parse_latency_runs(text: str) -> list[tuple[int, int, dict[str, int | None] | None]]:
+    """``RATExBATCH[@batch_events/prefetch/max_age_ms]``; an empty value keeps the default."""
     runs = []
     for part in text.split(","):
         spec, _, config = part.strip().partition("@")
         rate, _, batch = spec.partition("x")
-        values = [int(v) for v in config.split("/")] if config else None
+        values = [int(v) if v else None for v in config.split("/")] if config else None
         keys = ("batch_events", "prefetch", "max_age_ms")
         runs.append((int(rate), int(batch or 1), dict(zip(keys, values, strict=True)) if values else None))
     return runs
@@ -1362,8 +1387,9 @@ async def _run_all(args: argparse.Namespace, code: dict[str, Any]) -> int:
     if "latency" in scenarios:
         for i, (rate, batch, config) in enumerate(plan.latency_runs):
             name = f"latency_{i}_{rate}eps_batch{batch}"
-            await guarded("latency", lambda rate=rate, batch=batch, config=config, name=name: run_latency(
-                plan, rate, batch, config or defaults, name,
+            settings = defaults | {k: v for k, v in (config or {}).items() if v is not None}
+            await guarded("latency", lambda rate=rate, batch=batch, settings=settings, name=name: run_latency(
+                plan, rate, batch, settings, name,
             ), name)  # fmt: skip
     plan.results["finished"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     write_results(plan, out)

@@ -174,7 +174,7 @@ def usage_section(results: dict[str, Any]) -> str:
             f"{num(gw['latency_ms']['p50'])} / {num(gw['latency_ms']['p90'])} / {num(gw['latency_ms']['p99'])}",
             f"{num(fl['latency_ms']['p50'])} / {num(fl['latency_ms']['p90'])} / {num(fl['latency_ms']['p99'])}",
             f"{ratio.get('p50', '–')}× / {ratio.get('p99', '–')}×", num(gw["rps"]), num(fl["rps"]),
-            num(gw.get("database", {}).get("transactions_per_request"), 2),
+            num(gw.get("database", {}).get("transactions_per_request"), 2), gc_cell(gw),
         ])  # fmt: skip
     if rows:
         out.append("\n**One client, sequential** (latency in ms: p50 / p90 / p99):\n\n")
@@ -190,6 +190,7 @@ def usage_section(results: dict[str, Any]) -> str:
                     "gateway req/s",
                     "floor queries/s",
                     "DB transactions per request",
+                    "gateway GC: ms per request, longest pause",
                 ],
                 rows,
             )
@@ -244,6 +245,13 @@ def usage_section(results: dict[str, Any]) -> str:
         entries += [concurrent.get("gateway"), concurrent.get("floor")]
     out.append(disturbed_note([e for e in entries if e]))
     return "".join(out)
+
+
+def gc_cell(entry: dict[str, Any]) -> str:
+    gc = entry.get("api_gc") or {}
+    if not gc:
+        return "–"
+    return f"{num(gc['ms_per_request'], 2)}, {num(max(gc['longest_ms']), 0)} ms"
 
 
 def _cores(entry: dict[str, Any], server: str | None, client: str) -> str:
