@@ -34,21 +34,30 @@ def build_report(query: UsageQuery, rows: Sequence[UsageRow]) -> Report:
     by_model = "model" in query.group_by
     width, zone = FIXED_WIDTH.get(query.granularity), zoneinfo.ZoneInfo(query.time_zone)
     series: list[UsageBucket] = []
+    groups: dict[tuple[str | None, str | None, str | None], UsageGroup] = {}  # one object per distinct group
     current_key: tuple[object, ...] | None = None
     bucket: UsageBucket | None = None
     with decimal.localcontext(EXACT):
         for row in rows:
             model = row.model if by_model else None
-            key = (row.bucket, model, row.project_id, row.api_key_id)
-            if key == current_key and bucket is not None:
-                _add(bucket, row)
-                continue
-            current_key, start = key, row.bucket
+            # Grouped by model, the SQL already gives one row per bucket; otherwise the models of a
+            # bucket and group arrive as consecutive rows, added together here.
+            if not by_model:
+                key = (row.bucket, row.project_id, row.api_key_id)
+                if key == current_key and bucket is not None:
+                    _add(bucket, row)
+                    continue
+                current_key = key
+            start = row.bucket
             assert start is not None
             end = start + width if width else bucket_end(start, query.granularity, zone)
-            bucket = _bucket(
-                start, end, UsageGroup(model=model, project_id=row.project_id, api_key_id=row.api_key_id), row
-            )
+            group_key = (model, row.project_id, row.api_key_id)
+            group = groups.get(group_key)
+            if group is None:
+                group = groups[group_key] = UsageGroup(
+                    model=model, project_id=row.project_id, api_key_id=row.api_key_id
+                )
+            bucket = _bucket(start, end, group, row)
             series.append(bucket)
         totals = _totals(rows)
     return Report(totals, series, sorted({row.model for row in rows if row.unpriced}))
