@@ -16,7 +16,7 @@ from gateway import health
 from gateway.gc_policy import settle_heap
 from gateway.graphql_view import AuthenticatedGraphQL, GraphQLView
 from gateway.metrics import Metrics
-from gateway.middleware import RequestIdMiddleware
+from gateway.middleware import RequestIdMiddleware, StartupErrorMiddleware
 from gateway.resources import Resources, open_resources
 from gateway.settings import ALL_ROLES, Role, Settings, load_settings
 from gateway.workers import run_workers
@@ -55,6 +55,7 @@ def create_app(settings: Settings | None = None, roles: frozenset[Role] = ALL_RO
         WebSocketRoute("/graphql", view),
     ]
     middleware = [
+        Middleware(StartupErrorMiddleware),
         Middleware(RequestIdMiddleware),
         Middleware(OpenTelemetryMiddleware, meter_provider=metrics.meter_provider),
     ]

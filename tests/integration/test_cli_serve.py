@@ -14,7 +14,7 @@ import pytest
 import websockets
 
 from tests.conftest import AMQP_URL, REDIS_URL, TEST_JWT_SECRET, TokenFactory
-from tests.integration.serve_support import Served, clean_env, run_cli, serve
+from tests.integration.serve_support import Served, clean_env, free_port, run_cli, serve
 
 READY_TIMEOUT_S = 60
 SECRET_PASSWORD = "pw-that-must-not-leak"
@@ -37,6 +37,20 @@ async def test_serve_with_a_database_but_no_jwt_config_refuses_to_start(database
     assert code != 0
     assert "ANALYTICS_JWT_SECRET" in stderr.strip()
     assert len(stderr.strip().splitlines()) == 1
+
+
+async def test_serve_reports_an_unreachable_broker_in_one_line_without_a_traceback(database_url: str) -> None:
+    closed_port = free_port()
+    env = clean_env(
+        ANALYTICS_DATABASE_URL=database_url, ANALYTICS_JWT_SECRET=TEST_JWT_SECRET,
+        ANALYTICS_AMQP_URL=f"amqp://guest:guest@127.0.0.1:{closed_port}/", ANALYTICS_PORT=str(free_port()),
+    )  # fmt: skip
+    code, _, stderr = await run_cli("serve", "--role", "ingest", env=env)
+    assert code != 0
+    assert "Traceback" not in stderr, stderr
+    failures = [json.loads(line) for line in stderr.splitlines() if "cannot connect to the broker" in line]
+    assert [f["event"] for f in failures] == ["ANALYTICS_AMQP_URL: cannot connect to the broker (AMQPConnectionError)"]
+    assert failures[0]["level"] == "error"
 
 
 async def test_token_command_signs_the_requested_claims() -> None:
