@@ -10,7 +10,7 @@ import structlog
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import BaseRoute, Route, WebSocketRoute
 
 from gateway import health
 from gateway.gc_policy import settle_heap
@@ -33,7 +33,8 @@ class State(TypedDict):
 
 
 def create_app(settings: Settings | None = None, roles: frozenset[Role] = ALL_ROLES) -> Starlette:
-    """The gateway as an ASGI app; clients open and close with its lifespan."""
+    """The gateway as an ASGI app; clients open and close with its lifespan. Every process answers the health
+    and metrics endpoints; the ``api`` role adds GraphQL, the ``ingest`` role ``POST /v1/events``."""
     settings = settings or load_settings()
     metrics = Metrics.create()
     view = GraphQLView(build_schema())
@@ -46,14 +47,18 @@ def create_app(settings: Settings | None = None, roles: frozenset[Role] = ALL_RO
             yield {"resources": resources}
         log.info("gateway.stopped")
 
-    routes = [
+    routes: list[BaseRoute] = [
         Route("/healthz", health.healthz),
         Route("/readyz", health.readyz),
         Route("/metrics", health.metrics),
-        Route("/graphql", AuthenticatedGraphQL(view), methods=["GET", "POST"]),
-        Route("/v1/events", post_events, methods=["POST"]),
-        WebSocketRoute("/graphql", view),
     ]
+    if Role.API in roles:
+        routes += [
+            Route("/graphql", AuthenticatedGraphQL(view), methods=["GET", "POST"]),
+            WebSocketRoute("/graphql", view),
+        ]
+    if Role.INGEST in roles:
+        routes.append(Route("/v1/events", post_events, methods=["POST"]))
     middleware = [
         Middleware(StartupErrorMiddleware),
         Middleware(RequestIdMiddleware),

@@ -5,11 +5,12 @@ from __future__ import annotations
 import gc
 
 import httpx
+import pytest
 from asgi_lifespan import LifespanManager
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import create_app
-from gateway.settings import Settings
+from gateway.settings import Role, Settings
 from tests.conftest import TokenFactory
 from tests.helpers import graphql
 
@@ -87,3 +88,27 @@ async def test_metrics_expose_garbage_collector_pauses(client: httpx.AsyncClient
     assert samples[("python_gc_pause_seconds_total", "2")] > 0
     assert samples[("python_gc_longest_pause_seconds", "2")] > 0
     assert samples[("python_gc_collections_total", "2")] >= 1
+
+
+@pytest.mark.parametrize(
+    ("roles", "graphql_served", "events_served"),
+    [
+        (frozenset({Role.API}), True, False),
+        (frozenset({Role.INGEST, Role.ROLLUP}), False, True),
+        (frozenset({Role.EXPORT}), False, False),
+    ],
+    ids=["api", "ingest-rollup", "export"],
+)
+async def test_roles_decide_the_routes(
+    settings: Settings, roles: frozenset[Role], graphql_served: bool, events_served: bool
+) -> None:
+    own = settings.model_copy(update={"amqp_url": None})  # no AMQP consumer for these apps
+    async with LifespanManager(create_app(own, roles), startup_timeout=60) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+            assert (await client.get("/healthz")).status_code == 200
+            assert (await client.get("/metrics")).status_code == 200
+            graphql = await client.post("/graphql", json={"query": "{ viewer { subject } }"})
+            events = await client.post("/v1/events", content=b"[]")
+    assert (graphql.status_code != 404) is graphql_served  # served: 401 without a token
+    assert (events.status_code != 404) is events_served
