@@ -15,6 +15,7 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 from gateway import health
 from gateway.gc_policy import settle_heap
 from gateway.graphql_view import AuthenticatedGraphQL, GraphQLView
+from gateway.logging import configure_logging
 from gateway.metrics import Metrics
 from gateway.middleware import RequestIdMiddleware, StartupErrorMiddleware
 from gateway.resources import Resources, open_resources
@@ -32,10 +33,11 @@ class State(TypedDict):
     resources: Resources
 
 
-def create_app(settings: Settings | None = None, roles: frozenset[Role] = ALL_ROLES) -> Starlette:
+def create_app(settings: Settings | None = None, roles: frozenset[Role] | None = None) -> Starlette:
     """The gateway as an ASGI app; clients open and close with its lifespan. Every process answers the health
     and metrics endpoints; the ``api`` role adds GraphQL, the ``ingest`` role ``POST /v1/events``."""
     settings = settings or load_settings()
+    roles = roles if roles is not None else ALL_ROLES
     metrics = Metrics.create()
     view = GraphQLView(build_schema())
 
@@ -65,3 +67,11 @@ def create_app(settings: Settings | None = None, roles: frozenset[Role] = ALL_RO
         Middleware(OpenTelemetryMiddleware, meter_provider=metrics.meter_provider),
     ]
     return Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
+
+
+def app_from_environment() -> Starlette:
+    """The app of one ``serve --workers N`` worker: settings and roles from the environment that ``serve``
+    prepared (uvicorn imports this factory in every worker process)."""
+    settings = load_settings()
+    configure_logging(settings.log_level)
+    return create_app(settings, settings.role_set)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import Annotated, NoReturn
 
 import asyncpg
 import typer
 import uvicorn
+from uvicorn.config import STARTUP_FAILURE
+from uvicorn.supervisors.multiprocess import Multiprocess
 
 from db.engine import create_engine
 from db.migrate import migrate as run_migrations
@@ -16,7 +19,7 @@ from gateway.auth import issue_token, signing_secret
 from gateway.errors import ConfigError
 from gateway.logging import configure_logging
 from gateway.scopes import ROLE_GRANTS
-from gateway.settings import ALL_ROLES, Role, Settings, load_settings
+from gateway.settings import ENV_PREFIX, Role, Settings, load_settings, parse_roles
 from ingest.publish_file import publish_file
 
 app = typer.Typer(help="GraphQL analytics gateway for an LLM API platform.", no_args_is_help=True)
@@ -36,28 +39,35 @@ def _fail(message: str) -> NoReturn:
 
 def _parse_roles(value: str) -> frozenset[Role]:
     try:
-        return frozenset(Role(part.strip()) for part in value.split(",") if part.strip())
-    except ValueError:
-        _fail(f"--role takes a comma-separated list of {', '.join(r.value for r in Role)}")
+        return parse_roles(value)
+    except ValueError as exc:
+        _fail(f"--role {exc}")
 
 
 @app.command()
 def serve(
-    role: Annotated[str, typer.Option(help="Comma-separated roles to run.")] = ",".join(sorted(ALL_ROLES)),
+    role: Annotated[str | None, typer.Option(help="Comma-separated roles to run (default ANALYTICS_ROLES).")] = None,
     host: Annotated[str | None, typer.Option(help="Listen address (default ANALYTICS_HOST).")] = None,
     port: Annotated[int | None, typer.Option(help="Listen port (default ANALYTICS_PORT).")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Worker processes (default ANALYTICS_WORKERS).", min=1, max=64)
+    ] = None,
 ) -> None:
-    """API, AMQP ingester, rollup and export workers in one process."""
+    """API, AMQP ingester, rollup and export workers in one process, or in each of ``--workers`` processes."""
     from gateway.app import create_app
 
     settings = _settings()
-    roles = _parse_roles(role)
+    roles = _parse_roles(role) if role is not None else settings.role_set
+    processes = workers if workers is not None else settings.workers
     try:
         settings.require_for(roles)
     except ConfigError as exc:
         _fail(str(exc))
     configure_logging(settings.log_level)
     bind_host, bind_port = host or settings.host, port if port is not None else settings.port
+    if processes > 1:
+        _serve_workers(settings, roles, processes, bind_host, bind_port)
+        return
     if settings.database_url is None:
         _print_embedded_banner(bind_host, bind_port)
     config = uvicorn.Config(
@@ -69,6 +79,22 @@ def serve(
     except ConfigError as exc:
         _fail(str(exc))
     if not server.started:
+        raise typer.Exit(1)
+
+
+def _serve_workers(settings: Settings, roles: frozenset[Role], processes: int, host: str, port: int) -> None:
+    """``processes`` uvicorn workers sharing one socket, each a whole gateway (pool, clients, workers of its
+    roles); uvicorn's supervisor restarts a worker that dies and stops when one cannot start."""
+    if settings.database_url is None:
+        _fail("--workers above 1 needs ANALYTICS_DATABASE_URL (the embedded database serves one process)")
+    os.environ[f"{ENV_PREFIX}ROLES"] = ",".join(sorted(roles))  # the workers read their settings from it
+    config = uvicorn.Config(
+        "gateway.app:app_from_environment", factory=True, workers=processes, host=host, port=port,
+        log_config=None, access_log=False,
+    )  # fmt: skip
+    supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+    supervisor.run()
+    if any(worker.exitcode == STARTUP_FAILURE for worker in supervisor.processes):
         raise typer.Exit(1)
 
 

@@ -30,6 +30,17 @@ class Role(StrEnum):
 ALL_ROLES: frozenset[Role] = frozenset(Role)
 
 
+def parse_roles(text: str) -> frozenset[Role]:
+    """``"api,ingest"`` as roles; ValueError naming the valid ones otherwise."""
+    try:
+        roles = frozenset(Role(part.strip()) for part in text.split(",") if part.strip())
+    except ValueError:
+        roles = frozenset()
+    if not roles:
+        raise ValueError(f"takes a comma-separated list of {', '.join(r.value for r in Role)}")
+    return roles
+
+
 class Settings(BaseSettings):
     """Configuration of one gateway process. Unset means the embedded default."""
 
@@ -78,6 +89,19 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(default=20, ge=1)
     # Allocations between young garbage collections once started (see gateway/gc_policy.py).
     gc_gen0_threshold: int = Field(default=50_000, ge=100)
+    # What ``serve`` runs: its roles (``--role`` overrides) and how many worker processes (``--workers``).
+    roles: str = ",".join(sorted(ALL_ROLES))
+    workers: int = Field(default=1, ge=1, le=64)
+
+    @property
+    def role_set(self) -> frozenset[Role]:
+        return parse_roles(self.roles)
+
+    @field_validator("roles")
+    @classmethod
+    def _known_roles(cls, value: str) -> str:
+        parse_roles(value)
+        return value
 
     @field_validator("database_url")
     @classmethod

@@ -22,7 +22,13 @@ SECRET_PASSWORD = "pw-that-must-not-leak"
 
 @pytest.mark.parametrize(
     ("variable", "value"),
-    [("ANALYTICS_AMQP_URL", "not-a-url"), ("ANALYTICS_PORT", "eighty"), ("ANALYTICS_REDIS_URL", "http://x")],
+    [
+        ("ANALYTICS_AMQP_URL", "not-a-url"),
+        ("ANALYTICS_PORT", "eighty"),
+        ("ANALYTICS_REDIS_URL", "http://x"),
+        ("ANALYTICS_ROLES", "api,wizard"),
+        ("ANALYTICS_WORKERS", "0"),
+    ],
 )
 async def test_serve_with_a_bad_setting_exits_with_one_line_naming_it(variable: str, value: str) -> None:
     code, _, stderr = await run_cli("serve", env=clean_env(**{variable: value}))
@@ -51,6 +57,30 @@ async def test_serve_reports_an_unreachable_broker_in_one_line_without_a_traceba
     failures = [json.loads(line) for line in stderr.splitlines() if "cannot connect to the broker" in line]
     assert [f["event"] for f in failures] == ["ANALYTICS_AMQP_URL: cannot connect to the broker (AMQPConnectionError)"]
     assert failures[0]["level"] == "error"
+
+
+async def test_serve_with_two_workers_runs_the_roles_in_each_and_stops_them_all(database_url: str) -> None:
+    env = clean_env(
+        ANALYTICS_DATABASE_URL=database_url, ANALYTICS_JWT_SECRET=TEST_JWT_SECRET, ANALYTICS_LOG_LEVEL="INFO"
+    )
+    async with (
+        serve(env, "--workers", "2", "--role", "api") as running,
+        httpx.AsyncClient(base_url=running.base_url) as http,
+    ):
+        assert (await http.post("/graphql", json={"query": "{ viewer { subject } }"})).status_code == 401
+        assert (await http.post("/v1/events", content=b"[]")).status_code == 404  # the workers' role: api
+    assert running.process.returncode == 0
+    assert running.process.stderr is not None
+    events = [json.loads(line).get("event") for line in (await running.process.stderr.read()).decode().splitlines()]
+    assert events.count("gateway.started") == 2 and events.count("gateway.stopped") == 2
+
+
+async def test_serve_with_workers_needs_a_database_url() -> None:
+    code, _, stderr = await run_cli("serve", "--workers", "2", env=clean_env())
+    assert code != 0
+    assert stderr.strip().splitlines() == [
+        "error: --workers above 1 needs ANALYTICS_DATABASE_URL (the embedded database serves one process)"
+    ]
 
 
 async def test_token_command_signs_the_requested_claims() -> None:

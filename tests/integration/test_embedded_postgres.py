@@ -130,6 +130,8 @@ async def test_moves_to_a_new_port_when_its_port_is_taken(data_dir: Path) -> Non
     first = urlsplit(await asyncio.to_thread(pg.start)).port
     await asyncio.to_thread(pg.stop)
     with socket.socket() as squatter:
+        # The stopped server's connections may hold the port in TIME_WAIT; a listener may still take it.
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         squatter.bind(("127.0.0.1", first or 0))
         squatter.listen()
         url = await asyncio.to_thread(pg.start)
