@@ -35,6 +35,7 @@ def build_report(query: UsageQuery, rows: Sequence[UsageRow]) -> Report:
     width, zone = FIXED_WIDTH.get(query.granularity), zoneinfo.ZoneInfo(query.time_zone)
     series: list[UsageBucket] = []
     groups: dict[tuple[str | None, str | None, str | None], UsageGroup] = {}  # one object per distinct group
+    ends: dict[dt.datetime, dt.datetime] = {}
     current_key: tuple[object, ...] | None = None
     bucket: UsageBucket | None = None
     with decimal.localcontext(EXACT):
@@ -50,7 +51,10 @@ def build_report(query: UsageQuery, rows: Sequence[UsageRow]) -> Report:
                 current_key = key
             start = row.bucket
             assert start is not None
-            end = start + width if width else bucket_end(start, query.granularity, zone)
+            if width:
+                end = start + width
+            else:  # DAY and MONTH: computed once per bucket start, not once per group
+                end = ends.get(start) or ends.setdefault(start, bucket_end(start, query.granularity, zone))
             group_key = (model, row.project_id, row.api_key_id)
             group = groups.get(group_key)
             if group is None:
