@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import functools
 import zoneinfo
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -78,8 +79,8 @@ def plan(query: UsageQuery, materialized_through: dt.datetime | None) -> Plan:
 
 def _split_hours(query: UsageQuery, start: dt.datetime, end: dt.datetime) -> list[dt.datetime]:
     """Hours in [start, end) that a DAY or MONTH boundary in the zone cuts."""
-    if query.granularity not in ("DAY", "MONTH") or start >= end:
-        return []
+    if query.granularity not in ("DAY", "MONTH") or start >= end or query.time_zone == "UTC":
+        return []  # (UTC days and months start on whole hours)
     zone = zoneinfo.ZoneInfo(query.time_zone)
     split: list[dt.datetime] = []
     boundary = bucket_start(start, query.granularity, zone)
@@ -126,15 +127,29 @@ def _ceil_hour(moment: dt.datetime) -> dt.datetime:
     return floor if floor == moment else floor + HOUR
 
 
-def _filters(alias: str, query: UsageQuery) -> str:
-    clauses = []
-    for column, values, param in (("model", query.models, 8), ("project_id", query.project_ids, 9),
-                                  ("api_key_id", query.api_key_ids, 10)):  # fmt: skip
-        if values is not None:
-            clauses.append(f"AND {alias}.{column} = ANY(${param}::text[])")
-    if query.org_id is not None:
-        clauses.append(f"AND {alias}.org_id = $1")
-    return " ".join(clauses)
+@dataclass(frozen=True)
+class _Shape:
+    """What the SQL text depends on (the values go in as parameters): one text per shape, built once."""
+
+    by_org: bool
+    granularity: str | None
+    group_by: frozenset[str]
+    by_models: bool
+    by_projects: bool
+    by_api_keys: bool
+
+    @classmethod
+    def of(cls, query: UsageQuery) -> _Shape:
+        return cls(query.org_id is not None, query.granularity, query.group_by, query.models is not None,
+                   query.project_ids is not None, query.api_key_ids is not None)  # fmt: skip
+
+    def filters(self, alias: str) -> str:
+        clauses = [f"AND {alias}.{column} = ANY(${param}::text[])"
+                   for column, present, param in (("model", self.by_models, 8), ("project_id", self.by_projects, 9),
+                                                  ("api_key_id", self.by_api_keys, 10)) if present]  # fmt: skip
+        if self.by_org:
+            clauses.append(f"AND {alias}.org_id = $1")
+        return " ".join(clauses)
 
 
 # Parameters: $1 org_id (null: every org), $2 start, $3 end, $4 rollup_from, $5 rollup_to,
@@ -210,19 +225,7 @@ async def usage_rows(
 def usage_statement(query: UsageQuery, materialized_through: dt.datetime | None) -> tuple[str, tuple[object, ...]]:
     """The SQL and arguments of :func:`usage_rows` (benchmarks run it bare, as the floor)."""
     steps = plan(query, materialized_through)
-    # Grouping and filtering by model at most: the per-model rollup has far fewer rows.
-    by_model_only = query.group_by <= {"model"} and query.project_ids is None and query.api_key_ids is None
-    sql = _ROWS.format(
-        org_filter_d="AND d.org_id = $1" if query.org_id is not None else "",
-        filters_h=_filters("h", query),
-        rollup="usage_hourly_model" if by_model_only else "usage_hourly",
-        rollup_dims="NULL::text, NULL::text" if by_model_only else "h.project_id, h.api_key_id",
-        filters_e=_filters("e", query),
-        bucket=BUCKET_SQL[query.granularity] if query.granularity else "NULL::timestamptz",
-        project="rows.project_id" if "project_id" in query.group_by else "NULL::text",
-        api_key="rows.api_key_id" if "api_key_id" in query.group_by else "NULL::text",
-        order_group=", ".join(f'{c} COLLATE "C" NULLS FIRST' for c in _group_order(query)),
-    )
+    sql = _sql(_Shape.of(query))
     args = (
         query.org_id, query.start, query.end, steps.rollup_from, steps.rollup_to,
         steps.split_hours if query.org_id is not None else [], query.time_zone,
@@ -231,10 +234,27 @@ def usage_statement(query: UsageQuery, materialized_through: dt.datetime | None)
     return sql, args
 
 
-def _group_order(query: UsageQuery) -> tuple[str, ...]:
+@functools.lru_cache(maxsize=256)
+def _sql(shape: _Shape) -> str:
+    # Grouping and filtering by model at most: the per-model rollup has far fewer rows.
+    by_model_only = shape.group_by <= {"model"} and not shape.by_projects and not shape.by_api_keys
+    return _ROWS.format(
+        org_filter_d="AND d.org_id = $1" if shape.by_org else "",
+        filters_h=shape.filters("h"),
+        rollup="usage_hourly_model" if by_model_only else "usage_hourly",
+        rollup_dims="NULL::text, NULL::text" if by_model_only else "h.project_id, h.api_key_id",
+        filters_e=shape.filters("e"),
+        bucket=BUCKET_SQL[shape.granularity] if shape.granularity else "NULL::timestamptz",
+        project="rows.project_id" if "project_id" in shape.group_by else "NULL::text",
+        api_key="rows.api_key_id" if "api_key_id" in shape.group_by else "NULL::text",
+        order_group=", ".join(f'{c} COLLATE "C" NULLS FIRST' for c in _group_order(shape.group_by)),
+    )
+
+
+def _group_order(group_by: frozenset[str]) -> tuple[str, ...]:
     """Output columns to order by: the grouped dimensions, then the model when it is not one."""
     model, project, api_key = "model", "project_id", "api_key_id"
-    return (model, project, api_key) if "model" in query.group_by else (project, api_key, model)
+    return (model, project, api_key) if "model" in group_by else (project, api_key, model)
 
 
 async def driver_connection(connection: AsyncConnection) -> asyncpg.Connection:
