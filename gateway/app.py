@@ -64,7 +64,8 @@ def create_app(settings: Settings | None = None, roles: frozenset[Role] | None =
     middleware = [
         Middleware(StartupErrorMiddleware),
         Middleware(RequestIdMiddleware),
-        Middleware(OpenTelemetryMiddleware, meter_provider=metrics.meter_provider),
+        # HTTP metrics only: no spans per ASGI message (they cost 7 % of a trivial query's throughput).
+        Middleware(OpenTelemetryMiddleware, meter_provider=metrics.meter_provider, exclude_spans=["receive", "send"]),
     ]
     return Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
 
