@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from typing import Any
+from urllib.parse import unquote, urlencode, urlsplit, urlunsplit
 
 from sqlalchemy import event
 from sqlalchemy.exc import DisconnectionError
@@ -11,10 +12,19 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 
 def sqlalchemy_url(url: str) -> str:
-    """``postgresql://…`` as SQLAlchemy's asyncpg dialect spells it."""
+    """``postgresql://…`` as SQLAlchemy's asyncpg dialect spells it. A Unix-socket folder given libpq's way,
+    percent-encoded in place of the host (``postgresql://user@%2Fvar%2Frun%2Fpostgresql/db``), becomes the
+    ``host`` query parameter that the dialect understands."""
     for prefix in ("postgresql+asyncpg://", "postgresql://", "postgres://"):
         if url.startswith(prefix):
-            return "postgresql+asyncpg://" + url.removeprefix(prefix)
+            parts = urlsplit("postgresql+asyncpg://" + url.removeprefix(prefix))
+            userinfo, _, host = parts.netloc.rpartition("@")
+            if not host.lower().startswith("%2f"):
+                return parts.geturl()
+            socket_dir, _, port = host.partition(":")
+            query = "&".join(q for q in (parts.query, urlencode({"host": unquote(socket_dir)})) if q)
+            netloc = (f"{userinfo}@" if userinfo else "") + (f":{port}" if port else "")
+            return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
     raise ValueError("database URL must start with postgresql://")
 
 
