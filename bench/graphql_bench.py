@@ -1713,6 +1713,7 @@ async def main_async(args: argparse.Namespace) -> int:
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "git": git_commit(),
         "command": "python -m bench.graphql_bench " + " ".join(sys.argv[1:]),
+        "postgres_admin_url": ADMIN_URL,  # ANALYTICS_BENCH_POSTGRES_URL: TCP or a Unix socket (%2F… host)
         "environment": environment(),
         "targets": TARGETS,
         "dataset": {"database": dataset.name} | dataset.info,
