@@ -376,6 +376,11 @@ CAVEATS = """
 - DB transactions and sessions per request come from `pg_stat_database`, which backends flush about once a
   second: they are approximate.
 - Figures of the profiled window are not used for anything else (py-spy slows the process it samples).
+- Over loopback TCP a few gateway requests per 30 s (3 to 9) wait about 100 ms on the connection to PostgreSQL,
+  which the database's own statement timings do not show; a plain asyncpg loop never does, and over the Unix
+  socket neither does the gateway. That sets the p99s of a TCP run. The same benchmark over the socket:
+  `ANALYTICS_BENCH_POSTGRES_URL='postgresql://postgres@%2Fvar%2Frun%2Fpostgresql/postgres' .venv/bin/python -m
+  bench.graphql_bench --keep-db --out bench/results/graphql_unix_socket.json` (results in that file).
 """
 
 
