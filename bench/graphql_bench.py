@@ -76,6 +76,8 @@ import httpx
 import msgspec
 import orjson
 
+from bench.profiles import count_stacks, py_spy
+
 if TYPE_CHECKING:
     from gateway.gc_policy import GcPauses
 
@@ -1101,12 +1103,6 @@ async def scenario_trivial(run: Run, token: str, connections: int) -> None:
 # --- (f) profile --------------------------------------------------------------------------------------------------
 
 
-def py_spy() -> str | None:
-    local = Path(sys.executable).parent / "py-spy"
-    return str(local) if local.exists() else shutil.which("py-spy")
-
-
-_FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 AREAS = (
     ("schema/execution", "schema.execution (fast list projection)"),
     ("graphql/", "graphql-core (parse, validate, execute)"),
@@ -1150,13 +1146,6 @@ AREAS = (
 NOT_AREAS = ("<frozen runpy>", "bench/", "uvicorn/server.py", "uvicorn/main.py", "uvicorn/_compat.py")
 
 
-def _short(path: str) -> str:
-    for marker in ("site-packages/", "/lib/python3.11/", str(ROOT) + "/"):
-        if marker in path:
-            return path.split(marker, 1)[1]
-    return path
-
-
 def _area(file: str, func: str) -> str:
     if file == "<string>":  # code made with exec: dataclass __init__s, the compiled list projectors
         return "schema.execution (fast list projection)" if func == "project" else "dataclass __init__ (exec'd)"
@@ -1167,43 +1156,14 @@ def _area(file: str, func: str) -> str:
 
 def summarize_profile(collapsed: Path, duration_s: float, rate_hz: int) -> dict[str, Any]:
     """Self and total samples per function, and self samples per area, from py-spy's collapsed stacks."""
-    self_samples: Counter[str] = Counter()
-    total_samples: Counter[str] = Counter()
-    area_samples: Counter[str] = Counter()
-    area_total: Counter[str] = Counter()
-    samples = 0
-    for line in collapsed.read_text().splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        count = int(count_text)
-        samples += count
-        frames = []
-        for raw in stack.split(";"):
-            match = _FRAME.match(raw.strip())
-            func, file = (match["func"], _short(match["file"])) if match else (raw.strip(), "?")
-            frames.append((f"{func} ({file})", file, func))
-        if not frames:
-            continue
-        self_samples[frames[-1][0]] += count
-        area_samples[_area(frames[-1][1], frames[-1][2])] += count
-        for name in {f[0] for f in frames}:
-            total_samples[name] += count
-        for area in {_area(f[1], f[2]) for f in frames if not f[1].startswith(NOT_AREAS)}:
-            area_total[area] += count
-
-    def top(counter: Counter[str], n: int) -> list[dict[str, Any]]:
-        return [
-            {"function": k, "samples": v, "share": round(v / max(samples, 1), 3)} for k, v in counter.most_common(n)
-        ]
-
+    counts = count_stacks(collapsed, _area, NOT_AREAS)
     return {
-        "samples": samples,
-        "busy_share_of_one_core": round(samples / max(duration_s * rate_hz, 1), 3),
-        "by_area_self": top(area_samples, 20),
-        "by_area_total": top(area_total, 20),
-        "top_self": top(self_samples, 25),
-        "top_total": top(total_samples, 40),
+        "samples": counts.samples,
+        "busy_share_of_one_core": counts.busy_share(duration_s, rate_hz),
+        "by_area_self": counts.top(counts.area_self, 20),
+        "by_area_total": counts.top(counts.area_total, 20),
+        "top_self": counts.top(counts.self_samples, 25),
+        "top_total": counts.top(counts.total_samples, 40),
     }
 
 

@@ -59,6 +59,7 @@ import httpx
 import msgspec
 
 from bench.loadgen import Traffic, generate, sent_at_from_id, stamped
+from bench.profiles import count_stacks, py_spy
 from ingest.decode import BATCH, SINGLE
 from ingest.publisher import EventPublisher
 from ingest.topology import Topology
@@ -730,21 +731,6 @@ async def watch_ingest(url: str, prefix: str, expected: int, gateway: Gateway, *
 # --- py-spy -------------------------------------------------------------------------------------------------------
 
 
-def py_spy() -> str | None:
-    local = Path(sys.executable).parent / "py-spy"
-    return str(local) if local.exists() else shutil.which("py-spy")
-
-
-_FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
-
-
-def _short_file(path: str) -> str:
-    for marker in ("site-packages/", "/lib/python3.11/", str(ROOT) + "/"):
-        if marker in path:
-            return path.split(marker, 1)[1]
-    return path
-
-
 def _area(file: str, func: str) -> str:
     areas = (
         ("asyncpg", "asyncpg (driver: COPY encoding, protocol)"),
@@ -773,42 +759,15 @@ def _area(file: str, func: str) -> str:
 
 def summarize_profile(collapsed: Path, duration_s: float, rate_hz: int) -> dict[str, Any]:
     """Top functions (self and total samples) from py-spy's collapsed ("raw") output."""
-    self_samples: Counter[str] = Counter()
-    total_samples: Counter[str] = Counter()
-    area_samples: Counter[str] = Counter()
-    samples = 0
-    for line in collapsed.read_text().splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        count = int(count_text)
-        samples += count
-        frames = []
-        for raw in stack.split(";"):
-            match = _FRAME.match(raw.strip())
-            func, file = (match["func"], _short_file(match["file"])) if match else (raw.strip(), "?")
-            frames.append((f"{func} ({file})", file, func))
-        if not frames:
-            continue
-        name, file, func = frames[-1]
-        self_samples[name] += count
-        # attribute a leaf in the event loop / libraries to the innermost frame of our own code's callers' area
-        area_samples[_area(file, func)] += count
-        for seen in {f[0] for f in frames}:
-            total_samples[seen] += count
-
-    def top(counter: Counter[str], n: int) -> list[dict[str, Any]]:
-        return [
-            {"function": k, "samples": v, "share": round(v / max(samples, 1), 3)} for k, v in counter.most_common(n)
-        ]
-
+    counts = count_stacks(collapsed, _area)
+    # frames on (nearly) every stack (the entry point, uvicorn, asyncio.run) say nothing: left out
+    everywhere = 0.9 * counts.samples
     return {
-        "samples": samples,
-        "busy_share_of_one_core": round(samples / max(duration_s * rate_hz, 1), 3),
-        "top_self": top(self_samples, 20),
-        # frames on (nearly) every stack (the entry point, uvicorn, asyncio.run) say nothing: left out
-        "top_total": top(Counter({k: v for k, v in total_samples.items() if v < 0.9 * samples}), 25),
-        "by_area_self": top(area_samples, 15),
+        "samples": counts.samples,
+        "busy_share_of_one_core": counts.busy_share(duration_s, rate_hz),
+        "top_self": counts.top(counts.self_samples, 20),
+        "top_total": counts.top(Counter({k: v for k, v in counts.total_samples.items() if v < everywhere}), 25),
+        "by_area_self": counts.top(counts.area_self, 15),
     }
 
 

@@ -1,0 +1,73 @@
+"""py-spy profiles shared by the benchmarks: finding py-spy, and counting its collapsed ("raw") stacks."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import sys
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+_FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
+
+
+def py_spy() -> str | None:
+    local = Path(sys.executable).parent / "py-spy"
+    return str(local) if local.exists() else shutil.which("py-spy")
+
+
+def short_file(path: str) -> str:
+    for marker in ("site-packages/", "/lib/python3.11/", str(ROOT) + "/"):
+        if marker in path:
+            return path.split(marker, 1)[1]
+    return path
+
+
+@dataclass
+class StackCounts:
+    """Samples per function (self and inclusive) and per area (self, and inclusive outside ``not_areas``)."""
+
+    samples: int = 0
+    self_samples: Counter[str] = field(default_factory=Counter)
+    total_samples: Counter[str] = field(default_factory=Counter)
+    area_self: Counter[str] = field(default_factory=Counter)
+    area_total: Counter[str] = field(default_factory=Counter)
+
+    def top(self, counter: Counter[str], n: int) -> list[dict[str, Any]]:
+        return [
+            {"function": k, "samples": v, "share": round(v / max(self.samples, 1), 3)}
+            for k, v in counter.most_common(n)
+        ]
+
+    def busy_share(self, duration_s: float, rate_hz: int) -> float:
+        return round(self.samples / max(duration_s * rate_hz, 1), 3)
+
+
+def count_stacks(collapsed: Path, area: Callable[[str, str], str], not_areas: tuple[str, ...] = ()) -> StackCounts:
+    """Counts py-spy's collapsed output; ``area(file, func)`` names the part of the program a frame is in."""
+    counts = StackCounts()
+    for line in collapsed.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        counts.samples += count
+        frames = []
+        for raw in stack.split(";"):
+            match = _FRAME.match(raw.strip())
+            func, file = (match["func"], short_file(match["file"])) if match else (raw.strip(), "?")
+            frames.append((f"{func} ({file})", file, func))
+        if not frames:
+            continue
+        name, file, func = frames[-1]
+        counts.self_samples[name] += count
+        counts.area_self[area(file, func)] += count
+        for seen in {f[0] for f in frames}:
+            counts.total_samples[seen] += count
+        for part in {area(f[1], f[2]) for f in frames if not f[1].startswith(not_areas)}:
+            counts.area_total[part] += count
+    return counts
