@@ -76,6 +76,7 @@ import httpx
 import msgspec
 import orjson
 
+from bench.postgres import admin_url, connection_facts
 from bench.profiles import count_stacks, py_spy
 
 if TYPE_CHECKING:
@@ -83,7 +84,7 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-ADMIN_URL = os.environ.get("ANALYTICS_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+ADMIN_URL = admin_url()  # ANALYTICS_BENCH_POSTGRES_URL, else the Unix socket (bench/postgres.py)
 AMQP_URL = os.environ.get("ANALYTICS_BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 REDIS_URL = os.environ.get("ANALYTICS_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -1673,7 +1674,7 @@ async def main_async(args: argparse.Namespace) -> int:
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "git": git_commit(),
         "command": "python -m bench.graphql_bench " + " ".join(sys.argv[1:]),
-        "postgres_admin_url": ADMIN_URL,  # ANALYTICS_BENCH_POSTGRES_URL: TCP or a Unix socket (%2F… host)
+        "postgres_connection": connection_facts(ADMIN_URL),  # socket or TCP, and the TCP congestion control
         "environment": environment(),
         "targets": TARGETS,
         "dataset": {"database": dataset.name} | dataset.info,

@@ -59,6 +59,7 @@ import httpx
 import msgspec
 
 from bench.loadgen import Traffic, generate, sent_at_from_id, stamped
+from bench.postgres import admin_url, connection_facts
 from bench.profiles import count_stacks, py_spy
 from ingest.decode import BATCH, SINGLE
 from ingest.publisher import EventPublisher
@@ -66,7 +67,7 @@ from ingest.topology import Topology
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-ADMIN_URL = os.environ.get("ANALYTICS_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+ADMIN_URL = admin_url()  # ANALYTICS_BENCH_POSTGRES_URL, else the Unix socket (bench/postgres.py)
 AMQP_URL = os.environ.get("ANALYTICS_BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 REDIS_URL = os.environ.get("ANALYTICS_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -1237,6 +1238,7 @@ async def _run_all(args: argparse.Namespace, code: dict[str, Any]) -> int:
         "code": code,
         "command": "python -m bench.ingest_bench " + " ".join(sys.argv[1:]),
         "environment": environment(),
+        "postgres_connection": connection_facts(ADMIN_URL),
         "targets": TARGETS,
         "setting_defaults": defaults,
         "definitions": {
