@@ -42,7 +42,8 @@ or one part at a time:
 .venv/bin/python -m bench.report           # this page from the results
 ```
 """
-OWN = ("Usage queries", "GraphQL", "Publish-to-visible")
+CONNECTION = "PostgreSQL over loopback TCP"
+OWN = ("Usage queries", CONNECTION, "GraphQL", "Publish-to-visible")
 ORDER = ("Ingestion", *OWN)
 
 
@@ -108,8 +109,19 @@ def header_facts(results: dict[str, Any]) -> str:
     return (
         f"Measured {results.get('date', '?')} at commit `{str(git.get('commit', '?'))[:12]}`{dirty}; "
         f"{env.get('cpus')} cores ({env.get('cpu_model')}), {env.get('memory_gb')} GB, {env.get('postgres')}, "
-        f"Python {env.get('python')}, {env.get('wrk')}. Raw figures: `bench/results/graphql.json`.\n"
+        f"Python {env.get('python')}, {env.get('wrk')}; {connection_words(results)}. "
+        "Raw figures: `bench/results/graphql.json`.\n"
     )
+
+
+def connection_words(results: dict[str, Any]) -> str:
+    facts = results.get("postgres_connection") or {}
+    if not facts:
+        return "PostgreSQL over TCP"
+    words = f"PostgreSQL over its {facts['transport']}" if facts["transport"] == "unix socket" else "PostgreSQL over TCP"
+    if facts["transport"] == "tcp":
+        words += f" (congestion control {facts.get('tcp_congestion_control')})"
+    return words
 
 
 def disturbed_note(entries: list[dict[str, Any]]) -> str:
@@ -376,11 +388,7 @@ CAVEATS = """
 - DB transactions and sessions per request come from `pg_stat_database`, which backends flush about once a
   second: they are approximate.
 - Figures of the profiled window are not used for anything else (py-spy slows the process it samples).
-- Over loopback TCP a few gateway requests per 30 s (3 to 9) wait about 100 ms on the connection to PostgreSQL,
-  which the database's own statement timings do not show; a plain asyncpg loop never does, and over the Unix
-  socket neither does the gateway. That sets the p99s of a TCP run. The same benchmark over the socket:
-  `ANALYTICS_BENCH_POSTGRES_URL='postgresql://postgres@%2Fvar%2Frun%2Fpostgresql/postgres' .venv/bin/python -m
-  bench.graphql_bench --keep-db --out bench/results/graphql_unix_socket.json` (results in that file).
+- PostgreSQL is reached over its Unix socket; over loopback TCP see the section on it above.
 """
 
 
@@ -427,12 +435,86 @@ def ingest_section(ingest: dict[str, Any]) -> str:
     return "".join(out)
 
 
-def generate(graphql: dict[str, Any] | None, ingest: dict[str, Any] | None) -> dict[str, str]:
+def connection_section(main: dict[str, Any], others: dict[str, dict[str, Any]]) -> str:
+    """The usage figures of the main run beside runs over loopback TCP (``bench/results/graphql_tcp*.json``)."""
+    out = [f"## {CONNECTION}\n\n", CONNECTION_TEXT]
+    rows = []
+    for name, results in {"graphql.json": main, **others}.items():
+        facts = results.get("postgres_connection") or {"transport": "tcp"}
+        single = results.get("usage_single", {})
+        hour = single.get("hour_30d", {})
+        concurrent = results.get("usage_concurrent") or {}
+        targets = results.get("summary", {}).get("targets", [])
+        missed = [t["what"] for t in targets if not t["met"]]
+
+        def ratio(key: str, entry: dict[str, Any]) -> str:
+            value = entry.get("ratio_gateway_to_floor", {}).get(key)
+            return "–" if value is None else f"{value}×"
+
+        rows.append([
+            f"`{name}`", facts["transport"], facts.get("tcp_congestion_control") or "–",
+            f"`{str(results.get('git', {}).get('commit', '?'))[:7]}`",
+            f"{num(hour.get('gateway', {}).get('latency_ms', {}).get('p50'))} / "
+            f"{num(hour.get('gateway', {}).get('latency_ms', {}).get('p99'))}",
+            f"{ratio('p50', hour)} / {ratio('p99', hour)}",
+            " / ".join(ratio("p99", single.get(k, {})) for k in ("day_30d", "day_365d")),
+            f"{concurrent['throughput_share_of_floor']:.0%}" if concurrent else "–",
+            f"{len(targets) - len(missed)} of {len(targets)}" + (f" (missed: {'; '.join(missed)})" if missed else ""),
+        ])  # fmt: skip
+    out.append(
+        "\n"
+        + table(
+            [
+                "results",
+                "transport",
+                "congestion control",
+                "commit",
+                "HOUR 30 d p50 / p99 ms",
+                "HOUR ÷ floor p50 / p99",
+                "DAY 30 d / 365 d ÷ floor p99",
+                "16 clients ÷ floor",
+                "targets met",
+            ],
+            rows,
+        )
+    )
+    return "".join(out)
+
+
+CONNECTION_TEXT = """\
+The main run reaches PostgreSQL over its Unix socket (`bench/postgres.py`; `ANALYTICS_BENCH_POSTGRES_URL`
+chooses). Over loopback TCP on these machines, whose congestion control is BBR, a few requests in every 30 s
+take 60–100 ms longer, and those set the TCP run's p99s. The cause is in the kernel: BBR paces PostgreSQL's
+sending, and now and then it holds back the rest of a ~480 kB answer. With `perf record -e
+sched:sched_switch,sched:sched_wakeup,irq:softirq_entry -a` the gateway sleeps on its socket and PostgreSQL
+has finished writing. Both CPUs are mostly idle. After 64 ms an `HRTIMER` softirq (the pacing timer) delivers
+the next segment, and the gateway wakes up.
+
+A sequential client, on the same data and the same gateway process, counted requests over 45 ms:
+
+- 7 to 10 in 20–30 s under `bbr`;
+- none in three 30 s runs under `cubic` (`sysctl -w net.ipv4.tcp_congestion_control=cubic`, which new
+  connections take);
+- none over the socket.
+
+Neither PostgreSQL nor asyncpg lets a client choose the server's congestion control. So a gateway on its
+database's host should use the socket (docs/configuration.md). A remote database is a real network path, where
+pacing is what BBR is for. The TCP runs below use the same code and data, started as `ANALYTICS_BENCH_POSTGRES_URL=
+'postgresql://postgres@127.0.0.1:5432/postgres' .venv/bin/python -m bench.graphql_bench --keep-db --only a,b,c,d,e
+--out bench/results/graphql_tcp_<congestion control>.json`. For the cubic run the system setting was changed
+for the run and then put back.
+"""
+
+
+def generate(graphql: dict[str, Any] | None, ingest: dict[str, Any] | None,
+             others: dict[str, dict[str, Any]] | None = None) -> dict[str, str]:  # fmt: skip
     sections: dict[str, str] = {}
     if ingest:
         sections["Ingestion"] = ingest_section(ingest)
     if graphql:
         sections["Usage queries"] = usage_section(graphql)
+        if others:
+            sections[CONNECTION] = connection_section(graphql, others)
         sections["GraphQL"] = graphql_section(graphql)
         sections["Publish-to-visible"] = visible_section(graphql)
     return sections
@@ -450,7 +532,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     existing = out.read_text() if out.exists() else ""
-    page = assemble(existing, generate(_load(Path(args.graphql)), _load(Path(args.ingest))))
+    graphql = Path(args.graphql)
+    others = {p.name: json.loads(p.read_text()) for p in sorted(graphql.parent.glob("graphql_tcp*.json"))}
+    page = assemble(existing, generate(_load(graphql), _load(Path(args.ingest)), others))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page)
     print(f"wrote {out}")

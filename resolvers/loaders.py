@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
+from functools import partial
 from typing import TYPE_CHECKING
 
 import orjson
@@ -21,11 +22,9 @@ class Loaders:
     """Created for every request (and every subscription push) in the context."""
 
     def __init__(self, resources: Resources) -> None:
-        self._resources = resources
-        self.freshness: DataLoader[str, FreshnessRow] = DataLoader(load_fn=self._load_freshness)
-
-    async def _load_freshness(self, org_ids: Sequence[str]) -> list[FreshnessRow]:
-        return await freshness_rows(self._resources, org_ids)
+        # a partial, not a bound method: the loader must not refer back to this object (a reference cycle
+        # per request, left to the cyclic garbage collector)
+        self.freshness: DataLoader[str, FreshnessRow] = DataLoader(load_fn=partial(freshness_rows, resources))
 
 
 async def freshness_rows(resources: Resources, org_ids: Sequence[str]) -> list[FreshnessRow]:
