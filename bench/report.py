@@ -118,10 +118,9 @@ def connection_words(results: dict[str, Any]) -> str:
     facts = results.get("postgres_connection") or {}
     if not facts:
         return "PostgreSQL over TCP"
-    words = f"PostgreSQL over its {facts['transport']}" if facts["transport"] == "unix socket" else "PostgreSQL over TCP"
-    if facts["transport"] == "tcp":
-        words += f" (congestion control {facts.get('tcp_congestion_control')})"
-    return words
+    if facts["transport"] == "unix socket":
+        return "PostgreSQL over its Unix socket"
+    return f"PostgreSQL over TCP (congestion control {facts.get('tcp_congestion_control')})"
 
 
 def disturbed_note(entries: list[dict[str, Any]]) -> str:

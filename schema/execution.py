@@ -45,8 +45,8 @@ from graphql import (
     is_object_type,
 )
 from graphql.execution.collect_fields import FieldDetailsList
-from graphql.type.definition import GraphQLResolveInfoHelpers
 from graphql.pyutils import Path
+from graphql.type.definition import GraphQLResolveInfoHelpers
 from strawberry.permission import PermissionExtension
 from strawberry.schema.schema import StrawberryGraphQLCoreExecutionContext
 from strawberry.schema.schema_converter import GraphQLCoreConverter

@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+import time
+from typing import Any
+
+import jwt
 import pytest
 
-from gateway.auth import Caller, TokenVerifier, ensure_org_access, issue_token
+from gateway.auth import VERIFIED_FOR_S, Caller, RecentTokens, TokenVerifier, ensure_org_access, issue_token
 from gateway.errors import Forbidden, Unauthenticated
 from gateway.scopes import ROLE_GRANTS, Scope
 from gateway.settings import Settings
@@ -46,3 +50,55 @@ async def test_verify_round_trip_and_bad_claims() -> None:
         await verifier.verify(issue_token(SECRET, ["viewer"], subject="e", ttl_seconds=-5))
     with pytest.raises(Unauthenticated, match="Bearer"):
         await verifier.verify_header("Token abc")
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_a_verified_token_is_remembered_only_while_it_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+    decoded: list[str] = []
+    original = jwt.decode
+
+    def counting(token: str, *args: Any, **kwargs: Any) -> Any:
+        decoded.append(token)
+        return original(token, *args, **kwargs)
+
+    monkeypatch.setattr(jwt, "decode", counting)
+    clock = _Clock()
+    verifier = TokenVerifier(Settings(jwt_secret=SECRET), clock=clock)
+    token = issue_token(SECRET, ["engineer"], subject="e", org_id="o", ttl_seconds=30)
+    first, second = await verifier.verify(token), await verifier.verify(token)
+    assert first == second == Caller("e", "o", ("engineer",)) and len(decoded) == 1
+    clock.now += 31  # past the token's exp: verified again (PyJWT's clock still finds it valid here)
+    await verifier.verify(token)
+    assert len(decoded) == 2
+    long_lived = issue_token(SECRET, ["viewer"], subject="v", ttl_seconds=3600)
+    await verifier.verify(long_lived)
+    clock.now += VERIFIED_FOR_S + 1  # remembered for at most a minute, whatever the exp
+    await verifier.verify(long_lived)
+    assert len(decoded) == 4
+    forged = token.rsplit(".", 1)[0] + ".c2lnbmF0dXJl"  # same claims, another signature: never a hit
+    with pytest.raises(Unauthenticated, match="invalid token"):
+        await verifier.verify(forged)
+
+
+async def test_a_token_not_yet_valid_is_not_remembered() -> None:
+    verifier = TokenVerifier(Settings(jwt_secret=SECRET))
+    future = jwt.encode({"sub": "s", "exp": int(time.time()) + 600, "nbf": int(time.time()) + 300}, SECRET)
+    for _ in range(2):
+        with pytest.raises(Unauthenticated, match="not yet valid"):
+            await verifier.verify(future)
+    assert len(verifier.recent) == 0
+
+
+def test_recent_tokens_are_bounded() -> None:
+    recent = RecentTokens(size=2)
+    caller, now = Caller("s", None, ()), time.time()
+    for token in ("a", "b", "c"):
+        recent.put(token, caller, {"exp": now + 60}, now)
+    assert len(recent) == 2 and recent.get("a", now) is None and recent.get("c", now) == caller
