@@ -1140,7 +1140,8 @@ def summarize(plan: Plan, defaults: dict[str, int]) -> dict[str, Any]:
         summary["latency"] = {
             "target_p99_s": TARGETS["latency_p99_s"],
             "runs": {
-                f"batch={r['message_events']} {config_label(r['settings'])}": {
+                # the rate belongs in the key: runs at several rates share a message size and settings
+                f"{r['rate_target']:,} events/s, batch={r['message_events']} {config_label(r['settings'])}": {
                     "p50": r["latency_s"]["p50"],
                     "p99": r["latency_s"]["p99"],
                     "max": r["latency_s"]["max"],
