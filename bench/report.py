@@ -503,8 +503,8 @@ gateway on its database's host should use the socket, or loopback TCP with `cubi
 query about 1.5 ms sooner at p50 than the socket did (docs/configuration.md). A remote database is a real network
 path, where pacing is what BBR is for. The TCP runs below use the same code and data, started as
 `ANALYTICS_BENCH_POSTGRES_URL='postgresql://postgres@127.0.0.1:5432/postgres' .venv/bin/python -m
-bench.graphql_bench --keep-db --only a,b,c,d,e --out bench/results/graphql_tcp_<congestion control>.json`. For the cubic run the system setting was changed
-for the run and then put back.
+bench.graphql_bench --keep-db --only a,b,c,d,e --out bench/results/graphql_tcp_<congestion control>.json`.
+For the cubic run the system setting was changed for the run and then put back.
 """
 
 
