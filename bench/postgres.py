@@ -9,8 +9,9 @@ Why the socket by default: over loopback TCP, with the machine's congestion cont
 the benchmark machines), the kernel paces PostgreSQL's replies and now and then holds the rest of a ~480 kB
 answer back for 60-100 ms while both processes sleep (seen with ``perf`` as an HRTIMER softirq that releases
 the next segment). A few such requests in 30 s set the p99s. With ``cubic`` or over the socket there are
-none. A gateway on the same host as its database should use the socket anyway (docs/configuration.md);
-results record the transport and the TCP settings, and docs/benchmarks.md shows TCP runs beside it.
+none. A gateway on the same host as its database should use the socket, or loopback TCP with a congestion
+control other than BBR (docs/configuration.md); results record the transport and the TCP settings, and
+docs/benchmarks.md shows TCP runs beside the main one.
 """
 
 from __future__ import annotations
