@@ -19,6 +19,9 @@ class ErrorCode(StrEnum):
     RATE_LIMITED = "RATE_LIMITED"
     QUERY_TOO_COMPLEX = "QUERY_TOO_COMPLEX"
     INTERNAL = "INTERNAL"
+    # An addition to the contract: the server is briefly out of capacity (connection pool exhausted,
+    # statement timeout, database unreachable); the same request may succeed after ``retryAfter`` seconds.
+    UNAVAILABLE = "UNAVAILABLE"
 
 
 HTTP_STATUS: dict[ErrorCode, int] = {
@@ -29,6 +32,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.RATE_LIMITED: 429,
     ErrorCode.QUERY_TOO_COMPLEX: 400,
     ErrorCode.INTERNAL: 500,
+    ErrorCode.UNAVAILABLE: 503,
 }
 
 
@@ -42,7 +46,7 @@ class GatewayError(Exception):
         self.message = message
 
     @property
-    def extensions(self) -> dict[str, str]:
+    def extensions(self) -> dict[str, str | int]:
         return {"code": self.code.value}
 
 
@@ -60,6 +64,30 @@ class BadUserInput(GatewayError):
 
 class NotFound(GatewayError):
     code = ErrorCode.NOT_FOUND
+
+
+class QueryTooComplex(GatewayError):
+    code = ErrorCode.QUERY_TOO_COMPLEX
+
+
+class Retryable(GatewayError):
+    """An error the client may retry after ``retry_after_s`` seconds (``extensions.retryAfter``)."""
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    @property
+    def extensions(self) -> dict[str, str | int]:
+        return {"code": self.code.value, "retryAfter": self.retry_after_s}
+
+
+class RateLimited(Retryable):
+    code = ErrorCode.RATE_LIMITED
+
+
+class Unavailable(Retryable):
+    code = ErrorCode.UNAVAILABLE
 
 
 class ConfigError(Exception):

@@ -89,6 +89,19 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(default=20, ge=1)
     # Allocations between young garbage collections once started (see gateway/gc_policy.py).
     gc_gen0_threshold: int = Field(default=50_000, ge=100)
+    # Bounded cost of every request (docs/security.md): what one caller may send and run.
+    graphql_max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    graphql_max_document_bytes: int = Field(default=32 * 1024, ge=256)
+    graphql_max_fields: int = Field(default=1000, ge=10)
+    graphql_max_cost: int = Field(default=200_000, ge=1)
+    rate_limit_per_minute: int = Field(default=600, ge=1)
+    max_concurrent_per_caller: int = Field(default=8, ge=1)
+    db_statement_timeout_ms: int = Field(default=15_000, ge=100)
+    db_pool_timeout_s: float = Field(default=5.0, gt=0)
+    jwt_max_token_bytes: int = Field(default=8192, ge=256)
+    # Production switches: the in-browser IDE and schema introspection.
+    graphiql_enabled: bool = True
+    introspection_enabled: bool = True
     # What ``serve`` runs: its roles (``--role`` overrides) and how many worker processes (``--workers``).
     roles: str = ",".join(sorted(ALL_ROLES))
     workers: int = Field(default=1, ge=1, le=64)
