@@ -65,7 +65,7 @@ async def open_resources(settings: Settings, roles: frozenset[Role], metrics: Me
         pubsub: PubSub = RedisPubSub(redis, settings.redis_prefix) if redis is not None else LocalPubSub()
         cache: Cache = RedisCache(redis, settings.redis_prefix) if redis is not None else LocalCache()
         ingest_metrics = IngestMetrics(metrics.meter("analytics.ingest"))
-        audit = AuditTrail(engine)
+        audit = AuditTrail(engine, metrics.meter("analytics.audit"))
         await audit.start()
         stack.push_async_callback(audit.stop)
         yield Resources(

@@ -1,73 +1,156 @@
-"""A schema extension that audits every GraphQL operation (contracts section 2)."""
+"""A schema extension that audits every GraphQL operation (contracts section 2).
+
+What is recorded is what was executed, not what the client called it: the root fields that the operation
+selects once fragments, ``@skip``/``@include`` and variables are applied, and the orgs of their coerced
+``orgId`` arguments (an input object's ``orgId`` included). The client's ``operationName`` is kept in the
+detail only. Queries and mutations are recorded when they finish; a subscription when its first result (or
+its refusal) is sent, and otherwise when it ends.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
-from graphql import FieldNode, OperationDefinitionNode, value_from_ast_untyped
+from graphql import (
+    DocumentNode,
+    FragmentDefinitionNode,
+    GraphQLError,
+    GraphQLObjectType,
+    GraphQLSchema,
+    OperationDefinitionNode,
+    get_operation_ast,
+)
+from graphql.execution.collect_fields import FragmentDetails, collect_fields
+from graphql.execution.values import get_argument_values, get_variable_values
 from strawberry.extensions import SchemaExtension
 
 from gateway.audit import AuditEntry
 from schema.errors import error_code
 
 
+@dataclass(frozen=True)
+class Executed:
+    """The operation as it runs: its type, its root fields and the orgs they ask for."""
+
+    kind: str
+    fields: list[str]
+    orgs: list[str]
+
+
 class AuditOperations(SchemaExtension):
     """After each operation: who, which root fields, which orgs, and the outcome."""
 
+    _recorded = False
+    _started: dt.datetime
+
     def on_operation(self) -> Iterator[None]:
-        started = dt.datetime.now(dt.UTC)
+        self._started = dt.datetime.now(dt.UTC)
+        try:
+            yield
+        finally:
+            if not self._recorded:
+                self._record(self._errors())
+
+    def on_stream_result(self, result: Any) -> Iterator[None]:
+        if not self._recorded and self._kind() == "subscription":
+            self._record(list(getattr(result, "errors", None) or []))
         yield
+
+    def _kind(self) -> str | None:
+        operation = self._operation()
+        return operation.operation.value if operation is not None else None
+
+    def _record(self, errors: list[GraphQLError]) -> None:
         context = self.execution_context.context
         caller = getattr(context, "caller", None)
         trail = getattr(getattr(context, "resources", None), "audit", None)
         if caller is None or trail is None:
             return
-        operation = self._operation()
-        fields, orgs = _root_fields_and_orgs(operation, self.execution_context.variables or {})
+        self._recorded = True
+        executed = self._executed()
+        detail: dict[str, Any] = {"fields": executed.fields, "orgs": executed.orgs}
+        if self.execution_context.operation_name is not None:
+            detail["operation_name"] = self.execution_context.operation_name
         trail.record(
             AuditEntry(
                 actor=caller.subject,
-                action=f"graphql.{operation.operation.value if operation else 'invalid'}",
-                target=self.execution_context.operation_name or ",".join(fields) or None,
-                org_id=orgs[0] if len(orgs) == 1 else None,
-                outcome=self._outcome(),
-                detail={"fields": fields, "orgs": orgs},
+                action=f"graphql.{executed.kind}",
+                target=",".join(executed.fields) or None,
+                org_id=executed.orgs[0] if len(executed.orgs) == 1 else None,
+                outcome=_outcome(errors),
+                detail=detail,
             ),
-            at=started,
+            at=self._started,
         )
 
     def _operation(self) -> OperationDefinitionNode | None:
         document = self.execution_context.graphql_document
         if document is None:
             return None
-        operations = [d for d in document.definitions if isinstance(d, OperationDefinitionNode)]
-        name = self.execution_context.operation_name
-        return next((o for o in operations if name is None or (o.name and o.name.value == name)), None)
+        return get_operation_ast(document, self.execution_context.operation_name)
 
-    def _outcome(self) -> str:
+    def _executed(self) -> Executed:
+        operation = self._operation()
+        document = self.execution_context.graphql_document
+        schema = self.execution_context.schema._schema
+        if operation is None or document is None:
+            return Executed("invalid", [], [])
+        root = schema.get_root_type(operation.operation)
+        if root is None:
+            return Executed("invalid", [], [])
+        fields, orgs = executed_root_fields(schema, document, operation, root, self.execution_context.variables)
+        return Executed(operation.operation.value, fields, orgs)
+
+    def _errors(self) -> list[GraphQLError]:
         result = self.execution_context.result
-        errors = list(self.execution_context.pre_execution_errors or []) + list(getattr(result, "errors", None) or [])
-        if not errors:
-            return "ok"
-        return "error: " + ",".join(sorted({error_code(e).value for e in errors}))
+        return list(self.execution_context.pre_execution_errors or []) + list(getattr(result, "errors", None) or [])
 
 
-def _root_fields_and_orgs(
-    operation: OperationDefinitionNode | None, variables: dict[str, Any]
+def executed_root_fields(
+    schema: GraphQLSchema,
+    document: DocumentNode,
+    operation: OperationDefinitionNode,
+    root: GraphQLObjectType,
+    variables: dict[str, Any] | None,
 ) -> tuple[list[str], list[str]]:
-    if operation is None:
-        return [], []
-    fields, orgs = [], []
-    for selection in operation.selection_set.selections:
-        if not isinstance(selection, FieldNode):
+    """The root fields ``operation`` executes and the orgs their coerced arguments name. With variables
+    that do not coerce nothing executes: the fields as written are returned, with no orgs."""
+    coerced = get_variable_values(schema, operation.variable_definitions or (), variables or {})
+    if isinstance(coerced, list):
+        written = [s.name.value for s in operation.selection_set.selections if hasattr(s, "name")]
+        return sorted(set(written)), []
+    fragments = {
+        d.name.value: FragmentDetails(d) for d in document.definitions if isinstance(d, FragmentDefinitionNode)
+    }
+    collected = collect_fields(schema, fragments, coerced, root, operation)
+    fields: set[str] = set()
+    orgs: set[str] = set()
+    for details in collected.grouped_field_set.values():
+        node = details[0].node
+        fields.add(node.name.value)
+        definition = root.fields.get(node.name.value)
+        if definition is None:
             continue
-        fields.append(selection.name.value)
-        for argument in selection.arguments or ():
-            value = value_from_ast_untyped(argument.value, variables)
-            if argument.name.value == "orgId" and value is not None:
-                orgs.append(str(value))
-            elif isinstance(value, dict) and value.get("orgId") is not None:  # input objects of mutations
-                orgs.append(str(value["orgId"]))
-    return fields, sorted(set(orgs))
+        try:
+            arguments = get_argument_values(definition, node, coerced, details[0].fragment_variable_values)
+        except GraphQLError:
+            continue
+        orgs.update(_orgs_in(arguments))
+    return sorted(fields), sorted(orgs)
+
+
+def _orgs_in(arguments: dict[str, Any]) -> Iterator[str]:
+    for name, value in arguments.items():
+        if name == "orgId" and isinstance(value, str):
+            yield value
+        elif isinstance(value, dict) and isinstance(value.get("orgId"), str):  # input objects of mutations
+            yield value["orgId"]
+
+
+def _outcome(errors: list[GraphQLError]) -> str:
+    if not errors:
+        return "ok"
+    return "error: " + ",".join(sorted({error_code(e).value for e in errors}))

@@ -223,7 +223,7 @@ async def test_every_operation_is_audited_with_caller_org_and_outcome(
             )
         ).all()
     assert [(r.action, r.target, r.outcome) for r in rows] == [
-        ("graphql.query", "Who", "ok"),
+        ("graphql.query", "viewer", "ok"),
         ("graphql.query", "exportJob", "error: FORBIDDEN"),
     ]
-    assert rows[0].detail == {"fields": ["viewer"], "orgs": []}
+    assert rows[0].detail == {"fields": ["viewer"], "orgs": [], "operation_name": "Who"}
