@@ -7,7 +7,9 @@ import decimal
 
 import strawberry
 
+from gateway.scopes import Scope
 from schema.enums import ExportKind, ExportStatus
+from schema.permissions import requires
 from schema.scalars import BigInt
 
 
@@ -17,7 +19,7 @@ class ExportTotals:
     input_tokens: BigInt
     cached_input_tokens: BigInt
     output_tokens: BigInt
-    spend: decimal.Decimal | None
+    spend: decimal.Decimal | None = strawberry.field(extensions=requires(Scope.SPEND_READ))
 
 
 @strawberry.type

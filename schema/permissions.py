@@ -40,10 +40,6 @@ class RequireScope(BasePermission):
         return caller is not None and caller.has_scope(self.scope)
 
 
-def requires(scope: ScopeValue, *, empty_when_denied: bool = False) -> list[FieldExtension]:
-    """Field extensions for ``@requires(scope: scope)``.
-
-    ``empty_when_denied`` is for non-null list fields, where null would wipe
-    out the parent object: the caller without the scope gets [] and no error.
-    """
-    return [PermissionExtension(permissions=[RequireScope(scope)], fail_silently=empty_when_denied)]
+def requires(scope: ScopeValue) -> list[FieldExtension]:
+    """Field extensions for ``@requires(scope: scope)``: null with a FORBIDDEN error without the scope."""
+    return [PermissionExtension(permissions=[RequireScope(scope)], fail_silently=False)]

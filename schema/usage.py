@@ -82,10 +82,12 @@ class UsageReport:
             "events inside the range."
         )
     )
-    unpriced_models: list[str] = strawberry.field(
-        # Non-null in the contract, so a denied caller gets [] rather than a null that would void the report.
-        extensions=requires(Scope.SPEND_READ, empty_when_denied=True),
-        description="Models seen in the range that have no price in effect; their spend counts as 0 until priced.",
+    unpriced_models: list[str] | None = strawberry.field(
+        extensions=requires(Scope.SPEND_READ),
+        description=(
+            "Models seen in the range that have no price in effect; their spend counts as 0 until priced. "
+            "Null, with a FORBIDDEN error, without SPEND_READ."
+        ),
     )
 
     @strawberry.field

@@ -55,9 +55,9 @@ async def test_engineer_gets_tokens_but_spend_is_forbidden_once_per_field(
     usage = body["data"]["usage"]
     assert usage["totals"]["requests"] > 0 and usage["totals"]["spend"] is None
     assert len(usage["series"]) > 1 and all(b["spend"] is None and b["requests"] > 0 for b in usage["series"])
-    assert usage["unpricedModels"] == []  # non-null in the contract: empty, not null, for callers without SPEND_READ
+    assert usage["unpricedModels"] is None  # like every guarded field: null with a FORBIDDEN error
     paths = sorted(tuple(map(str, e["path"])) for e in body["errors"])
-    assert paths == [("usage", "series", "0", "spend"), ("usage", "totals", "spend")]
+    assert paths == [("usage", "series", "0", "spend"), ("usage", "totals", "spend"), ("usage", "unpricedModels")]
     assert {e["extensions"]["code"] for e in body["errors"]} == {"FORBIDDEN"}
 
 
