@@ -64,7 +64,7 @@ SAMPLES: dict[str, Any] = {
         "effectiveFrom": "2026-01-01T00:00:00Z",
         "inputPerMillion": "1",
         "outputPerMillion": "2",
-    },  # fmt: skip
+    },
     "CostExportInput": lambda: {"month": "2026-11"},
     "IncidentExportInput": lambda: {"range": dict(RANGE)},
 }
