@@ -12,7 +12,7 @@ import os
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
@@ -26,6 +26,7 @@ HS_ALGORITHMS = ["HS256"]
 JWKS_ALGORITHMS = ["RS256", "ES256"]
 VERIFIED_TOKENS = 4096  # tokens remembered after verification (see RecentTokens)
 VERIFIED_FOR_S = 60.0  # at most this long, so a key removed from the JWKS stops working within a minute
+NUMERIC_DATES = ("exp", "nbf", "iat")  # RFC 7519 section 2: a JSON number; PyJWT would take "exp": "1700000000"
 
 
 @dataclass(frozen=True)
@@ -35,10 +36,20 @@ class Caller:
     subject: str
     org_id: str | None
     roles: tuple[str, ...]
+    # The token's ``exp`` (Unix time): a WebSocket is closed then, and refuses operations after it.
+    expires_at: float | None = field(default=None, compare=False)
 
     @cached_property
     def scopes(self) -> frozenset[Scope]:
         return frozenset().union(*(ROLE_GRANTS[r].scopes for r in self.roles if r in ROLE_GRANTS))
+
+    @property
+    def may_use_graphql(self) -> bool:
+        """A caller whose roles grant no scope (``ingest``) has nothing in GraphQL (contract section 2)."""
+        return bool(self.scopes)
+
+    def expired(self, now: float) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
 
     @property
     def all_orgs(self) -> bool:
@@ -112,7 +123,12 @@ class TokenVerifier:
         self._audience = settings.jwt_audience
         self._jwks = jwt.PyJWKClient(str(settings.jwt_jwks_url)) if settings.jwt_jwks_url else None
         self._clock = clock
+        self._max_token_bytes = settings.jwt_max_token_bytes
         self.recent = RecentTokens()
+
+    def now(self) -> float:
+        """The verifier's clock (Unix time), so that expiry checks elsewhere agree with verification."""
+        return self._clock()
 
     async def verify_header(self, authorization: str | None) -> Caller:
         """Verify an ``Authorization: Bearer <jwt>`` value."""
@@ -124,6 +140,8 @@ class TokenVerifier:
         return await self.verify(token.strip())
 
     async def verify(self, token: str) -> Caller:
+        """Verify a bare JWT; :class:`Unauthenticated` naming the problem otherwise."""
+        self._check_size(token)
         now = self._clock()
         known = self.recent.get(token, now)
         if known is not None:
@@ -142,9 +160,16 @@ class TokenVerifier:
             raise Unauthenticated("token expired") from None
         except jwt.PyJWTError as exc:
             raise Unauthenticated(f"invalid token: {exc}") from None
+        _check_numeric_dates(claims)
         caller = _caller_from(claims)
         self.recent.put(token, caller, claims, now)
         return caller
+
+    def _check_size(self, text: str) -> None:
+        # Before any decoding: a megabyte "token" must not cost base64 and JSON work (nor a cache entry).
+        # Characters count as bytes: a JWT is ASCII, and anything else fails verification anyway.
+        if len(text) > self._max_token_bytes:
+            raise Unauthenticated(f"token too long (more than {self._max_token_bytes} bytes)")
 
     async def _key_for(self, token: str) -> tuple[Any, list[str]]:
         if self._jwks is not None:
@@ -171,6 +196,13 @@ def signing_secret(settings: Settings) -> str | None:
     return path.read_text().strip()
 
 
+def _check_numeric_dates(claims: Mapping[str, object]) -> None:
+    for name in NUMERIC_DATES:
+        value = claims.get(name)
+        if name in claims and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise Unauthenticated(f"claim {name!r} must be a NumericDate (a JSON number)")
+
+
 def _caller_from(claims: Mapping[str, object]) -> Caller:
     subject, org_id, roles = claims.get("sub"), claims.get("org_id"), claims.get("roles", [])
     if not isinstance(subject, str) or not subject:
@@ -179,7 +211,9 @@ def _caller_from(claims: Mapping[str, object]) -> Caller:
         raise Unauthenticated("claim 'org_id' must be a string")
     if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
         raise Unauthenticated("claim 'roles' must be a list of strings")
-    return Caller(subject=subject, org_id=org_id, roles=tuple(roles))
+    exp = claims["exp"]
+    assert isinstance(exp, int | float)  # required by decode, a number by _check_numeric_dates
+    return Caller(subject=subject, org_id=org_id, roles=tuple(roles), expires_at=float(exp))
 
 
 def issue_token(

@@ -1,36 +1,135 @@
 """GraphQL over HTTP and WebSocket at ``/graphql``, behind bearer-token auth.
 
-HTTP requests are authenticated before Strawberry sees them: no valid token
-means HTTP 401 with a GraphQL-shaped body. A browser GET without a query gets
-GraphiQL. WebSocket clients authenticate in ``connection_init`` (payload
-``{"Authorization": "Bearer …"}``) or with a header on the upgrade request.
+HTTP requests are authenticated before Strawberry sees them: no valid token means HTTP 401 with a
+GraphQL-shaped body. Only the GraphiQL page itself (a browser's GET that executes nothing, while
+``graphiql_enabled``) is served without a token. Every refusal before execution (bad body, content type,
+operation, size) is GraphQL-shaped too, with ``extensions.code`` and a matching status.
+
+WebSocket clients (``graphql-transport-ws`` only) authenticate in ``connection_init`` (payload
+``{"Authorization": "Bearer …"}``) or with a header on the upgrade request; the socket is closed with 4401
+when the token expires, and no operation starts after that.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+from cross_web import AsyncHTTPRequestAdapter, HTTPException, StarletteRequestAdapter
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.types import Receive, Scope, Send
+from starlette.responses import Response
+from starlette.types import Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 from strawberry.asgi import GraphQL
-from strawberry.exceptions import ConnectionRejectionError
-from strawberry.http import GraphQLHTTPResponse
+from strawberry.exceptions import ConnectionRejectionError, MissingQueryError
+from strawberry.http import GraphQLHTTPResponse, GraphQLRequestData
+from strawberry.http.parse_content_type import parse_content_type
+from strawberry.schema.exceptions import CannotGetOperationTypeError, InvalidOperationTypeError
+from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
+from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import BaseGraphQLTransportWSHandler
+from strawberry.subscriptions.protocols.graphql_transport_ws.types import ConnectionInitMessage, SubscribeMessage
 from strawberry.types import ExecutionResult
+from strawberry.types.graphql import OperationType
 from strawberry.types.unset import UnsetType
 
 from gateway.auth import Caller
 from gateway.context import Context
-from gateway.errors import HTTP_STATUS, ErrorCode, Unauthenticated
+from gateway.errors import HTTP_STATUS, ErrorCode, Forbidden, GatewayError, Unauthenticated
 from gateway.resources import Resources
 from resolvers.loaders import Loaders
 from schema.errors import collapse_list_errors, format_error
 from schema.json import dumps
 
 CALLER_KEY = "analytics.caller"
+# What each HTTP method may run. Subscriptions need the WebSocket: over HTTP strawberry would run the
+# subscription resolver as a query and answer "Cannot return null for non-nullable field".
+HTTP_OPERATIONS = {"GET": frozenset({OperationType.QUERY}),
+                   "POST": frozenset({OperationType.QUERY, OperationType.MUTATION})}  # fmt: skip
+WS_TOKEN_EXPIRED = 4401  # graphql-transport-ws "Unauthorized"
+
+
+class TransportError(Exception):
+    """A request refused before GraphQL executes it: an HTTP status, a contract code and a message."""
+
+    def __init__(self, status: int, code: ErrorCode, message: str, headers: Mapping[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, dict(headers or {})
+
+    @classmethod
+    def of(cls, error: GatewayError, headers: Mapping[str, str] | None = None) -> TransportError:
+        return cls(HTTP_STATUS[error.code], error.code, error.message, headers)
+
+    def response(self) -> Response:
+        body = {"data": None, "errors": [{"message": self.message, "extensions": {"code": self.code.value}}]}
+        return Response(dumps(body), status_code=self.status, headers=self.headers, media_type="application/json")
+
+
+class BodyTooLarge(TransportError):
+    def __init__(self, limit: int) -> None:
+        message = f"request body exceeds {limit} bytes (ANALYTICS_GRAPHQL_MAX_BODY_BYTES)"
+        super().__init__(413, ErrorCode.BAD_USER_INPUT, message)
+
+
+class GatewayWSHandler(BaseGraphQLTransportWSHandler[Context, None]):
+    """``graphql-transport-ws`` with the token's expiry enforced: a timer closes the socket with 4401 at
+    ``exp``, and a subscribe message that arrives after it (the timer not having run yet) does the same."""
+
+    expiry: asyncio.Task[None] | None = None
+
+    async def handle_connection_init(self, message: ConnectionInitMessage) -> None:
+        await super().handle_connection_init(message)
+        caller = self.context.caller
+        if self.connection_acknowledged and self.expiry is None and caller and caller.expires_at is not None:
+            self.expiry = asyncio.create_task(self._close_at(caller.expires_at))
+
+    async def handle_subscribe(self, message: SubscribeMessage) -> None:
+        caller = self.context.caller
+        if self.connection_acknowledged and caller is not None and caller.expired(self._now()):
+            await self._close_expired()
+            return
+        await super().handle_subscribe(message)
+
+    async def shutdown(self) -> None:
+        if self.expiry is not None:
+            self.expiry.cancel()
+        await super().shutdown()
+
+    async def _close_at(self, expires_at: float) -> None:
+        await asyncio.sleep(max(0.0, expires_at - self._now()))
+        await self._close_expired()
+
+    async def _close_expired(self) -> None:
+        # Operations first, so none of them writes to a socket that is closing.
+        for operation_id in list(self.operations):
+            await self.cleanup_operation(operation_id)
+        await self.websocket.close(code=WS_TOKEN_EXPIRED, reason="token expired")
+
+    def _now(self) -> float:
+        return self.context.resources.verifier.now()
 
 
 class GraphQLView(GraphQL[Context, None]):
-    """Strawberry's ASGI view with our context, error format and JSON encoder."""
+    """Strawberry's ASGI view with our context, error format, JSON codec and WebSocket handler."""
+
+    graphql_transport_ws_handler_class = GatewayWSHandler
+
+    def __init__(self, schema: Any, **options: Any) -> None:
+        # The contract's protocol only: the legacy graphql-ws handler would skip GatewayWSHandler's checks.
+        super().__init__(schema, subscription_protocols=(GRAPHQL_TRANSPORT_WS_PROTOCOL,), **options)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        try:
+            response = await self.run(Request(scope, receive))
+        except TransportError as exc:
+            response = exc.response()
+        except HTTPException as exc:  # strawberry's own refusals, plain text otherwise
+            response = _from_http_exception(exc).response()
+        await response(scope, receive, send)
 
     async def get_context(self, request: Request | WebSocket, response: Response | WebSocket) -> Context:
         return Context(
@@ -46,10 +145,71 @@ class GraphQLView(GraphQL[Context, None]):
         if not isinstance(authorization, str):
             authorization = context.upgrade_authorization
         try:
-            context.caller = await context.resources.verifier.verify_header(authorization)
-        except Unauthenticated as exc:
+            caller = await context.resources.verifier.verify_header(authorization)
+            ensure_graphql_access(caller)
+        except (Unauthenticated, Forbidden) as exc:
             raise ConnectionRejectionError({"message": exc.message}) from None
+        context.caller = caller
         return UnsetType()  # a plain connection_ack, no payload
+
+    async def render_graphql_ide(self, request: Request) -> Response:
+        if not _resources(request.scope).settings.graphiql_enabled:
+            raise TransportError(404, ErrorCode.NOT_FOUND, "GraphiQL is switched off (ANALYTICS_GRAPHIQL_ENABLED)")
+        return await super().render_graphql_ide(request)
+
+    async def parse_http_body(self, request: AsyncHTTPRequestAdapter) -> GraphQLRequestData:
+        if request.method == "POST" and _media_type(request.content_type) != "application/json":
+            message = "Content-Type must be application/json (one GraphQL operation as a JSON object)"
+            raise TransportError(415, ErrorCode.BAD_USER_INPUT, message)
+        data = await super().parse_http_body(request)
+        assert isinstance(data, GraphQLRequestData)  # parse_json refuses arrays (no batching)
+        if not isinstance(data.operation_name, str | None):
+            raise TransportError(400, ErrorCode.BAD_USER_INPUT, "operationName must be a string or null")
+        return data
+
+    def parse_json(self, data: str | bytes) -> Any:
+        """The request body (or a GET parameter) as a JSON object; anything else is refused here."""
+        try:
+            value = self.decode_json(data)
+        except orjson.JSONDecodeError as exc:
+            raise TransportError(400, ErrorCode.BAD_USER_INPUT, f"invalid JSON: {exc}") from None
+        if isinstance(value, list):
+            message = "batched operations (a JSON array) are not supported: send one operation as a JSON object"
+            raise TransportError(400, ErrorCode.BAD_USER_INPUT, message)
+        if not isinstance(value, dict):
+            raise TransportError(400, ErrorCode.BAD_USER_INPUT, "expected a JSON object")
+        return value
+
+    def decode_json(self, data: str | bytes) -> object:
+        # orjson: fast, and it refuses deep nesting with an error (json.loads raises RecursionError, a 500).
+        # Its JSONDecodeError subclasses json's, which strawberry's WebSocket reader catches.
+        return orjson.loads(data)
+
+    async def execute_single(
+        self,
+        request: Request,
+        request_adapter: AsyncHTTPRequestAdapter,
+        sub_response: Response,
+        context: Context,
+        root_value: None,
+        request_data: GraphQLRequestData,
+    ) -> ExecutionResult:
+        try:
+            return await self.schema.execute(
+                request_data.query,
+                root_value=root_value,
+                variable_values=request_data.variables,
+                context_value=context,
+                operation_name=request_data.operation_name,
+                allowed_operation_types=HTTP_OPERATIONS[request_adapter.method],
+                operation_extensions=request_data.extensions,
+            )
+        except CannotGetOperationTypeError as exc:
+            raise TransportError(400, ErrorCode.BAD_USER_INPUT, exc.as_http_error_reason()) from None
+        except InvalidOperationTypeError as exc:
+            raise _wrong_transport(exc.operation_type) from None
+        except MissingQueryError:
+            raise TransportError(400, ErrorCode.BAD_USER_INPUT, "no GraphQL query in the request") from None
 
     async def process_result(self, request: Request, result: ExecutionResult) -> GraphQLHTTPResponse:
         response: GraphQLHTTPResponse = {"data": result.data}
@@ -66,24 +226,91 @@ class GraphQLView(GraphQL[Context, None]):
 
 
 class AuthenticatedGraphQL:
-    """ASGI app in front of :class:`GraphQLView` that verifies the bearer token."""
+    """ASGI app in front of :class:`GraphQLView`: verifies the bearer token, refuses callers with nothing in
+    GraphQL, and bounds the request body."""
 
     def __init__(self, view: GraphQLView) -> None:
         self.view = view
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not _wants_graphiql(scope):
-            resources: Resources = scope["state"]["resources"]
+        if scope["type"] == "http" and not self._serves_ide_only(scope):
+            resources = _resources(scope)
             try:
                 scope[CALLER_KEY] = await _authenticate(resources, scope)
-            except Unauthenticated as exc:
-                await _error_response(exc)(scope, receive, send)
+                receive = _limited(receive, scope, resources.settings.graphql_max_body_bytes)
+            except TransportError as exc:
+                await exc.response()(scope, receive, send)
                 return
         await self.view(scope, receive, send)
 
+    def _serves_ide_only(self, scope: Scope) -> bool:
+        """A GET that strawberry answers with the IDE page and executes nothing: decided by the view's own rule
+        on the decoded query string (``?%71uery=`` is ``query``), so the two cannot disagree."""
+        if scope["method"] != "GET" or not _resources(scope).settings.graphiql_enabled:
+            return False
+        return self.view.should_render_graphql_ide(StarletteRequestAdapter(Request(scope)))
+
+
+def ensure_graphql_access(caller: Caller) -> None:
+    """Refuse a caller whose roles give nothing in GraphQL (the ``ingest`` role)."""
+    if not caller.may_use_graphql:
+        raise Forbidden(f"roles {list(caller.roles)} have no access to GraphQL")
+
 
 async def _authenticate(resources: Resources, scope: Scope) -> Caller:
-    return await resources.verifier.verify_header(_header(scope, b"authorization"))
+    try:
+        caller = await resources.verifier.verify_header(_header(scope, b"authorization"))
+    except Unauthenticated as exc:
+        raise TransportError.of(exc, {"WWW-Authenticate": 'Bearer realm="analytics"'}) from None
+    try:
+        ensure_graphql_access(caller)
+    except Forbidden as exc:
+        raise TransportError.of(exc) from None
+    return caller
+
+
+def _limited(receive: Receive, scope: Scope, limit: int) -> Receive:
+    """``receive`` that refuses a body over ``limit`` bytes: at once by its Content-Length, else while it
+    streams in (a chunked body has none), before it is all in memory."""
+    declared = _header(scope, b"content-length")
+    if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+        raise BodyTooLarge(limit)
+    seen = 0
+
+    async def receive_limited() -> Message:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise BodyTooLarge(limit)
+        return message
+
+    return receive_limited
+
+
+def _wrong_transport(operation: OperationType) -> TransportError:
+    if operation is OperationType.SUBSCRIPTION:
+        message = "subscriptions need the WebSocket transport (graphql-transport-ws at /graphql), not HTTP"
+        return TransportError(400, ErrorCode.BAD_USER_INPUT, message)
+    return TransportError(405, ErrorCode.BAD_USER_INPUT, f"{operation.value}s need POST", {"Allow": "POST"})
+
+
+def _from_http_exception(exc: HTTPException) -> TransportError:
+    code = ErrorCode.NOT_FOUND if exc.status_code == 404 else ErrorCode.BAD_USER_INPUT
+    return TransportError(exc.status_code, code, exc.reason)
+
+
+def _media_type(content_type: str | None) -> str:
+    try:
+        return parse_content_type(content_type or "")[0].lower()
+    except (AssertionError, ValueError, TypeError):  # parse_content_type asserts on what it cannot parse
+        return ""
+
+
+def _resources(scope: Scope) -> Resources:
+    resources: Resources = scope["state"]["resources"]
+    return resources
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -91,14 +318,3 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if key == name:
             return str(value.decode("latin-1"))
     return None
-
-
-def _wants_graphiql(scope: Scope) -> bool:
-    accepts_html = "text/html" in (_header(scope, b"accept") or "")
-    return scope["method"] == "GET" and accepts_html and b"query=" not in scope.get("query_string", b"")
-
-
-def _error_response(exc: Unauthenticated) -> Response:
-    body = {"data": None, "errors": [{"message": exc.message, "extensions": exc.extensions}]}
-    headers = {"WWW-Authenticate": 'Bearer realm="analytics"'}
-    return JSONResponse(body, status_code=HTTP_STATUS[ErrorCode.UNAUTHENTICATED], headers=headers)

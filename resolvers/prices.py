@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import re
 from typing import Any
 
 import strawberry
@@ -12,7 +11,7 @@ from db.audit import record
 from db.prices import Price, list_prices, upsert_price
 from gateway.context import Context
 from gateway.errors import BadUserInput
-from ingest.events import MODEL_PATTERN
+from resolvers.validation import check_model
 from schema.inputs import ModelPriceInput
 from schema.usage import ModelPrice
 
@@ -30,13 +29,14 @@ def to_model_price(price: Price) -> ModelPrice:
 
 async def resolve_model_prices(info: strawberry.Info[Context, Any], model: str | None = None) -> list[ModelPrice]:
     info.context.require_caller()
+    if model is not None:
+        check_model(model, "model")
     async with info.context.resources.engine.connect() as connection:
         return [to_model_price(p) for p in await list_prices(connection, model)]
 
 
 def validated_price(data: ModelPriceInput) -> Price:
-    if not re.fullmatch(MODEL_PATTERN, data.model):
-        raise BadUserInput(f"model {data.model!r} does not match {MODEL_PATTERN}")
+    check_model(data.model, "model")
     start = data.effective_from.astimezone(dt.UTC)
     if start != start.replace(minute=0, second=0, microsecond=0):
         raise BadUserInput("effectiveFrom must fall on a whole UTC hour")

@@ -14,12 +14,13 @@ from db.usage import UsageQuery, UsageRow, usage_rows
 from gateway.auth import ensure_org_access
 from gateway.context import Context
 from gateway.errors import BadUserInput
-from resolvers.validation import MAX_SPEND_RANGE, check_page_size, check_range
+from resolvers.validation import MAX_SPEND_RANGE, check_id, check_page_size, check_range
 from schema.inputs import TimeRange
-from schema.scalars import BigInt
+from schema.scalars import BigInt, parse_decimal
 from schema.usage import OrgSpend, OrgSpendConnection, OrgSpendEdge, PageInfo
 
 MAX_PAGE = 500
+MAX_CURSOR = 512  # characters; the cursors we hand out are ~60
 
 
 async def resolve_spend_by_org(
@@ -63,9 +64,22 @@ def _cursor(node: OrgSpend) -> str:
 def _position_after(ranked: list[OrgSpend], after: str | None) -> int:
     if after is None:
         return 0
-    try:
-        spend_text, org_id = orjson.loads(base64.urlsafe_b64decode(after.encode()))
-        key = (-decimal.Decimal(spend_text), str(org_id))
-    except (ValueError, TypeError, decimal.InvalidOperation):
-        raise BadUserInput("after is not a cursor returned by spendByOrg") from None
+    spend, org_id = _decode_cursor(after)
+    key = (-spend, org_id)
     return next((i for i, n in enumerate(ranked) if (-n.spend, n.org_id) > key), len(ranked))
+
+
+def _decode_cursor(after: str) -> tuple[decimal.Decimal, str]:
+    """A cursor we issued: [spend, org id]. Anything else (NaN, 1e999999999, a NUL in the id: values that the
+    comparison or the id rule cannot take) is refused with the one message."""
+    try:
+        if len(after) > MAX_CURSOR:
+            raise ValueError("too long")
+        spend_text, org_id = orjson.loads(base64.urlsafe_b64decode(after.encode()))
+        if not isinstance(spend_text, str) or not isinstance(org_id, str):
+            raise TypeError("not [str, str]")
+        spend = parse_decimal(spend_text)  # finite and bounded, as any Decimal argument
+        check_id(org_id, "org id")
+    except (ValueError, TypeError, BadUserInput):
+        raise BadUserInput("after is not a cursor returned by spendByOrg") from None
+    return spend, org_id

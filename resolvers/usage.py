@@ -7,10 +7,9 @@ from typing import Annotated, Any
 import strawberry
 
 from db.usage import UsageQuery, usage_rows
-from gateway.auth import ensure_org_access
 from gateway.context import Context
 from resolvers.usage_report import build_report
-from resolvers.validation import MAX_RANGE, check_range, check_time_zone
+from resolvers.validation import MAX_RANGE, check_ids, check_range, check_time_zone, org_argument
 from schema.enums import Granularity, UsageDimension
 from schema.inputs import TimeRange, UsageFilter
 from schema.usage import UsageReport
@@ -32,9 +31,9 @@ def usage_query(
         granularity=granularity.value,
         time_zone=time_zone,
         group_by=frozenset(DIMENSION_COLUMNS[d] for d in group_by),
-        models=filter.models if filter else None,
-        project_ids=filter.project_ids if filter else None,
-        api_key_ids=filter.api_key_ids if filter else None,
+        models=check_ids(filter.models, "filter.models", model=True) if filter else None,
+        project_ids=check_ids(filter.project_ids, "filter.projectIds") if filter else None,
+        api_key_ids=check_ids(filter.api_key_ids, "filter.apiKeyIds") if filter else None,
     )
 
 
@@ -53,7 +52,7 @@ async def resolve_usage(
     ] = "UTC",
 ) -> UsageReport:
     context = info.context
-    ensure_org_access(context.require_caller(), org_id)
+    org_argument(context.require_caller(), org_id)
     query = usage_query(org_id, range, granularity, filter, list(group_by), time_zone)
     freshness = await context.loaders.freshness.load(org_id)
     async with context.resources.engine.connect() as connection:

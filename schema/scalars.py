@@ -38,10 +38,17 @@ def parse_datetime(value: object) -> dt.datetime:
         raise ValueError(f"DateTime {value!r} is not RFC 3339") from None
     if parsed.tzinfo is None:
         raise ValueError(f"DateTime {value!r} needs an offset (Z or ±hh:mm)")
-    return parsed.astimezone(dt.UTC)
+    try:
+        return parsed.astimezone(dt.UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00 is before year 1 in UTC
+        raise ValueError(f"DateTime {value!r} is out of range in UTC (years 1 to 9999)") from None
 
 
 _WIDE = decimal.Context(prec=100)
+# Bounds of every Decimal argument: far beyond any price or amount, and within what PostgreSQL's NUMERIC
+# stores and what exact arithmetic (db/prices.EXACT, 80 digits) can multiply by a 64-bit token count. Without
+# them "1e999999" parsed and failed in the database (INTERNAL).
+MAX_DECIMAL_DIGITS = 38  # significant digits; also the most digits after the point, and before it
 
 
 def serialize_decimal(value: decimal.Decimal) -> str:
@@ -61,6 +68,14 @@ def parse_decimal(value: object) -> decimal.Decimal:
         raise ValueError(f"Decimal {value!r} is not a decimal number") from None
     if not parsed.is_finite():
         raise ValueError(f"Decimal {value!r} must be finite")
+    _, digits, exponent = parsed.as_tuple()
+    assert isinstance(exponent, int)  # finite
+    if len(digits) > MAX_DECIMAL_DIGITS or exponent < -MAX_DECIMAL_DIGITS or parsed.adjusted() >= MAX_DECIMAL_DIGITS:
+        shown = value if len(str(value)) <= 40 else f"{str(value)[:40]}..."
+        raise ValueError(
+            f"Decimal {shown!r} is out of range: at most {MAX_DECIMAL_DIGITS} significant digits, "
+            f"{MAX_DECIMAL_DIGITS} after the point and {MAX_DECIMAL_DIGITS} before it"
+        )
     return parsed
 
 
