@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime as dt
 import io
 import json
 import logging
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
 
 import httpx
@@ -19,10 +20,17 @@ import uvicorn
 import websockets
 from asgi_lifespan import LifespanManager
 from starlette.applications import Starlette
+from strawberry.http.async_base_view import AsyncWebSocketAdapter
 
 from gateway.app import create_app
+from gateway.auth import Caller
+from gateway.context import Context
+from gateway.graphql_view import GatewayWSHandler, GraphQLView
 from gateway.logging import json_handler
+from gateway.resources import Resources
 from gateway.settings import Role, Settings
+from resolvers.loaders import Loaders
+from schema.schema import build_schema
 from tests.conftest import TokenFactory
 from tests.helpers import graphql
 
@@ -347,3 +355,65 @@ async def test_a_token_in_the_websocket_url_never_reaches_the_logs(ws_url: str, 
     logged = stream.getvalue()
     assert "WebSocket /graphql?token=[redacted]" in logged, logged  # uvicorn's own line, redacted
     assert token not in logged and token.split(".")[1] not in logged
+
+
+class _RecordingSocket(AsyncWebSocketAdapter):
+    """Stands in for the socket of one connection to see what the handler does with it (no service here)."""
+
+    def __init__(self) -> None:
+        self.sent: list[Mapping[str, object]] = []
+        self.closed: tuple[int, str] | None = None
+
+    async def iter_json(self, *, ignore_parsing_errors: bool = False) -> AsyncGenerator[object, None]:
+        for message in ():
+            yield message
+
+    async def send_json(self, message: Mapping[str, object]) -> None:
+        self.sent.append(message)
+
+    async def close(self, code: int, reason: str) -> None:
+        self.closed = (code, reason)
+
+
+async def test_an_operation_after_expiry_is_refused_even_before_the_timer_fires(
+    app: Starlette, resources: Resources
+) -> None:
+    expired = Caller("v", "org_a", ("viewer",), expires_at=resources.verifier.now() - 1)
+    socket_ = _RecordingSocket()
+    view = GraphQLView(build_schema())
+    context = Context(resources=resources, caller=expired, loaders=Loaders(resources))
+    handler = GatewayWSHandler(view, socket_, context, None, view.schema, dt.timedelta(seconds=5))
+    handler.connection_acknowledged = True
+    await handler.handle_subscribe({"id": "1", "type": "subscribe", "payload": {"query": VIEWER}})
+    assert socket_.closed == (4401, "token expired")
+    assert handler.operations == {} and socket_.sent == []
+    await handler.shutdown()
+
+
+def test_unhandled_exceptions_are_logged_with_their_traceback() -> None:
+    """uvicorn logs an application's unhandled exception through the standard library ("Exception in ASGI
+    application"); the JSON line must carry the traceback, not the repr of the exc_info tuple."""
+    stream = io.StringIO()
+    logger = logging.getLogger("test.unhandled")
+    handler = json_handler(stream)
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        try:
+            _explode(A_JWT)
+        except RuntimeError:
+            logger.exception("Exception in ASGI application")
+    finally:
+        logger.removeHandler(handler)
+    line = json.loads(stream.getvalue())
+    assert line["event"] == "Exception in ASGI application" and line["level"] == "error"
+    assert line["exception"].startswith("Traceback (most recent call last):")
+    assert "in _explode" in line["exception"] and "RuntimeError: token was" in line["exception"]
+    assert A_JWT not in stream.getvalue() and "[redacted-jwt]" in line["exception"]  # its text is redacted too
+
+
+A_JWT = ".".join(("eyJhbGciOiJIUzI1NiJ9", "eyJzdWIiOiJ4In0", "c2lnbmF0dXJl"))
+
+
+def _explode(secret: str) -> None:
+    raise RuntimeError(f"token was {secret}")

@@ -102,3 +102,45 @@ def test_recent_tokens_are_bounded() -> None:
     for token in ("a", "b", "c"):
         recent.put(token, caller, {"exp": now + 60}, now)
     assert len(recent) == 2 and recent.get("a", now) is None and recent.get("c", now) == caller
+
+
+def _signed(claims: dict[str, object]) -> str:
+    return jwt.encode(claims, SECRET, algorithm="HS256")
+
+
+@pytest.mark.parametrize("claim", ["exp", "nbf", "iat"])
+async def test_dates_must_be_numeric(claim: str) -> None:
+    """RFC 7519 NumericDate: PyJWT alone accepts "exp": "1700000000"."""
+    now = int(time.time())
+    claims: dict[str, object] = {"sub": "s", "roles": ["viewer"], "iat": now - 5, "nbf": now - 5, "exp": now + 60}
+    verifier = TokenVerifier(Settings(jwt_secret=SECRET))
+    assert (await verifier.verify(_signed(claims))).expires_at == now + 60
+    with pytest.raises(Unauthenticated, match=f"'{claim}' must be a NumericDate"):
+        await verifier.verify(_signed(claims | {claim: str(claims[claim])}))
+    with pytest.raises(Unauthenticated):  # a boolean is no date either (PyJWT reads "exp": true as 1: expired)
+        await verifier.verify(_signed(claims | {claim: True}))
+
+
+async def test_oversized_tokens_are_refused_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    decoded: list[str] = []
+    monkeypatch.setattr(jwt, "decode", lambda token, *a, **k: decoded.append(token))
+    settings = Settings(jwt_secret=SECRET, jwt_max_token_bytes=1024)
+    verifier = TokenVerifier(settings)
+    with pytest.raises(Unauthenticated, match="too long"):
+        await verifier.verify_header("Bearer " + "a" * 1025)
+    with pytest.raises(Unauthenticated, match="too long"):
+        await verifier.verify("a" * 10_000_000)
+    assert decoded == []
+
+
+def test_callers_without_scopes_have_no_graphql() -> None:
+    assert not Caller("i", None, ("ingest",)).may_use_graphql
+    assert not Caller("u", "o", ("superuser",)).may_use_graphql
+    assert Caller("v", "o", ("viewer",)).may_use_graphql
+
+
+def test_expiry_is_known_to_the_caller_but_not_its_identity() -> None:
+    caller = Caller("v", "o", ("viewer",), expires_at=100.0)
+    assert caller == Caller("v", "o", ("viewer",), expires_at=200.0)
+    assert not caller.expired(99.9) and caller.expired(100.0)
+    assert not Caller("v", "o", ("viewer",)).expired(1e12)

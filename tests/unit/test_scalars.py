@@ -8,7 +8,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from schema.json import dumps
-from schema.scalars import parse_bigint, parse_datetime, parse_decimal, serialize_datetime, serialize_decimal
+from schema.scalars import (
+    MAX_DECIMAL_DIGITS,
+    parse_bigint,
+    parse_datetime,
+    parse_decimal,
+    serialize_datetime,
+    serialize_decimal,
+)
 
 
 @pytest.mark.parametrize(
@@ -27,7 +34,7 @@ def test_decimal_is_an_exact_string_without_exponent(value: decimal.Decimal, tex
     assert serialize_decimal(value) == text
 
 
-@given(st.decimals(allow_nan=False, allow_infinity=False))
+@given(st.decimals(allow_nan=False, allow_infinity=False, places=12, min_value=-(10**20), max_value=10**20))
 def test_decimal_round_trips_exactly(value: decimal.Decimal) -> None:
     text = serialize_decimal(value)
     assert "E" not in text.upper()
@@ -64,3 +71,25 @@ def test_bigint_is_a_64_bit_integer() -> None:
     for bad in (2**63, "12", 1.0, True):
         with pytest.raises(ValueError):
             parse_bigint(bad)
+
+
+@pytest.mark.parametrize(
+    "bad", ["1e999999", "-1e999999", "1e-999999", "0E-1000", "1" * (MAX_DECIMAL_DIGITS + 1),
+            "0." + "1" * (MAX_DECIMAL_DIGITS + 1), "1E+38"],
+)  # fmt: skip
+def test_decimal_input_is_bounded(bad: str) -> None:
+    """Finite is not enough: 1e999999 is finite, and PostgreSQL's NUMERIC (and exact arithmetic) cannot take it."""
+    with pytest.raises(ValueError, match="out of range"):
+        parse_decimal(bad)
+
+
+@pytest.mark.parametrize("good", ["9" * MAX_DECIMAL_DIGITS, "0." + "9" * MAX_DECIMAL_DIGITS, "1E+37", "2.5e-30", "0"])
+def test_decimal_input_within_bounds_is_exact(good: str) -> None:
+    assert parse_decimal(good) == decimal.Decimal(good)
+
+
+def test_datetime_that_overflows_in_utc_is_a_value_error() -> None:
+    for bad in ("0001-01-01T00:00:00+01:00", "9999-12-31T23:00:00-05:00"):
+        with pytest.raises(ValueError, match="out of range"):
+            parse_datetime(bad)
+    assert parse_datetime("0001-01-01T00:00:00-01:00") == dt.datetime(1, 1, 1, 1, tzinfo=dt.UTC)
