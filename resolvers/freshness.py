@@ -10,10 +10,10 @@ from typing import Any
 import strawberry
 
 from db.freshness import FreshnessRow, freshness_key
-from gateway.auth import ensure_org_access
 from gateway.context import Context
 from gateway.settings import Settings
 from resolvers.loaders import freshness_rows
+from resolvers.validation import org_argument
 from schema.enums import FreshnessStatus
 from schema.usage import Freshness
 
@@ -53,7 +53,7 @@ async def load_freshness_type(context: Context, org_id: str) -> Freshness:
 
 
 async def resolve_freshness(info: strawberry.Info[Context, Any], org_id: strawberry.ID) -> Freshness:
-    ensure_org_access(info.context.require_caller(), org_id)
+    org_argument(info.context.require_caller(), org_id)
     return await load_freshness_type(info.context, org_id)
 
 
@@ -62,7 +62,7 @@ async def subscribe_freshness(
 ) -> AsyncGenerator[Freshness, None]:
     """Pushes now, within a second of each commit for the org, and at least every 30 s."""
     context = info.context
-    ensure_org_access(context.require_caller(), org_id)
+    org_argument(context.require_caller(), org_id)
     resources = context.resources
     async with resources.pubsub.subscribe([freshness_key(org_id)]) as notifications:
         # One pending read at a time: cancelling a read would close the stream.

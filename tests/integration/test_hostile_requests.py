@@ -417,3 +417,9 @@ A_JWT = ".".join(("eyJhbGciOiJIUzI1NiJ9", "eyJzdWIiOiJ4In0", "c2lnbmF0dXJl"))
 
 def _explode(secret: str) -> None:
     raise RuntimeError(f"token was {secret}")
+
+
+async def test_freshness_of_an_unstorable_org_is_bad_input(client: httpx.AsyncClient, make_token: TokenFactory) -> None:
+    query = "query($org: ID!) { freshness(orgId: $org) { orgId } }"
+    for org in ("x\u0000", "o" * 8000):
+        _bad_input(await graphql(client, query, make_token("platform_admin"), {"org": org}), "orgId")
