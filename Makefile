@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test services lint sdl lock clean
+.PHONY: install run test services lint sdl lock clean fuzz
 
 install: $(STAMP)
 
@@ -29,6 +29,14 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+## Hostile-input fuzzing, longer than the short runs in `make test` (fixed seeds; about 12 minutes):
+## Schemathesis against /graphql of a real gateway, then hypothesis against both ingestion paths.
+FUZZ_SECONDS ?= 600
+FUZZ_EXAMPLES ?= 2000
+fuzz: install services
+	$(BIN)/python -m tests.fuzz.graphql --examples $(FUZZ_EXAMPLES) --max-time $(FUZZ_SECONDS)
+	ANALYTICS_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q $(FUZZ_INGEST_TESTS)
 
 ## Re-export schema/schema.graphql after an API change.
 sdl: install
