@@ -25,7 +25,6 @@ from starlette.websockets import WebSocket
 from strawberry.asgi import GraphQL
 from strawberry.exceptions import ConnectionRejectionError, MissingQueryError
 from strawberry.http import GraphQLHTTPResponse, GraphQLRequestData
-from strawberry.http.parse_content_type import parse_content_type
 from strawberry.schema.exceptions import CannotGetOperationTypeError, InvalidOperationTypeError
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
 from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import BaseGraphQLTransportWSHandler
@@ -83,6 +82,9 @@ class GatewayWSHandler(BaseGraphQLTransportWSHandler[Context, None]):
         caller = self.context.caller
         if self.connection_acknowledged and self.expiry is None and caller and caller.expires_at is not None:
             self.expiry = asyncio.create_task(self._close_at(caller.expires_at))
+            # strawberry's callback retrieves a failure (closing a socket the client just closed) so that it
+            # is not reported as "never retrieved"
+            self.expiry.add_done_callback(self._task_done)
 
     async def handle_subscribe(self, message: SubscribeMessage) -> None:
         caller = self.context.caller
@@ -302,10 +304,9 @@ def _from_http_exception(exc: HTTPException) -> TransportError:
 
 
 def _media_type(content_type: str | None) -> str:
-    try:
-        return parse_content_type(content_type or "")[0].lower()
-    except (AssertionError, ValueError, TypeError):  # parse_content_type asserts on what it cannot parse
-        return ""
+    """``application/json; charset=utf-8`` -> ``application/json`` (a split: strawberry's parser builds an
+    email message, and asserts on what it cannot parse)."""
+    return (content_type or "").partition(";")[0].strip().lower()
 
 
 def _resources(scope: Scope) -> Resources:
