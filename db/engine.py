@@ -28,23 +28,40 @@ def sqlalchemy_url(url: str) -> str:
     raise ValueError("database URL must start with postgresql://")
 
 
-def create_engine(url: str, *, pool_size: int = 10, connect_timeout: float = 5.0) -> AsyncEngine:
-    """An engine whose sessions run in UTC without JIT, failing fast when the server is down."""
+POOL_TIMEOUT_S = 5.0  # the default of settings.db_pool_timeout_s
+
+
+def create_engine(
+    url: str,
+    *,
+    pool_size: int = 10,
+    connect_timeout: float = 5.0,
+    pool_timeout_s: float = POOL_TIMEOUT_S,
+    statement_timeout_ms: int | None = None,
+) -> AsyncEngine:
+    """An engine whose sessions run in UTC without JIT, failing fast when the server is down. A request waits
+    at most ``pool_timeout_s`` for a connection (SQLAlchemy's TimeoutError) and a statement runs at most
+    ``statement_timeout_ms`` when given (PostgreSQL cancels it: QueryCanceledError); both answer a retryable
+    UNAVAILABLE (schema/errors.py) instead of piling up requests, each holding its memory, behind a busy pool.
+    No statement timeout unless given: the caller decides whose sessions may be cut (never a migration's)."""
+    server_settings = {
+        "TimeZone": "UTC",
+        # The process id in application_name lets operators (and tests) find a process's sessions.
+        "application_name": f"analytics-gateway/{os.getpid()}",
+        # JIT compiles a usage statement over a month of partitions for 100+ ms (measured: 129 ms
+        # of compilation for a 12 ms query), on each new connection's first executions.
+        "jit": "off",
+    }
+    if statement_timeout_ms is not None:
+        # Per session, so it holds for every statement; a statement that needs longer (an export's COPY)
+        # sets its own with SET LOCAL statement_timeout.
+        server_settings["statement_timeout"] = str(statement_timeout_ms)
     engine = create_async_engine(
         sqlalchemy_url(url),
         pool_size=pool_size,
         max_overflow=pool_size,
-        connect_args={
-            "timeout": connect_timeout,
-            "server_settings": {
-                "TimeZone": "UTC",
-                # The process id in application_name lets operators (and tests) find a process's sessions.
-                "application_name": f"analytics-gateway/{os.getpid()}",
-                # JIT compiles a usage statement over a month of partitions for 100+ ms (measured: 129 ms
-                # of compilation for a 12 ms query), on each new connection's first executions.
-                "jit": "off",
-            },
-        },
+        pool_timeout=pool_timeout_s,
+        connect_args={"timeout": connect_timeout, "server_settings": server_settings},
     )
     event.listen(engine.sync_engine, "checkout", _replace_closed)
     return engine

@@ -18,6 +18,7 @@ from gateway.graphql_view import AuthenticatedGraphQL, GraphQLView
 from gateway.logging import configure_logging
 from gateway.metrics import Metrics
 from gateway.middleware import RequestIdMiddleware, StartupErrorMiddleware
+from gateway.ratelimit import CallerLimiter, CallerLimitsMiddleware
 from gateway.resources import Resources, open_resources
 from gateway.settings import ALL_ROLES, Role, Settings, load_settings
 from gateway.workers import run_workers
@@ -39,7 +40,8 @@ def create_app(settings: Settings | None = None, roles: frozenset[Role] | None =
     settings = settings or load_settings()
     roles = roles if roles is not None else ALL_ROLES
     metrics = Metrics.create()
-    view = GraphQLView(build_schema())
+    limiter = CallerLimiter.from_settings(settings)
+    view = GraphQLView(build_schema(settings, limiter))
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
@@ -66,6 +68,8 @@ def create_app(settings: Settings | None = None, roles: frozenset[Role] | None =
         Middleware(RequestIdMiddleware),
         # HTTP metrics only: no spans per ASGI message (they cost 7 % of a trivial query's throughput).
         Middleware(OpenTelemetryMiddleware, meter_provider=metrics.meter_provider, exclude_spans=["receive", "send"]),
+        # Innermost: a refused caller (429) is still logged and counted by the middleware above.
+        Middleware(CallerLimitsMiddleware, limiter=limiter),
     ]
     return Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
 

@@ -1,0 +1,215 @@
+"""Per-caller rate and concurrency limits for GraphQL (issue 10: no caller may starve the others).
+
+A caller is the token's subject within its org. Its **rate** is a token bucket in the GCRA form: a burst of
+``rate_limit_per_minute`` requests, refilled evenly over a minute. The bucket lives in Redis when Redis is
+configured (one atomic Lua script on the server's clock, so every replica shares it) and in this process
+otherwise, or while Redis cannot be reached. Its **concurrency** (requests running at once) is counted in this
+process: it bounds what one caller holds of this process's memory and connection pool, needs no round trip, and
+cannot leak a slot when a replica dies.
+
+Over HTTP, :class:`CallerLimitsMiddleware` admits a request before Strawberry reads its body, and answers
+``429`` with ``Retry-After``. Over the WebSocket, ``schema.limits.CallerLimitsExtension`` applies the same
+limits to each operation and answers a ``RATE_LIMITED`` GraphQL error (``extensions.retryAfter``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import hashlib
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Protocol
+
+import structlog
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from gateway.auth import Caller, TokenVerifier
+from gateway.errors import HTTP_STATUS, RateLimited, Unauthenticated
+from gateway.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+WINDOW_MS = 60_000
+LOCAL_CALLERS = 100_000  # callers remembered in process; a forgotten one starts with a full bucket
+REDIS_TIMEOUT_S = 0.25
+GRAPHQL_PATH = "/graphql"
+
+# GCRA: KEYS[1] holds the theoretical arrival time (ms). ARGV: emission interval and burst tolerance (ms).
+# Returns 0 when admitted, else the milliseconds until the caller may try again.
+_GCRA = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local tat = tonumber(redis.call('GET', KEYS[1])) or now
+if tat < now then tat = now end
+local new_tat = tat + tonumber(ARGV[1])
+local wait = new_tat - tonumber(ARGV[2]) - now
+if wait > 0 then return math.ceil(wait) end
+redis.call('SET', KEYS[1], string.format('%.3f', new_tat), 'PX', math.ceil(new_tat - now))
+return 0
+"""
+
+# Set while an HTTP request runs that the middleware has already admitted, so the schema extension does not
+# count it twice (the WebSocket transport never sets it).
+ADMITTED: contextvars.ContextVar[bool] = contextvars.ContextVar("analytics_limits_admitted", default=False)
+
+
+def caller_key(caller: Caller) -> str:
+    """A short, fixed-length key for a caller (subject within org) that reveals neither."""
+    raw = f"{caller.org_id or '*'}\x1f{caller.subject}".encode()
+    return hashlib.blake2b(raw, digest_size=16).hexdigest()
+
+
+class _LocalBuckets:
+    """The GCRA buckets of this process, bounded to the most recently seen callers."""
+
+    def __init__(self, interval_ms: float) -> None:
+        self._interval_ms = interval_ms
+        self._tat: OrderedDict[str, float] = OrderedDict()
+
+    def wait_ms(self, key: str) -> float:
+        now = time.monotonic() * 1000
+        tat = max(self._tat.get(key, now), now)
+        new_tat = tat + self._interval_ms
+        wait = new_tat - WINDOW_MS - now
+        if wait > 0:
+            return wait
+        self._tat[key] = new_tat
+        self._tat.move_to_end(key)
+        if len(self._tat) > LOCAL_CALLERS:
+            self._tat.popitem(last=False)
+        return 0.0
+
+
+class CallerLimiter:
+    """Rate (Redis or in process) and concurrency (in process) per caller."""
+
+    def __init__(self, per_minute: int, max_concurrent: int, redis_prefix: str) -> None:
+        self.per_minute = per_minute
+        self.max_concurrent = max_concurrent
+        self._interval_ms = WINDOW_MS / per_minute
+        self._prefix = f"{redis_prefix}ratelimit:"
+        self._local = _LocalBuckets(self._interval_ms)
+        self._running: dict[str, int] = {}
+        self._scripts: dict[int, AsyncScript] = {}
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> CallerLimiter:
+        return cls(settings.rate_limit_per_minute, settings.max_concurrent_per_caller, settings.redis_prefix)
+
+    async def check_rate(self, redis: Redis | None, key: str) -> None:
+        """Count one request of ``key``; :class:`RateLimited` when its bucket is empty."""
+        wait_ms = await self._redis_wait_ms(redis, key) if redis is not None else None
+        if wait_ms is None:
+            wait_ms = self._local.wait_ms(key)
+        if wait_ms > 0:
+            raise RateLimited(
+                f"rate limit of {self.per_minute} requests a minute exceeded", retry_after_s=math.ceil(wait_ms / 1000)
+            )
+
+    async def _redis_wait_ms(self, redis: Redis, key: str) -> float | None:
+        script = self._scripts.get(id(redis))
+        if script is None:
+            script = self._scripts[id(redis)] = redis.register_script(_GCRA)
+        try:
+            async with asyncio.timeout(REDIS_TIMEOUT_S):
+                wait = await script(keys=[self._prefix + key], args=[repr(self._interval_ms), WINDOW_MS])
+        except (RedisError, OSError, TimeoutError) as exc:
+            # Fail over to this process's buckets: a Redis outage must not refuse every request.
+            log.warning("ratelimit.redis_unavailable", error=type(exc).__name__)
+            return None
+        return float(wait)
+
+    def acquire(self, key: str) -> None:
+        """Take one of ``key``'s concurrent slots; :class:`RateLimited` when all are taken. Pair with
+        :meth:`release`."""
+        running = self._running.get(key, 0)
+        if running >= self.max_concurrent:
+            raise RateLimited(f"{self.max_concurrent} requests of this caller are already running", retry_after_s=1)
+        self._running[key] = running + 1
+
+    def release(self, key: str) -> None:
+        left = self._running[key] - 1
+        if left:
+            self._running[key] = left
+        else:
+            del self._running[key]
+
+    @contextmanager
+    def slot(self, key: str) -> Iterator[None]:
+        """One of ``key``'s concurrent slots for the duration of the block."""
+        self.acquire(key)
+        try:
+            yield
+        finally:
+            self.release(key)
+
+    def running(self, key: str) -> int:
+        return self._running.get(key, 0)
+
+
+class _LimiterResources(Protocol):
+    """What the middleware needs of the app's resources (``request.state.resources``)."""
+
+    @property
+    def verifier(self) -> TokenVerifier: ...
+
+    @property
+    def redis(self) -> Redis | None: ...
+
+
+class CallerLimitsMiddleware:
+    """Admits each authenticated HTTP request to ``/graphql`` under its caller's limits, or answers 429 with
+    ``Retry-After`` and a GraphQL-shaped ``RATE_LIMITED`` body. Requests without a valid token pass through:
+    the GraphQL view answers them 401 (or serves GraphiQL)."""
+
+    def __init__(self, app: ASGIApp, limiter: CallerLimiter) -> None:
+        self.app = app
+        self.limiter = limiter
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != GRAPHQL_PATH:
+            await self.app(scope, receive, send)
+            return
+        resources: _LimiterResources = scope["state"]["resources"]
+        caller = await _caller(resources.verifier, scope)
+        if caller is None:
+            await self.app(scope, receive, send)
+            return
+        key = caller_key(caller)
+        try:
+            await self.limiter.check_rate(resources.redis, key)
+            self.limiter.acquire(key)
+        except RateLimited as exc:
+            await _too_many(exc)(scope, receive, send)
+            return
+        admitted = ADMITTED.set(True)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            ADMITTED.reset(admitted)
+            self.limiter.release(key)
+
+
+async def _caller(verifier: TokenVerifier, scope: Scope) -> Caller | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization":
+            try:
+                return await verifier.verify_header(value.decode("latin-1"))
+            except Unauthenticated:
+                return None
+    return None
+
+
+def _too_many(exc: RateLimited) -> JSONResponse:
+    body = {"data": None, "errors": [{"message": exc.message, "extensions": exc.extensions}]}
+    return JSONResponse(
+        body, status_code=HTTP_STATUS[exc.code], headers={"Retry-After": str(exc.retry_after_s)}
+    )
