@@ -20,11 +20,18 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    """Readiness: 200 only when the database answers and its migrations are current."""
+    """Readiness: 200 only when the database answers, its migrations are current and the
+    AMQP consumer has not been failing to commit for longer than its threshold."""
     resources: Resources = request.state.resources
     database = await _check(_database(resources))
-    checks = {"database": database, "redis": await _check(_redis(resources)), "amqp": _amqp(resources)}
-    ready = database["ok"] is True
+    ingest = resources.ingest_metrics.flush_state()
+    checks = {
+        "database": database,
+        "redis": await _check(_redis(resources)),
+        "amqp": _amqp(resources),
+        "ingest": ingest,
+    }
+    ready = database["ok"] is True and ingest["ok"] is True
     return JSONResponse(
         {"status": "ready" if ready else "not_ready", "checks": checks}, status_code=200 if ready else 503
     )

@@ -14,10 +14,13 @@ import asyncio
 import contextlib
 import datetime as dt
 import itertools
+import json
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import msgspec
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -29,11 +32,12 @@ from ingest.decode import Decoded, UnreadableMessage, decode_body
 from ingest.events import TimeWindow, UsageEvent
 from ingest.metrics import IngestMetrics
 from ingest.topology import Declared, Topology, declare
-from ingest.writer import EventWriter
+from ingest.writer import EventWriter, Isolated
 
 log = structlog.get_logger(__name__)
 RETRY_DELAYS_S = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
 STOP_TIMEOUT_S = 30.0
+Decode = Callable[[bytes, str | None, TimeWindow], Decoded]
 
 
 @dataclass
@@ -44,6 +48,7 @@ class Pending:
     received_at: dt.datetime
     decoded: Decoded | None = None
     unreadable: str | None = None
+    poisoned: list[tuple[int, str]] | None = None  # (index in the message, the database's reason)
 
     @property
     def events(self) -> int:
@@ -60,7 +65,11 @@ class Consumer:
         writer: EventWriter,
         settings: Settings,
         metrics: IngestMetrics,
+        decode: Decode = decode_body,
     ) -> None:
+        """``decode`` is ``decode_body``; tests pass another to reach the writer with events
+        validation would refuse (the database's refusal must be handled on its own)."""
+        self._decode = decode
         self._connection = connection
         self._engine = engine
         self._writer = writer
@@ -108,9 +117,12 @@ class Consumer:
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         pending = Pending(message, dt.datetime.now(dt.UTC))
         try:
-            pending.decoded = decode_body(message.body, message.content_type, self._window())
+            pending.decoded = self._decode(message.body, message.content_type, self._window())
         except UnreadableMessage as exc:
             pending.unreadable = str(exc)
+        except Exception as exc:
+            log.error("ingest.decode_failed", exc_info=True)
+            pending.unreadable = f"body could not be decoded ({type(exc).__name__})"
         self._buffer.append(pending)
         self._buffered_events += pending.events
         if self._is_full():
@@ -140,10 +152,14 @@ class Consumer:
     async def _flush(self) -> None:
         batch = self._take_batch()
         self._flushing_since = batch[0].received_at
+        origins = [(p, i) for p in batch if p.decoded for i in p.decoded.indexes]
         events = [event for pending in batch if pending.decoded for event in pending.decoded.events]
         rejected = sum(len(p.decoded.rejected) for p in batch if p.decoded) + sum(1 for p in batch if p.unreadable)
-        await self._write_until_committed(events, rejected)
+        outcome = await self._write_until_committed(events, rejected)
         self._flushing_since = None
+        for poisoned in outcome.poisoned:
+            pending, index = origins[poisoned.index]
+            pending.poisoned = [*(pending.poisoned or []), (index, poisoned.reason)]
         try:
             await self._dead_letter(batch)
         except Exception:
@@ -166,15 +182,22 @@ class Consumer:
             self._wake.set()
         return batch
 
-    async def _write_until_committed(self, events: list[UsageEvent], rejected: int) -> None:
+    async def _write_until_committed(self, events: list[UsageEvent], rejected: int) -> Isolated:
+        """Retry until committed. Rows the database refuses deterministically come back
+        isolated (to be dead-lettered); only other failures are retried, and they show
+        in ``analytics_ingest_flush_failing_seconds`` and ``/readyz`` while they last."""
         for attempt in itertools.count():
             try:
-                await self._writer.write(events, channel="amqp", rejected=rejected)
-                return
+                outcome = await self._writer.write_isolating(events, channel="amqp", rejected=rejected)
             except Exception as exc:  # noqa: BLE001 - keep the batch and retry; nothing is acknowledged
+                self._metrics.flush_failed()
                 delay = RETRY_DELAYS_S[min(attempt, len(RETRY_DELAYS_S) - 1)]
                 log.warning("ingest.write_failed", attempt=attempt + 1, retry_in_s=delay, error=type(exc).__name__)
                 await asyncio.sleep(delay)
+            else:
+                self._metrics.flush_succeeded()
+                return outcome
+        raise AssertionError("unreachable")
 
     async def _dead_letter(self, batch: list[Pending]) -> None:
         assert self._declared is not None
@@ -187,6 +210,11 @@ class Consumer:
             for reject in pending.decoded.rejected if pending.decoded else ():
                 await dead_letter(exchange, reject.body, reject.error, content_type="application/cloudevents+json",
                                   index=reject.index, message_id=message.message_id)  # fmt: skip
+            for index, reason in pending.poisoned or ():
+                event = pending.decoded.events[pending.decoded.indexes.index(index)]  # type: ignore[union-attr]
+                await dead_letter(exchange, _as_json(event), reason,
+                                  content_type="application/cloudevents+json", index=index,
+                                  message_id=message.message_id)  # fmt: skip
 
     async def _heartbeat(self) -> None:
         """Every beat: read queue depths (a passive declare on a side channel) and
@@ -243,3 +271,8 @@ async def _settle(batch: list[Pending], *, requeue: bool | None = None) -> None:
                 await message.nack(multiple=True, requeue=requeue)
         except Exception:  # noqa: BLE001
             log.info("ingest.settle_skipped", reason="channel closed; the broker redelivers")
+
+
+def _as_json(event: UsageEvent) -> bytes:
+    """The event as compact JSON; ``\\u`` escapes carry what UTF-8 cannot (a lone surrogate)."""
+    return json.dumps(msgspec.to_builtins(event), separators=(",", ":")).encode()

@@ -16,7 +16,6 @@ from gateway.errors import Forbidden, GatewayError, Unauthenticated
 from gateway.resources import Resources
 from ingest.decode import MAX_BODY_BYTES, SUPPORTED, UnreadableMessage, decode_body, media_type
 from ingest.events import TimeWindow
-from ingest.writer import CONNECTION_ERRORS
 
 log = structlog.get_logger(__name__)
 
@@ -47,12 +46,14 @@ async def post_events(request: Request) -> Response:
     except UnreadableMessage as exc:
         return _error(str(exc), "BAD_USER_INPUT", 400)
     try:
-        result = await resources.writer.write(decoded.events, channel="http", rejected=len(decoded.rejected))
-    except CONNECTION_ERRORS:
+        result = await resources.writer.write_isolating(decoded.events, channel="http", rejected=len(decoded.rejected))
+    except Exception:
         log.warning("ingest.http_write_failed", exc_info=True)
-        message = "the database is unavailable; nothing was stored, retry the same request"
+        message = "the database is unavailable; retry the same request (events already stored count as duplicates)"
         return _error(message, "UNAVAILABLE", 503, {"Retry-After": "1"})
-    rejected = [{"index": r.index, "error": r.error} for r in decoded.rejected]
+    refused = [(decoded.indexes[p.index], p.reason) for p in result.poisoned]
+    listed = sorted([(r.index, r.error) for r in decoded.rejected] + refused)
+    rejected = [{"index": index, "error": error} for index, error in listed]
     body_out = {"accepted": result.accepted, "duplicates": result.duplicates, "rejected": rejected}
     return JSONResponse(body_out, status_code=202)
 

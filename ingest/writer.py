@@ -12,19 +12,61 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import asyncpg
+import asyncpg.exceptions._base as asyncpg_base
 import orjson
 import structlog
+from msgspec import UNSET
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from db.events import OrgIngested, Record, begin_batch, ensure_partitions, insert_batch, record_batch
 from db.freshness import freshness_key
 from gateway.cache import Cache
 from gateway.pubsub import PubSub
-from ingest.events import UsageEvent
+from ingest.events import UsageEvent, stored
 from ingest.metrics import IngestMetrics
 
 log = structlog.get_logger(__name__)
 CONNECTION_ERRORS = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)
+# SQLSTATE classes a row's own values cause: 22 data exception (NUL, untranslatable character,
+# numeric out of range, ...), 23 integrity constraint violation (CHECK, NOT NULL). Any other
+# failure (connection, serialization, deadlock, shutdown, a missing table) says nothing about
+# one row and is retried: dead-lettering on it would throw away good events.
+ROW_ERROR_CLASSES = ("22", "23")
+
+
+# asyncpg's client-side DataError: a value it cannot encode for its column (e.g. an int beyond int8).
+CLIENT_ROW_ERRORS = (UnicodeEncodeError, OverflowError, asyncpg_base.DataError)
+
+
+def is_row_error(exc: BaseException) -> bool:
+    """A failure that the same rows will meet on every attempt."""
+    if isinstance(exc, CLIENT_ROW_ERRORS):
+        return True
+    return isinstance(exc, asyncpg.PostgresError) and str(exc.sqlstate or "")[:2] in ROW_ERROR_CLASSES
+
+
+@dataclass(frozen=True)
+class Poisoned:
+    """An event the database refused on its own: its position in the batch and the database's reason."""
+
+    index: int
+    reason: str
+
+
+@dataclass
+class Isolated:
+    """What :meth:`EventWriter.write_isolating` committed and what it set aside."""
+
+    results: list[WriteResult]
+    poisoned: list[Poisoned]
+
+    @property
+    def accepted(self) -> int:
+        return sum(r.accepted for r in self.results)
+
+    @property
+    def duplicates(self) -> int:
+        return sum(r.duplicates for r in self.results)
 
 
 @dataclass(frozen=True)
@@ -38,9 +80,10 @@ class WriteResult:
 def to_record(ordinal: int, event: UsageEvent) -> Record:
     data = event.data
     return (
-        ordinal, data.org_id, event.time, event.source, event.id, data.project_id, data.api_key_id, data.model,
-        data.input_tokens, data.cached_input_tokens, data.output_tokens, data.latency_ms, data.ttft_ms,
-        data.status_code, data.error_type, data.region,
+        ordinal, data.org_id, event.time, event.source, event.id, stored(data.project_id), stored(data.api_key_id),
+        data.model, data.input_tokens, data.cached_input_tokens, data.output_tokens, data.latency_ms,
+        None if data.ttft_ms is UNSET else data.ttft_ms, data.status_code, stored(data.error_type),
+        stored(data.region),
     )  # fmt: skip
 
 
@@ -94,6 +137,31 @@ class EventWriter:
         )  # fmt: skip
         return WriteResult(batch_id, accepted, duplicates, orgs)
 
+    async def write_isolating(self, events: Sequence[UsageEvent], *, channel: str, rejected: int = 0) -> Isolated:
+        """Commit ``events``; when the database refuses some rows deterministically, split the
+        batch in halves (recursively, first half first, so first write still wins) until each
+        refused event stands alone, and return those with the database's reason. Other failures
+        propagate (halves already committed are duplicates when the caller retries)."""
+        outcome = Isolated([], [])
+        spans = [(0, len(events))]
+        while spans:
+            start, end = spans.pop()
+            try:
+                outcome.results.append(await self.write(events[start:end], channel=channel, rejected=rejected))
+                rejected = 0
+            except Exception as exc:
+                if not is_row_error(exc):
+                    raise
+                if end - start == 1:
+                    outcome.poisoned.append(Poisoned(start, f"database refused the event: {_reason(exc)}"))
+                    continue
+                middle = (start + end) // 2
+                spans += [(middle, end), (start, middle)]
+        if outcome.poisoned:
+            log.warning("ingest.events_isolated", channel=channel, poisoned=len(outcome.poisoned))
+            self._metrics.count(channel, accepted=0, duplicates=0, rejected=len(outcome.poisoned))
+        return outcome
+
     def _observe(self, channel: str, result: WriteResult, rejected: int, size: int, seconds: float) -> None:
         self._metrics.count(channel, accepted=result.accepted, duplicates=result.duplicates, rejected=rejected)
         self._metrics.batch_size.record(size, {"channel": channel})
@@ -109,3 +177,9 @@ class EventWriter:
                 await self._pubsub.publish(freshness_key(org.org_id), message)  # type: ignore[union-attr]
         except Exception:
             log.warning("ingest.announce_failed", orgs=len(orgs), exc_info=True)
+
+
+def _reason(exc: BaseException) -> str:
+    """The database's message and SQLSTATE (never the row's values)."""
+    sqlstate = getattr(exc, "sqlstate", None)
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]} (SQLSTATE {sqlstate})"
