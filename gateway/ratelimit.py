@@ -210,6 +210,4 @@ async def _caller(verifier: TokenVerifier, scope: Scope) -> Caller | None:
 
 def _too_many(exc: RateLimited) -> JSONResponse:
     body = {"data": None, "errors": [{"message": exc.message, "extensions": exc.extensions}]}
-    return JSONResponse(
-        body, status_code=HTTP_STATUS[exc.code], headers={"Retry-After": str(exc.retry_after_s)}
-    )
+    return JSONResponse(body, status_code=HTTP_STATUS[exc.code], headers={"Retry-After": str(exc.retry_after_s)})

@@ -39,6 +39,7 @@ from graphql import (
     GraphQLNamedType,
     GraphQLSchema,
     InlineFragmentNode,
+    NamedTypeNode,
     OperationDefinitionNode,
     SelectionSetNode,
     get_named_type,
@@ -177,10 +178,13 @@ def _usage_frame(args: Arguments, frame: Frame) -> Frame:
     longest = MAX_RANGE.get(granularity, MAX_RANGE["MINUTE"])
     span = _span(args.get("range"), longest)
     buckets = math.ceil(span.total_seconds() / step) + 1  # a range off the bucket grid touches one more
-    filters = args.get("filter") if isinstance(args.get("filter"), dict) else {}
+    given = args.get("filter")
+    filters: dict[str, Any] = given if isinstance(given, dict) else {}
     group_by = args.get("groupBy")
-    dimensions = set(group_by) if isinstance(group_by, list) else set()
-    groups = math.prod(_dimension_bound(filters.get(USAGE_DIMENSION_FILTERS.get(str(d), ""))) for d in dimensions)
+    dimensions = {str(d) for d in group_by} if isinstance(group_by, list) else set()
+    groups = 1
+    for dimension in dimensions:
+        groups *= _dimension_bound(filters.get(USAGE_DIMENSION_FILTERS.get(dimension, "")))
     models = _dimension_bound(filters.get("models"))
     return Frame(rows=buckets * groups, groups=models)
 
@@ -278,7 +282,8 @@ class _CostWalk:
                 fragment = self.fragments.get(selection.name.value)
                 if fragment is None:
                     continue
-                condition, selections = fragment.type_condition, fragment.selection_set
+                condition: NamedTypeNode | None = fragment.type_condition
+                selections = fragment.selection_set
             elif isinstance(selection, InlineFragmentNode):
                 condition, selections = selection.type_condition, selection.selection_set
             else:  # pragma: no cover - no other kind of selection exists
@@ -297,14 +302,14 @@ class _CostWalk:
         if key in FRAMES:
             frame = FRAMES[key](args, frame)
         size = 1
-        if isinstance(get_nullable_type(definition.type), GraphQLList):  # type: ignore[arg-type]
+        if isinstance(get_nullable_type(definition.type), GraphQLList):
             sizer = self.sizes.get(key)
             size = max(0, sizer(args, frame)) if sizer else DEFAULT_LIST_SIZE
         below = self.selections(node.selection_set, get_named_type(definition.type), frame) if node.selection_set else 0
         return size * (1 + below)
 
     def _arguments(self, node: FieldNode) -> dict[str, Any]:
-        return {a.name.value: value_from_ast_untyped(a.value, self.variables) for a in node.arguments or ()}
+        return {a.name.value: value_from_ast_untyped(a.value, dict(self.variables)) for a in node.arguments or ()}
 
 
 def _field_definition(schema: GraphQLSchema, parent: GraphQLNamedType, name: str) -> GraphQLField | None:
@@ -313,7 +318,7 @@ def _field_definition(schema: GraphQLSchema, parent: GraphQLNamedType, name: str
     if parent is schema.query_type and name in ("__schema", "__type"):
         return SchemaMetaFieldDef if name == "__schema" else TypeMetaFieldDef
     fields = getattr(parent, "fields", None)
-    return fields.get(name) if fields else None  # type: ignore[no-any-return]
+    return fields.get(name) if fields else None
 
 
 _INTROSPECTION_SIZES: dict[int, tuple[GraphQLSchema, dict[tuple[str, str], ListSize]]] = {}

@@ -8,6 +8,7 @@ from typing import Any
 
 import strawberry
 from graphql import GraphQLError, get_operation_ast
+from graphql import OperationType as OperationTypeNode
 from graphql.validation import NoSchemaIntrospectionCustomRule
 from strawberry.extensions import AddValidationRules, MaxAliasesLimiter, MaxTokensLimiter, QueryDepthLimiter
 from strawberry.schema.config import StrawberryConfig
@@ -89,7 +90,7 @@ class GatewaySchema(strawberry.Schema):
     documents: PreparedDocuments
     limiter: CallerLimiter
 
-    async def execute(  # noqa: PLR0917 - Strawberry's signature
+    async def execute(
         self,
         query: str | None,
         variable_values: dict[str, Any] | None = None,
@@ -108,7 +109,7 @@ class GatewaySchema(strawberry.Schema):
             operation_extensions,
         )  # fmt: skip
 
-    async def stream(  # type: ignore[override]  # noqa: PLR0917 - Strawberry's signature
+    async def stream(
         self,
         query: str | None,
         variable_values: dict[str, Any] | None = None,
@@ -168,7 +169,7 @@ class GatewaySchema(strawberry.Schema):
         except GraphQLError:
             return False  # refused at parsing, holding nothing
         operation = get_operation_ast(document, operation_name)
-        return operation is not None and operation.operation is not OperationType.SUBSCRIPTION
+        return operation is not None and operation.operation is not OperationTypeNode.SUBSCRIPTION
 
     async def _refused(self, error: GraphQLError) -> AsyncGenerator[ExecutionResult, None]:
         self.process_errors([error])

@@ -9,11 +9,12 @@ from typing import Any
 
 import asyncpg
 import pytest
-from graphql import GraphQLError, parse
+from graphql import GraphQLError, get_introspection_query, parse
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from strawberry.types import ExecutionResult
 from strawberry.types.execution import PreExecutionError
 
+from bench.graphql_bench import USAGE_QUERY
 from gateway.errors import ErrorCode, Unavailable
 from gateway.settings import Settings
 from schema.errors import apply_contract, error_code
@@ -87,7 +88,7 @@ async def test_oversized_document_is_refused_before_parsing_and_not_cached() -> 
 
 async def test_oversized_document_is_refused_over_streaming_transports_too() -> None:
     """The WebSocket transport calls ``Schema.stream``: the size check holds there without an HTTP body."""
-    query = "subscription { freshness(orgId: \"" + "x" * 40_000 + "\") { status } }"
+    query = 'subscription { freshness(orgId: "' + "x" * 40_000 + '") { status } }'
     stream = await SCHEMA.stream(query, context_value=None)
     first = await anext(stream)  # type: ignore[call-overload]
     await stream.aclose()  # type: ignore[attr-defined]
@@ -112,7 +113,9 @@ async def test_cost_comes_from_arguments_and_variables() -> None:
     def cost(query: str, variables: dict[str, Any] | None = None) -> int:
         return estimate_cost(SCHEMA._schema, parse(query), None, variables or {})
 
-    hourly = "query($r: TimeRange!, $g: Granularity!) { usage(orgId: \"o\", range: $r, granularity: $g) { " + SERIES + " } }"
+    hourly = (
+        'query($r: TimeRange!, $g: Granularity!) { usage(orgId: "o", range: $r, granularity: $g) { ' + SERIES + " } }"
+    )
     day = {"from": "2026-01-01T00:00:00Z", "to": "2026-01-02T00:00:00Z"}
     month = {"from": "2026-01-01T00:00:00Z", "to": "2026-01-31T00:00:00Z"}
     assert cost(hourly, {"r": month, "g": "HOUR"}) > 25 * cost(hourly, {"r": day, "g": "HOUR"})
@@ -126,11 +129,11 @@ async def test_cost_comes_from_arguments_and_variables() -> None:
 
 
 def test_the_benchmark_and_introspection_queries_fit_the_budget() -> None:
-    from bench.graphql_bench import USAGE_QUERY
-    from graphql import get_introspection_query
-
     month = {"from": "2026-01-01T00:00:00Z", "to": "2026-01-31T00:00:00Z"}
-    for granularity, variables in (("HOUR", {"range": month}), ("DAY", {"range": {**month, "from": "2025-01-31T00:00:00Z"}})):
+    for granularity, variables in (
+        ("HOUR", {"range": month}),
+        ("DAY", {"range": {**month, "from": "2025-01-31T00:00:00Z"}}),
+    ):
         cost = estimate_cost(SCHEMA._schema, parse(USAGE_QUERY), None, {**variables, "granularity": granularity})
         assert cost < 200_000, (granularity, cost)
     assert estimate_cost(SCHEMA._schema, parse(get_introspection_query()), None, {}) < 200_000
