@@ -245,3 +245,27 @@ async def test_over_the_websocket_a_subscription_holds_no_concurrency_slot_but_a
         assert schema.limiter.running(caller_key(caller)) == 0
     finally:
         await subscription.aclose()  # type: ignore[attr-defined]
+
+
+async def test_leased_tokens_never_let_replicas_exceed_the_rate(settings: Settings, resources: Resources) -> None:
+    """Busy callers take tokens from Redis in leases; two replicas sharing a bucket of 120 a minute still
+    admit at most 120 at once, and a lease costs one Redis call for many requests."""
+    prefix = f"{settings.redis_prefix}{uuid.uuid4().hex[:6]}:"
+    replicas = [CallerLimiter(120, 8, prefix), CallerLimiter(120, 8, prefix)]
+    assert resources.redis is not None
+    calls_before = await _evalsha_calls(resources)
+    admitted = 0
+    for i in range(400):
+        try:
+            await replicas[i % 2].check_rate(resources.redis, "busy")
+            admitted += 1
+        except RateLimited:
+            pass
+    assert 100 <= admitted <= 120, admitted
+    assert await _evalsha_calls(resources) - calls_before < 400 / 2
+
+
+async def _evalsha_calls(resources: Resources) -> int:
+    assert resources.redis is not None
+    stats = await resources.redis.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
