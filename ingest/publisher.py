@@ -52,11 +52,13 @@ class EventPublisher:
         body = msgspec.json.encode(list(events) if as_batch else events[0])
         await self.publish_body(body, content_type=BATCH if as_batch else SINGLE)
 
-    async def publish_body(self, body: bytes, *, content_type: str) -> None:
+    async def publish_body(self, body: bytes, *, content_type: str, message_id: str | None = None) -> None:
         if self._error is not None:
             raise self._error
         await self._slots.acquire()
-        message = aio_pika.Message(body, content_type=content_type, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+        message = aio_pika.Message(
+            body, content_type=content_type, message_id=message_id, delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+        )
         task = asyncio.create_task(self._send(message))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)

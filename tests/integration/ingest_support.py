@@ -159,3 +159,27 @@ async def dead_letters(prefix: str, marker: str, expected: int, timeout: float =
             else:
                 await message.nack(requeue=True)
     return found
+
+
+async def dead_letters_by_id(
+    prefix: str, id_prefix: str, expected: int, timeout: float = 60
+) -> list[aio_pika.IncomingMessage]:
+    """Take from the DLQ the ``expected`` messages whose ``message_id`` starts with ``id_prefix``
+    (the gateway keeps the original message's id on what it dead-letters)."""
+    found: list[aio_pika.IncomingMessage] = []
+    connection = await aio_pika.connect_robust(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.get_queue(Topology.named(prefix).dead_letter_queue, ensure=True)
+        deadline = time.monotonic() + timeout
+        while len(found) < expected and time.monotonic() < deadline:
+            message = await queue.get(no_ack=False, fail=False)
+            if message is None:
+                await asyncio.sleep(POLL_S)
+                continue
+            if (message.message_id or "").startswith(id_prefix):
+                await message.ack()
+                found.append(message)  # type: ignore[arg-type]
+            else:
+                await message.nack(requeue=True)
+    return found
