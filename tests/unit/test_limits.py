@@ -71,7 +71,7 @@ async def test_fragment_bomb_is_refused_before_validation() -> None:
     elapsed = time.perf_counter() - started
     assert _codes(result) == ["QUERY_TOO_COMPLEX"]
     assert "fields" in result.errors[0].message and "1000" in result.errors[0].message  # type: ignore[index]
-    assert elapsed < 0.1, f"refusing took {elapsed:.3f} s on the event loop"
+    assert elapsed < 0.3, f"refusing took {elapsed:.3f} s on the event loop (validating it took 2.7 s)"
 
 
 async def test_oversized_document_is_refused_before_parsing_and_not_cached() -> None:
