@@ -38,6 +38,7 @@ from gateway.context import Context
 from gateway.errors import HTTP_STATUS, ErrorCode, Forbidden, GatewayError, Unauthenticated
 from gateway.resources import Resources
 from resolvers.loaders import Loaders
+from schema.audit import record_refusal
 from schema.errors import collapse_list_errors, format_error
 from schema.json import dumps
 
@@ -127,11 +128,16 @@ class GraphQLView(GraphQL[Context, None]):
             return
         try:
             response = await self.run(Request(scope, receive))
-        except TransportError as exc:
-            response = exc.response()
         except HTTPException as exc:  # strawberry's own refusals, plain text otherwise
-            response = _from_http_exception(exc).response()
+            response = self._refuse(scope, _from_http_exception(exc))
+        except TransportError as exc:
+            response = self._refuse(scope, exc)
         await response(scope, receive, send)
+
+    def _refuse(self, scope: Scope, refusal: TransportError) -> Response:
+        """The refusal's response, audited when the caller is known (a 401 has no caller to record)."""
+        record_refusal(_resources(scope).audit, scope.get(CALLER_KEY), refusal.code, refusal.message)
+        return refusal.response()
 
     async def get_context(self, request: Request | WebSocket, response: Response | WebSocket) -> Context:
         return Context(
@@ -221,6 +227,17 @@ class GraphQLView(GraphQL[Context, None]):
             response["extensions"] = result.extensions
         return response
 
+    def create_response(
+        self, response_data: GraphQLHTTPResponse | list[GraphQLHTTPResponse], sub_response: Response
+    ) -> Response:
+        """Strawberry's 200 response, except that a request refused as a whole for capacity (every error
+        RATE_LIMITED or UNAVAILABLE, no data) gets that code's status (429, 503); any ``retryAfter`` becomes a
+        ``Retry-After`` header, so that HTTP clients and proxies back off too."""
+        response = super().create_response(response_data, sub_response)
+        if isinstance(response_data, dict):
+            _apply_retry(response, response_data)
+        return response
+
     def encode_json(self, data: object) -> str:
         # A str: Strawberry sends bytes over the WebSocket as binary frames, which browsers'
         # GraphQL clients (GraphiQL, graphql-ws) cannot parse.
@@ -289,6 +306,21 @@ def _limited(receive: Receive, scope: Scope, limit: int) -> Receive:
         return message
 
     return receive_limited
+
+
+RETRYABLE = frozenset({ErrorCode.RATE_LIMITED.value, ErrorCode.UNAVAILABLE.value})
+
+
+def _apply_retry(response: Response, body: GraphQLHTTPResponse) -> None:
+    extensions: list[dict[str, Any]] = [
+        error.get("extensions") or {} for error in body.get("errors") or () if isinstance(error, dict)
+    ]
+    delays = [e["retryAfter"] for e in extensions if isinstance(e.get("retryAfter"), int)]
+    if delays:
+        response.headers["Retry-After"] = str(max(delays))
+    codes = {str(e.get("code")) for e in extensions}
+    if body.get("data") is None and len(codes) == 1 and codes <= RETRYABLE:
+        response.status_code = HTTP_STATUS[ErrorCode(codes.pop())]
 
 
 def _wrong_transport(operation: OperationType) -> TransportError:

@@ -37,7 +37,13 @@ class Resources:
 
     settings: Settings
     roles: frozenset[Role]
+    # Two pools on one database, so that neither side can starve the other: ``engine`` for the workers
+    # (ingestion, rollups, exports, audit, health), whose statements may run long; ``query_engine`` for
+    # GraphQL, whose statements PostgreSQL cuts at ANALYTICS_DB_STATEMENT_TIMEOUT_MS and whose requests wait
+    # at most ANALYTICS_DB_POOL_TIMEOUT_S for a connection (both answer UNAVAILABLE, retryable). Pools
+    # connect lazily: a process without the api role never opens a query connection.
     engine: AsyncEngine
+    query_engine: AsyncEngine
     verifier: TokenVerifier
     metrics: Metrics
     migrations_head: str
@@ -55,7 +61,7 @@ class Resources:
 async def open_resources(settings: Settings, roles: frozenset[Role], metrics: Metrics) -> AsyncIterator[Resources]:
     """Open the database (the embedded one when none is configured), Redis and AMQP."""
     async with AsyncExitStack() as stack:
-        engine, embedded = await open_database(settings, stack)
+        engine, query_engine, embedded = await open_database(settings, stack)
         redis = _redis(settings)
         if redis is not None:
             stack.push_async_callback(redis.aclose)
@@ -72,6 +78,7 @@ async def open_resources(settings: Settings, roles: frozenset[Role], metrics: Me
             settings=settings,
             roles=roles,
             engine=engine,
+            query_engine=query_engine,
             verifier=TokenVerifier(settings),
             metrics=metrics,
             migrations_head=current_head(),
@@ -86,15 +93,22 @@ async def open_resources(settings: Settings, roles: frozenset[Role], metrics: Me
         )
 
 
-async def open_database(settings: Settings, stack: AsyncExitStack) -> tuple[AsyncEngine, bool]:
-    """The engine (closed with ``stack``), and whether it is the embedded default,
-    which is migrated here; a configured database is migrated by ``migrate``."""
+async def open_database(settings: Settings, stack: AsyncExitStack) -> tuple[AsyncEngine, AsyncEngine, bool]:
+    """The workers' engine and the queries' engine (both closed with ``stack``), and whether the database is
+    the embedded default, which is migrated here; a configured database is migrated by ``migrate``."""
     url, embedded = await _database_url(settings, stack)
     engine = create_engine(url, pool_size=settings.db_pool_size)
     stack.push_async_callback(engine.dispose)
+    query_engine = create_engine(
+        url,
+        pool_size=settings.db_pool_size,
+        pool_timeout_s=settings.db_pool_timeout_s,
+        statement_timeout_ms=settings.db_statement_timeout_ms,
+    )
+    stack.push_async_callback(query_engine.dispose)
     if embedded:
         await migrate(engine)
-    return engine, embedded
+    return engine, query_engine, embedded
 
 
 async def _database_url(settings: Settings, stack: AsyncExitStack) -> tuple[str, bool]:

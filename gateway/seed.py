@@ -47,7 +47,7 @@ def demo_prices(now: dt.datetime) -> list[Price]:
 
 async def seed_demo(settings: Settings, *, events: int, orgs: int, days: int, seed: int) -> Seeded:
     async with AsyncExitStack() as stack:
-        engine, _ = await open_database(settings, stack)
+        engine, _, _ = await open_database(settings, stack)
         now = dt.datetime.now(dt.UTC)
         prices = demo_prices(now)
         async with engine.begin() as connection:

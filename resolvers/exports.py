@@ -21,7 +21,7 @@ async def resolve_export_job(info: strawberry.Info[Context, Any], id: strawberry
     """One export job, if it exists and the caller may see its org."""
     caller = info.context.require_caller()
     job_id = _parse_job_id(id)
-    async with info.context.resources.engine.connect() as connection:
+    async with info.context.resources.query_engine.connect() as connection:
         row = await get_export_job(connection, job_id)
     if row is None:
         return None

@@ -37,7 +37,7 @@ async def freshness_rows(resources: Resources, org_ids: Sequence[str]) -> list[F
             found[org_id] = _decode(cached)
     missing = [org_id for org_id in org_ids if org_id not in found]
     if missing:
-        async with resources.engine.connect() as connection:
+        async with resources.query_engine.connect() as connection:
             rows = await load_freshness(connection, missing, live_s=settings.freshness_stale_s)
         for row in rows:
             found[row.org_id] = row

@@ -31,7 +31,7 @@ async def resolve_model_prices(info: strawberry.Info[Context, Any], model: str |
     info.context.require_caller()
     if model is not None:
         check_model(model, "model")
-    async with info.context.resources.engine.connect() as connection:
+    async with info.context.resources.query_engine.connect() as connection:
         return [to_model_price(p) for p in await list_prices(connection, model)]
 
 
@@ -51,7 +51,7 @@ def validated_price(data: ModelPriceInput) -> Price:
 async def resolve_upsert_model_price(info: strawberry.Info[Context, Any], input: ModelPriceInput) -> ModelPrice:
     """Insert or correct a price version; every attempt is audited."""
     caller = info.context.require_caller()
-    engine = info.context.resources.engine
+    engine = info.context.resources.query_engine
     detail = {"model": input.model, "effective_from": input.effective_from.isoformat()}
     try:
         price = validated_price(input)

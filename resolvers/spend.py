@@ -31,7 +31,7 @@ async def resolve_spend_by_org(
     check_range(range.from_, range.to, MAX_SPEND_RANGE, "spendByOrg")
     check_page_size(first, MAX_PAGE)
     query = UsageQuery(org_id=None, start=range.from_, end=range.to, granularity=None)
-    async with context.resources.engine.connect() as connection:
+    async with context.resources.query_engine.connect() as connection:
         marks = await watermarks(connection)
         rows = await usage_rows(connection, query, marks.materialized_through)
     ranked = _ranked(rows)

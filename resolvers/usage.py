@@ -55,7 +55,7 @@ async def resolve_usage(
     org_argument(context.require_caller(), org_id)
     query = usage_query(org_id, range, granularity, filter, list(group_by), time_zone)
     freshness = await context.loaders.freshness.load(org_id)
-    async with context.resources.engine.connect() as connection:
+    async with context.resources.query_engine.connect() as connection:
         rows = await usage_rows(connection, query, freshness.materialized_through)
     report = build_report(query, rows)
     return UsageReport(

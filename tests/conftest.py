@@ -115,6 +115,9 @@ def settings(database_url: str, data_dir: Path) -> Settings:
         amqp_prefix=f"test_{RUN_ID}.",
         redis_prefix=f"test:{RUN_ID}:",
         data_dir=data_dir,
+        # The whole run shares this app and mostly one caller: its limits are tested with apps of their own.
+        rate_limit_per_minute=1_000_000,
+        max_concurrent_per_caller=64,
     )
 
 

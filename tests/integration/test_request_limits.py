@@ -151,18 +151,28 @@ async def test_pool_exhaustion_answers_unavailable_not_internal(settings: Settin
         # pool_size 1 + overflow 1: hold both connections, as 32 slow requests at once did.
         async with (
             httpx.AsyncClient(transport=transport, base_url="http://gateway.test") as http,
-            resources.engine.connect() as one,
-            resources.engine.connect() as two,
+            resources.query_engine.connect() as one,
+            resources.query_engine.connect() as two,
         ):
             await one.execute(text("SELECT 1"))
             await two.execute(text("SELECT 1"))
             query = 'query($r: TimeRange!) { usage(orgId: "org_a", range: $r) { totals { requests } } }'
             range_ = {"from": (NOW - dt.timedelta(days=1)).isoformat(), "to": NOW.isoformat()}
             response = await graphql(http, query, make_token("viewer", org="org_a"), {"r": range_})
+            # The workers' pool is another: the health check still answers while queries wait.
+            assert (await http.get("/readyz")).status_code == 200
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
     errors = response.json()["errors"]
     assert [e["extensions"]["code"] for e in errors] == ["UNAVAILABLE"], errors
     assert errors[0]["extensions"]["retryAfter"] >= 1
     assert "QueuePool" not in errors[0]["message"]
+
+
+async def test_queries_run_under_the_statement_timeout_and_workers_do_not(resources: Resources) -> None:
+    async with resources.query_engine.connect() as connection:
+        assert (await connection.execute(text("SHOW statement_timeout"))).scalar() == "15s"
+    async with resources.engine.connect() as connection:
+        assert (await connection.execute(text("SHOW statement_timeout"))).scalar() == "0"
 
 
 async def test_a_statement_past_the_timeout_is_cancelled_and_answers_unavailable(database_url: str) -> None:

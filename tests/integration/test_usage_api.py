@@ -137,7 +137,7 @@ async def test_freshness_loads_once_per_request_and_prices_come_with_each_usage_
     resources: Resources, client: httpx.AsyncClient, make_token: TokenFactory, orgs: tuple[str, str]
 ) -> None:
     statements: list[str] = []
-    engine = resources.engine
+    engine = resources.query_engine  # the GraphQL pool
 
     # Statements through SQLAlchemy, and those sent straight to asyncpg (hot queries).
     def log_query(record: object) -> None:
