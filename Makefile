@@ -34,6 +34,7 @@ lint: install
 ## Schemathesis against /graphql of a real gateway, then hypothesis against both ingestion paths.
 FUZZ_SECONDS ?= 600
 FUZZ_EXAMPLES ?= 2000
+FUZZ_INGEST_TESTS := tests/unit/test_event_validation.py tests/integration/test_ingest_hostile.py::test_fuzz_both_ingestion_paths
 fuzz: install services
 	$(BIN)/python -m tests.fuzz.graphql --examples $(FUZZ_EXAMPLES) --max-time $(FUZZ_SECONDS)
 	ANALYTICS_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q $(FUZZ_INGEST_TESTS)

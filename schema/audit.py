@@ -1,5 +1,10 @@
 """A schema extension that audits every GraphQL operation (contracts section 2).
 
+Requests refused before they became an operation (unreadable JSON, an unsupported content type, a document over
+its size budget) are recorded too, as ``graphql.refused`` with the reason, when the caller is known; requests
+refused for their caller's rate are not (each would be an audit row for the caller who floods: they are counted
+in the HTTP metrics and the access log instead).
+
 What is recorded is what was executed, not what the client called it: the root fields that the operation
 selects once fragments, ``@skip``/``@include`` and variables are applied, and the orgs of their coerced
 ``orgId`` arguments (an input object's ``orgId`` included). The client's ``operationName`` is kept in the
@@ -27,7 +32,9 @@ from graphql.execution.collect_fields import FragmentDetails, collect_fields
 from graphql.execution.values import get_argument_values, get_variable_values
 from strawberry.extensions import SchemaExtension
 
-from gateway.audit import AuditEntry
+from gateway.audit import AuditEntry, AuditTrail
+from gateway.auth import Caller
+from gateway.errors import ErrorCode
 from schema.errors import error_code
 
 
@@ -107,6 +114,15 @@ class AuditOperations(SchemaExtension):
     def _errors(self) -> list[GraphQLError]:
         result = self.execution_context.result
         return list(self.execution_context.pre_execution_errors or []) + list(getattr(result, "errors", None) or [])
+
+
+def record_refusal(trail: AuditTrail | None, caller: Caller | None, code: ErrorCode, reason: str) -> None:
+    """Audit a request refused before it became an operation; nothing when the caller is not known."""
+    if caller is None or trail is None:
+        return
+    outcome = f"error: {code.value}"
+    entry = AuditEntry(actor=caller.subject, action="graphql.refused", outcome=outcome, detail={"reason": reason})
+    trail.record(entry, at=dt.datetime.now(dt.UTC))
 
 
 def executed_root_fields(

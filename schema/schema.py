@@ -16,7 +16,7 @@ from strawberry.types import ExecutionContext, ExecutionResult
 from strawberry.types.execution import PreExecutionError
 from strawberry.types.graphql import OperationType
 
-from gateway.errors import RateLimited
+from gateway.errors import ErrorCode, RateLimited
 from gateway.ratelimit import ADMITTED, CallerLimiter, caller_key
 from gateway.scopes import Scope
 from gateway.settings import Settings
@@ -26,7 +26,7 @@ from resolvers.prices import resolve_model_prices, resolve_upsert_model_price
 from resolvers.spend import resolve_spend_by_org
 from resolvers.usage import resolve_usage
 from resolvers.viewer import resolve_viewer
-from schema.audit import AuditOperations
+from schema.audit import AuditOperations, record_refusal
 from schema.enums import ALL_ENUMS
 from schema.errors import apply_contract, log_errors
 from schema.execution import FastExecutionContext
@@ -103,6 +103,7 @@ class GatewaySchema(strawberry.Schema):
         refusal = document_too_large(query, self.documents.budgets.max_document_bytes)
         if refusal is not None:
             self.process_errors([refusal])
+            _record_refusal(context_value, refusal)
             return ExecutionResult(data=None, errors=[refusal])
         return await super().execute(
             query, variable_values, context_value, root_value, operation_name, allowed_operation_types,
@@ -123,6 +124,7 @@ class GatewaySchema(strawberry.Schema):
         size and the caller's limits apply here, as the HTTP middleware applies them to ``POST /graphql``."""
         refusal = document_too_large(query, self.documents.budgets.max_document_bytes)
         if refusal is not None:
+            _record_refusal(context_value, refusal)
             return self._refused(refusal)
 
         async def start() -> AsyncGenerator[ExecutionResult, None]:
@@ -179,6 +181,11 @@ class GatewaySchema(strawberry.Schema):
         log_errors(errors)
         for error in errors:
             apply_contract(error)
+
+
+def _record_refusal(context: Any, refusal: GraphQLError) -> None:
+    trail = getattr(getattr(context, "resources", None), "audit", None)
+    record_refusal(trail, getattr(context, "caller", None), ErrorCode.QUERY_TOO_COMPLEX, refusal.message)
 
 
 def build_schema(

@@ -61,10 +61,30 @@ async def test_unstorable_org_ids_do_not_silence_the_trail(
     rows = await _rows(resources, actor)
     assert len(rows) == 4
     nul, long, surrogate, good = rows
-    assert nul.org_id == "x\\u0000" and nul.outcome.startswith("error:")
+    assert nul.org_id == "x\\u0000" and nul.outcome == "error: BAD_USER_INPUT"
     assert len(long.org_id) == 200 and long.org_id.endswith("…")
-    assert surrogate.org_id.startswith("\\udc80")
+    # A lone surrogate is not valid UTF-8: the body is refused before it is an operation, and that is recorded.
+    assert (surrogate.action, surrogate.org_id, surrogate.outcome) == ("graphql.refused", None, "error: BAD_USER_INPUT")
     assert (good.org_id, good.target, good.outcome) == ("org_a", "freshness", "ok")
+
+
+async def test_refusals_before_execution_are_audited(
+    client: httpx.AsyncClient, make_token: TokenFactory, resources: Resources
+) -> None:
+    actor = f"refused-{uuid.uuid4().hex[:6]}"
+    headers = {"Authorization": f"Bearer {make_token('viewer', org='org_a', sub=actor)}"}
+    assert (
+        await client.post("/graphql", content=b"[1,2]", headers=headers | {"Content-Type": "application/json"})
+    ).status_code == 400
+    big = "{ viewer { subject } }" + " " * resources.settings.graphql_max_document_bytes
+    assert (await client.post("/graphql", json={"query": big}, headers=headers)).status_code == 200
+    await resources.audit.flush()
+    rows = await _rows(resources, actor)
+    assert [(r.action, r.outcome) for r in rows] == [
+        ("graphql.refused", "error: BAD_USER_INPUT"),
+        ("graphql.refused", "error: QUERY_TOO_COMPLEX"),
+    ]
+    assert "batched" in rows[0].detail["reason"]
 
 
 async def test_a_row_the_database_refuses_is_replaced_and_the_rest_are_written(resources: Resources) -> None:

@@ -281,7 +281,7 @@ async def test_the_alert_rule_watches_an_exported_metric(client: httpx.AsyncClie
     rules = yaml.safe_load((REPO / "dashboards" / "rules" / "ingest.rules.yml").read_text())
     [rule] = [r for g in rules["groups"] for r in g["rules"] if r.get("alert") == "IngestFlushFailing"]
     assert rule["for"] == "2m"
-    assert {"summary", "description", "runbook"} <= set(rule["annotations"])
+    assert {"summary", "description", "runbook_url"} <= set(rule["annotations"])
     exported = {s.name for f in text_string_to_metric_families((await client.get("/metrics")).text) for s in f.samples}
     names = set(re.findall(r"analytics_[a-z_]+", rule["expr"]))
     assert names and names <= exported, (names, sorted(n for n in exported if n.startswith("analytics_ingest")))
