@@ -58,7 +58,8 @@ def create_app(settings: Settings | None = None, roles: frozenset[Role] | None =
     ]
     if Role.API in roles:
         routes += [
-            Route("/graphql", AuthenticatedGraphQL(view), methods=["GET", "POST"]),
+            # Every method reaches the view, which answers those it does not serve with a GraphQL-shaped 405.
+            Route("/graphql", AuthenticatedGraphQL(view), methods=None),
             WebSocketRoute("/graphql", view),
         ]
     if Role.INGEST in roles:

@@ -332,7 +332,8 @@ def _wrong_transport(operation: OperationType) -> TransportError:
 
 def _from_http_exception(exc: HTTPException) -> TransportError:
     code = ErrorCode.NOT_FOUND if exc.status_code == 404 else ErrorCode.BAD_USER_INPUT
-    return TransportError(exc.status_code, code, exc.reason)
+    headers = {"Allow": "GET, POST"} if exc.status_code == 405 else None
+    return TransportError(exc.status_code, code, exc.reason, headers)
 
 
 def _media_type(content_type: str | None) -> str:

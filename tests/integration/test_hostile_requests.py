@@ -245,6 +245,15 @@ async def test_a_mutation_over_get_is_405(client: httpx.AsyncClient, admin_heade
     assert _error(response)["extensions"]["code"] == "BAD_USER_INPUT"
 
 
+@pytest.mark.parametrize("method", ["PUT", "DELETE", "PATCH"])
+async def test_other_methods_get_a_graphql_shaped_405(
+    client: httpx.AsyncClient, admin_headers: dict[str, str], method: str
+) -> None:
+    response = await client.request(method, "/graphql", json={"query": VIEWER}, headers=admin_headers)
+    assert response.status_code == 405 and response.headers["allow"] == "GET, POST"
+    assert _error(response)["extensions"]["code"] == "BAD_USER_INPUT"
+
+
 async def test_an_oversized_body_is_413(
     client: httpx.AsyncClient, admin_headers: dict[str, str], settings: Settings
 ) -> None:
