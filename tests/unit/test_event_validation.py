@@ -269,6 +269,8 @@ def reference_accepts(text: str) -> bool:
         return False  # extra rule: beyond a double precision
     if data.get("cached_input_tokens", 0) > data["input_tokens"]:
         return False
+    if event["time"] != event["time"].strip():
+        return False  # jsonschema's date-time check uses Python's `$`, which lets a trailing newline through
     when = _parse_time(event["time"])
     return WINDOW.oldest <= when <= WINDOW.newest
 
