@@ -41,7 +41,7 @@ fuzz: install services
 
 ## Re-export schema/schema.graphql after an API change.
 sdl: install
-	$(BIN)/python -m schema.export
+	$(BIN)/python -m resolvers.sdl
 
 ## Re-pin every dependency (after changing pyproject.toml).
 lock: install

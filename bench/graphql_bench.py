@@ -6,7 +6,7 @@
 
 Data (loaded once into ``bench_graphql_<events>``, reused while its marker table says it is complete;
 ``--fresh`` rebuilds it): ``--events`` events over the 30 days ending a few minutes before the load,
-1,000 orgs with Zipf volume (``bench.loadgen``, 20 models, a few per org), written by
+1,000 orgs with Zipf volume (``ingest.synthetic``, 20 models, a few per org), written by
 ``ingest.writer.EventWriter`` in batches of 10,000 (generated in a child process while the previous batches
 are written), the demo price catalog (``gateway.seed.demo_prices``), then rolled up with
 ``db.rollup.run_cycle`` and ``VACUUM ANALYZE``d. The measured org is the largest (most events).
@@ -373,7 +373,7 @@ async def existing_dataset(name: str, params: dict[str, Any]) -> Dataset | None:
 
 def _produce(traffic: Any, batch: int, queue: Any) -> None:
     """Child process: generate the events and put them on ``queue`` as JSON arrays of ``batch`` events."""
-    from bench.loadgen import generate
+    from ingest.synthetic import generate
 
     encoder = msgspec.json.Encoder()
     chunk: list[dict[str, object]] = []
@@ -389,7 +389,6 @@ def _produce(traffic: Any, batch: int, queue: Any) -> None:
 
 async def load_dataset(name: str, params: dict[str, Any], writers: int) -> Dataset:
     """Create, migrate and fill the database; returns it with its marker row."""
-    from bench.loadgen import Traffic
     from db.engine import create_engine
     from db.migrate import migrate
     from db.partitions import ensure_usage_partitions
@@ -398,6 +397,7 @@ async def load_dataset(name: str, params: dict[str, Any], writers: int) -> Datas
     from gateway.seed import demo_prices
     from ingest.events import TimeWindow, UsageEvent, check_rules
     from ingest.metrics import IngestMetrics
+    from ingest.synthetic import Traffic
     from ingest.writer import EventWriter
 
     url = database_url(name)
@@ -571,7 +571,7 @@ def serve_app(port: int) -> None:
     from gateway.app import create_app
     from gateway.gc_policy import GcPauses
     from gateway.logging import configure_logging
-    from gateway.settings import Role, load_settings
+    from kernel.settings import Role, load_settings
 
     settings = load_settings()
     configure_logging(settings.log_level)
@@ -938,7 +938,7 @@ def _cores_line(usage: dict[str, Any]) -> str:
 
 
 def token_for(secret: str, org_id: str) -> str:
-    from gateway.auth import issue_token
+    from kernel.auth import issue_token
 
     return issue_token(secret, ["org_admin"], subject="bench", org_id=org_id, ttl_seconds=6 * 3600)
 
@@ -1139,7 +1139,7 @@ AREAS = (
     ("httptools", "uvicorn (HTTP)"),
     ("orjson", "orjson"),
     ("jwt/", "PyJWT (token verification)"),
-    ("gateway/auth", "gateway.auth"),
+    ("gateway/auth", "kernel.auth"),
     ("structlog", "structlog"),
     ("gateway/", "gateway (other)"),
     ("decimal", "decimal"),
@@ -1382,7 +1382,7 @@ def _probe_event(org_id: str, index: int, sent_at: float) -> dict[str, object]:
 
 
 def background_bodies(events: int, batch: int, seconds: float, seed: int) -> list[bytes]:
-    from bench.loadgen import Traffic, generate
+    from ingest.synthetic import Traffic, generate
 
     start = dt.datetime.now(dt.UTC)
     traffic = Traffic(seed=seed, events=events, orgs=200, models=12, span=dt.timedelta(seconds=seconds),
@@ -1410,7 +1410,7 @@ def probe_lags(probes: list[float], polls: list[Poll]) -> list[dict[str, float]]
 
 async def probe_commits(url: str) -> dict[str, float]:
     """Publish-to-commit of each probe (commit time of its batch: started_at + duration_ms)."""
-    from bench.loadgen import sent_at_from_id
+    from ingest.synthetic import sent_at_from_id
 
     connection = await asyncpg.connect(url)
     try:
@@ -1657,7 +1657,7 @@ def environment() -> dict[str, Any]:
 
 
 def gateway_settings() -> dict[str, Any]:
-    from gateway.settings import Settings
+    from kernel.settings import Settings
 
     names = ("db_pool_size", "freshness_cache_ttl_s", "ingest_batch_events", "ingest_prefetch",
              "ingest_batch_max_age_ms", "rollup_interval_s")  # fmt: skip

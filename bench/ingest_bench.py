@@ -58,11 +58,11 @@ import asyncpg
 import httpx
 import msgspec
 
-from bench.loadgen import Traffic, generate, sent_at_from_id, stamped
 from bench.postgres import admin_url, connection_facts
 from bench.profiles import count_stacks, py_spy
 from ingest.decode import BATCH, SINGLE
 from ingest.publisher import EventPublisher
+from ingest.synthetic import Traffic, generate, sent_at_from_id, stamped
 from ingest.topology import Topology
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,7 +118,7 @@ def snapshot_code(mode: str) -> tuple[Path, dict[str, Any]]:
 def setting_defaults() -> dict[str, int]:
     """The ingest defaults of the measured code (read in a subprocess, from the snapshot)."""
     script = (
-        "import json; from gateway.settings import Settings as S; f = S.model_fields; "
+        "import json; from kernel.settings import Settings as S; f = S.model_fields; "
         "print(json.dumps({'batch_events': f['ingest_batch_events'].default, 'prefetch': f['ingest_prefetch'].default,"
         " 'max_age_ms': f['ingest_batch_max_age_ms'].default}))"
     )

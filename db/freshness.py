@@ -1,4 +1,5 @@
-"""Freshness inputs: per org times, the rollup watermark, ingester heartbeats."""
+"""Freshness inputs in SQL: per org times, the rollup watermark, ingester heartbeats (``ingest/freshness.py``
+owns what they mean, the cache and the announcements)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,6 @@ from dataclasses import dataclass
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
-
-
-def freshness_key(org_id: str) -> str:
-    """The pub/sub channel and the cache key of an org's freshness."""
-    return f"freshness:{org_id}"
 
 
 @dataclass(frozen=True)

@@ -13,17 +13,17 @@ from starlette.middleware import Middleware
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 
 from gateway import health
+from gateway.events_endpoint import post_events
 from gateway.gc_policy import settle_heap
 from gateway.graphql_view import AuthenticatedGraphQL, GraphQLView
 from gateway.logging import configure_logging
 from gateway.metrics import Metrics
 from gateway.middleware import RequestIdMiddleware, StartupErrorMiddleware
-from gateway.ratelimit import CallerLimiter, CallerLimitsMiddleware
 from gateway.resources import Resources, open_resources
-from gateway.settings import ALL_ROLES, Role, Settings, load_settings
 from gateway.workers import run_workers
-from ingest.http import post_events
-from schema.schema import build_schema
+from kernel.ratelimit import CallerLimiter, CallerLimitsMiddleware
+from kernel.settings import ALL_ROLES, Role, Settings, load_settings
+from resolvers.root import build_schema
 
 log = structlog.get_logger(__name__)
 

@@ -15,12 +15,12 @@ from uvicorn.supervisors.multiprocess import Multiprocess
 
 from db.engine import create_engine
 from db.migrate import migrate as run_migrations
-from gateway.auth import issue_token, signing_secret
-from gateway.errors import ConfigError
 from gateway.logging import configure_logging
-from gateway.scopes import ROLE_GRANTS
-from gateway.settings import ENV_PREFIX, Role, Settings, load_settings, parse_roles
 from ingest.publish_file import publish_file
+from kernel.auth import issue_token, signing_secret
+from kernel.errors import ConfigError
+from kernel.scopes import ROLE_GRANTS
+from kernel.settings import ENV_PREFIX, Role, Settings, load_settings, parse_roles
 
 app = typer.Typer(help="GraphQL analytics gateway for an LLM API platform.", no_args_is_help=True)
 

@@ -33,14 +33,14 @@ from strawberry.types import ExecutionResult
 from strawberry.types.graphql import OperationType
 from strawberry.types.unset import UnsetType
 
-from gateway.auth import Caller
-from gateway.context import Context
-from gateway.errors import HTTP_STATUS, ErrorCode, Forbidden, GatewayError, Unauthenticated
 from gateway.resources import Resources
-from resolvers.loaders import Loaders
-from schema.audit import record_refusal
+from kernel.auth import Caller
+from kernel.errors import HTTP_STATUS, ErrorCode, Forbidden, GatewayError, Unauthenticated
+from schema.context import Context
 from schema.errors import collapse_list_errors, format_error
 from schema.json import dumps
+from schema.loaders import Loaders
+from schema.operation_audit import record_refusal
 
 CALLER_KEY = "analytics.caller"
 # What each HTTP method may run. Subscriptions need the WebSocket: over HTTP strawberry would run the

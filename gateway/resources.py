@@ -14,18 +14,18 @@ from aio_pika.abc import AbstractRobustConnection
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from db.audit_trail import AuditTrail
 from db.engine import create_engine
 from db.migrate import current_head, migrate
-from gateway.audit import AuditTrail
-from gateway.auth import TokenVerifier
-from gateway.cache import Cache, LocalCache, RedisCache
 from gateway.embedded import EmbeddedPostgres
-from gateway.errors import ConfigError
 from gateway.metrics import Metrics
-from gateway.pubsub import LocalPubSub, PubSub, RedisPubSub
-from gateway.settings import Role, Settings
 from ingest.metrics import IngestMetrics
 from ingest.writer import EventWriter
+from kernel.auth import TokenVerifier
+from kernel.cache import Cache, LocalCache, RedisCache
+from kernel.errors import ConfigError
+from kernel.pubsub import LocalPubSub, PubSub, RedisPubSub
+from kernel.settings import Role, Settings
 
 log = structlog.get_logger(__name__)
 AMQP_CONNECT_TIMEOUT_S = 10.0

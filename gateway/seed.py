@@ -10,14 +10,14 @@ from dataclasses import dataclass
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TimeRemainingColumn
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from bench.loadgen import MODELS, Traffic, generate
 from db.prices import Price, upsert_price
 from gateway.metrics import Metrics
 from gateway.resources import open_database
-from gateway.settings import Settings
 from ingest.events import TimeWindow, validate
 from ingest.metrics import IngestMetrics
+from ingest.synthetic import MODELS, Traffic, generate
 from ingest.writer import EventWriter
+from kernel.settings import Settings
 
 BATCH = 5000
 D = decimal.Decimal

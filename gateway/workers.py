@@ -12,8 +12,8 @@ import structlog
 
 from db.rollup import run_cycle
 from gateway.resources import Resources
-from gateway.settings import Role
 from ingest.consumer import Consumer
+from kernel.settings import Role
 
 log = structlog.get_logger(__name__)
 

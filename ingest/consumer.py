@@ -26,13 +26,13 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobus
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from db.freshness import beat
-from gateway.settings import Settings
 from ingest.deadletter import dead_letter
 from ingest.decode import Decoded, UnreadableMessage, decode_body
 from ingest.events import TimeWindow, UsageEvent
 from ingest.metrics import IngestMetrics
 from ingest.topology import Declared, Topology, declare
 from ingest.writer import EventWriter, Isolated
+from kernel.settings import Settings
 
 log = structlog.get_logger(__name__)
 RETRY_DELAYS_S = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)

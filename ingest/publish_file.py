@@ -9,9 +9,9 @@ import aio_pika
 import msgspec
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TimeRemainingColumn
 
-from gateway.settings import Settings
 from ingest.publisher import EventPublisher
 from ingest.topology import Topology
+from kernel.settings import Settings
 
 
 async def publish_file(settings: Settings, path: Path, *, batch: int, in_flight: int) -> int:

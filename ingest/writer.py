@@ -13,17 +13,16 @@ from dataclasses import dataclass
 
 import asyncpg
 import asyncpg.exceptions._base as asyncpg_base
-import orjson
 import structlog
 from msgspec import UNSET
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from db.events import OrgIngested, Record, begin_batch, ensure_partitions, insert_batch, record_batch
-from db.freshness import freshness_key
-from gateway.cache import Cache
-from gateway.pubsub import PubSub
+from ingest import freshness
 from ingest.events import UsageEvent, stored
 from ingest.metrics import IngestMetrics
+from kernel.cache import Cache
+from kernel.pubsub import PubSub
 
 log = structlog.get_logger(__name__)
 CONNECTION_ERRORS = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)
@@ -113,7 +112,7 @@ class EventWriter:
                 raise
         self._known_days |= days
         self._observe(channel, result, rejected, len(events), time.perf_counter() - clock)
-        await self._announce(result.orgs)
+        await freshness.announce(self._cache, self._pubsub, {o.org_id: o.last_at for o in result.orgs})
         return result
 
     async def _write(
@@ -166,17 +165,6 @@ class EventWriter:
         self._metrics.count(channel, accepted=result.accepted, duplicates=result.duplicates, rejected=rejected)
         self._metrics.batch_size.record(size, {"channel": channel})
         self._metrics.flush_seconds.record(seconds, {"channel": channel})
-
-    async def _announce(self, orgs: list[OrgIngested]) -> None:
-        """Best effort: the data is committed; a lost announcement only delays a push."""
-        try:
-            if self._cache is not None and orgs:
-                await self._cache.delete(*(freshness_key(org.org_id) for org in orgs))
-            for org in orgs if self._pubsub is not None else ():
-                message = orjson.dumps({"org_id": org.org_id, "last_event_at": org.last_at.isoformat()})
-                await self._pubsub.publish(freshness_key(org.org_id), message)  # type: ignore[union-attr]
-        except Exception:
-            log.warning("ingest.announce_failed", orgs=len(orgs), exc_info=True)
 
 
 def _reason(exc: BaseException) -> str:

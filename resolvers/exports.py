@@ -9,9 +9,9 @@ from typing import Any
 import strawberry
 
 from db.exports import ExportJobRow, get_export_job
-from gateway.auth import ensure_org_access
-from gateway.context import Context
-from gateway.errors import BadUserInput
+from kernel.auth import ensure_org_access
+from kernel.errors import BadUserInput
+from schema.context import Context
 from schema.enums import ExportKind, ExportStatus
 from schema.exports import ExportJob, ExportTotals
 from schema.scalars import BigInt

@@ -9,40 +9,26 @@ from typing import Any
 
 import strawberry
 
-from db.freshness import FreshnessRow, freshness_key
-from gateway.context import Context
-from gateway.settings import Settings
-from resolvers.loaders import freshness_rows
+from db.freshness import FreshnessRow
+from ingest import freshness
+from kernel.settings import Settings
 from resolvers.validation import org_argument
+from schema.context import Context
 from schema.enums import FreshnessStatus
+from schema.loaders import freshness_rows
 from schema.usage import Freshness
 
 
 def to_freshness(row: FreshnessRow, settings: Settings, now: dt.datetime) -> Freshness:
-    """Lag is measured to the instant up to which ingested data is queryable:
-    how far the live AMQP ingesters are caught up (their heartbeats); when none
-    beats any more, their last beat (the pipeline stopped reporting); when no
-    ingester ever beat, now (HTTP ingestion answers after its commit)."""
-    if row.last_beat_at is None:
-        queryable_through = now
-    elif row.caught_up_through is not None:
-        queryable_through = row.caught_up_through
-    else:
-        queryable_through = row.last_beat_at
-    lag = max(0.0, (now - queryable_through).total_seconds())
-    if lag < settings.freshness_fresh_s:
-        status = FreshnessStatus.FRESH
-    elif lag < settings.freshness_stale_s:
-        status = FreshnessStatus.DELAYED
-    else:
-        status = FreshnessStatus.STALE
+    """The GraphQL type of an org's freshness (``ingest/freshness.py`` says what the lag is)."""
+    lag, status = freshness.assess(row, settings, now)
     return Freshness(
         org_id=strawberry.ID(row.org_id),
         last_event_at=row.last_event_at,
         last_ingested_at=row.last_ingested_at,
         materialized_through=row.materialized_through,
         lag_seconds=lag,
-        status=status,
+        status=FreshnessStatus[status.name],
         as_of=now,
     )
 
@@ -64,7 +50,7 @@ async def subscribe_freshness(
     context = info.context
     org_argument(context.require_caller(), org_id)
     resources = context.resources
-    async with resources.pubsub.subscribe([freshness_key(org_id)]) as notifications:
+    async with freshness.subscribe(resources.pubsub, org_id) as notifications:
         # One pending read at a time: cancelling a read would close the stream.
         next_notification = asyncio.ensure_future(anext(notifications))
         try:

@@ -9,9 +9,9 @@ import strawberry
 
 from db.audit import record
 from db.prices import Price, list_prices, upsert_price
-from gateway.context import Context
-from gateway.errors import BadUserInput
+from kernel.errors import BadUserInput
 from resolvers.validation import check_model
+from schema.context import Context
 from schema.inputs import ModelPriceInput
 from schema.usage import ModelPrice
 

@@ -9,12 +9,12 @@ from typing import Any
 import orjson
 import strawberry
 
-from db.rollup import watermarks
 from db.usage import UsageQuery, UsageRow, usage_rows
-from gateway.auth import ensure_org_access
-from gateway.context import Context
-from gateway.errors import BadUserInput
+from ingest import freshness
+from kernel.auth import ensure_org_access
+from kernel.errors import BadUserInput
 from resolvers.validation import MAX_SPEND_RANGE, check_id, check_page_size, check_range
+from schema.context import Context
 from schema.inputs import TimeRange
 from schema.scalars import BigInt, parse_decimal
 from schema.usage import OrgSpend, OrgSpendConnection, OrgSpendEdge, PageInfo
@@ -32,8 +32,7 @@ async def resolve_spend_by_org(
     check_page_size(first, MAX_PAGE)
     query = UsageQuery(org_id=None, start=range.from_, end=range.to, granularity=None)
     async with context.resources.query_engine.connect() as connection:
-        marks = await watermarks(connection)
-        rows = await usage_rows(connection, query, marks.materialized_through)
+        rows = await usage_rows(connection, query, await freshness.rollup_watermark(connection))
     ranked = _ranked(rows)
     start = _position_after(ranked, after)
     page = ranked[start : start + first]

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Annotated, Any
 
 import strawberry
 
 from db.usage import UsageQuery, usage_rows
-from gateway.context import Context
+from resolvers.freshness import to_freshness
 from resolvers.usage_report import build_report
-from resolvers.validation import MAX_RANGE, check_ids, check_range, check_time_zone, org_argument
+from resolvers.validation import check_ids, check_range, check_time_zone, org_argument
+from schema.context import Context
 from schema.enums import Granularity, UsageDimension
 from schema.inputs import TimeRange, UsageFilter
+from schema.limits import MAX_RANGE
 from schema.usage import UsageReport
 
 DIMENSION_COLUMNS = {UsageDimension.MODEL: "model", UsageDimension.PROJECT: "project_id",
@@ -54,7 +57,7 @@ async def resolve_usage(
     context = info.context
     org_argument(context.require_caller(), org_id)
     query = usage_query(org_id, range, granularity, filter, list(group_by), time_zone)
-    freshness = await context.loaders.freshness.load(org_id)
+    freshness = await context.loaders.freshness.load(org_id)  # also says where the rollups end
     async with context.resources.query_engine.connect() as connection:
         rows = await usage_rows(connection, query, freshness.materialized_through)
     report = build_report(query, rows)
@@ -68,4 +71,5 @@ async def resolve_usage(
         totals=report.totals,
         series=report.series,
         unpriced_models=report.unpriced_models,
+        freshness=to_freshness(freshness, context.resources.settings, dt.datetime.now(dt.UTC)),
     )

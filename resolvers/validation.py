@@ -13,16 +13,10 @@ import re
 import zoneinfo
 from collections.abc import Sequence
 
-from gateway.auth import Caller, ensure_org_access
-from gateway.errors import BadUserInput
 from ingest.events import ID_PATTERN, MODEL_PATTERN
+from kernel.auth import Caller, ensure_org_access
+from kernel.errors import BadUserInput
 
-MAX_RANGE = {
-    "MINUTE": dt.timedelta(hours=24),
-    "HOUR": dt.timedelta(days=93),
-    "DAY": dt.timedelta(days=400),
-    "MONTH": dt.timedelta(days=1830),
-}
 MAX_SPEND_RANGE = dt.timedelta(days=400)
 MAX_FILTER_VALUES = 100
 # A year inside datetime's own limits (years 1 and 9999): bucket starts and ends computed in a time zone

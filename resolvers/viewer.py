@@ -6,8 +6,8 @@ from typing import Any
 
 import strawberry
 
-from gateway.context import Context
-from gateway.scopes import Scope
+from kernel.scopes import Scope
+from schema.context import Context
 from schema.types import Viewer
 
 

@@ -6,7 +6,7 @@ from enum import Enum
 
 import strawberry
 
-from gateway.scopes import Scope as _Scope
+from kernel.scopes import Scope as _Scope
 
 Scope = strawberry.enum(_Scope, name="Scope")
 

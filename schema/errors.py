@@ -17,7 +17,7 @@ from graphql import GraphQLError
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from gateway.errors import ErrorCode, GatewayError
+from kernel.errors import ErrorCode, GatewayError
 
 log = structlog.get_logger(__name__)
 

@@ -51,7 +51,7 @@ from strawberry.permission import PermissionExtension
 from strawberry.schema.schema import StrawberryGraphQLCoreExecutionContext
 from strawberry.schema.schema_converter import GraphQLCoreConverter
 
-from gateway.errors import ErrorCode
+from kernel.errors import ErrorCode
 from schema.permissions import RequireScope
 from schema.scalars import serialize_bigint, serialize_datetime
 

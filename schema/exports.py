@@ -7,7 +7,7 @@ import decimal
 
 import strawberry
 
-from gateway.scopes import Scope
+from kernel.scopes import Scope
 from schema.enums import ExportKind, ExportStatus
 from schema.permissions import requires
 from schema.scalars import BigInt

@@ -52,10 +52,16 @@ from graphql.type import SchemaMetaFieldDef, TypeMetaFieldDef, TypeNameMetaField
 from graphql.validation import ASTValidationRule, validate
 from strawberry.extensions import SchemaExtension
 
-from gateway.errors import QueryTooComplex
-from gateway.settings import Settings
-from resolvers.validation import MAX_RANGE
+from kernel.errors import QueryTooComplex
+from kernel.settings import Settings
 
+# The longest range of one request, per granularity (resolvers refuse longer ones; the cost estimate uses them).
+MAX_RANGE = {
+    "MINUTE": dt.timedelta(hours=24),
+    "HOUR": dt.timedelta(days=93),
+    "DAY": dt.timedelta(days=400),
+    "MONTH": dt.timedelta(days=1830),
+}
 CACHE_ENTRIES = 1000
 CACHE_TEXT_BYTES = 512 * 1024  # about 50 MB of syntax trees at most
 GROUPS_PER_DIMENSION = 10  # expected distinct values of one groupBy dimension in a range (models, projects, keys)

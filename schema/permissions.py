@@ -14,9 +14,9 @@ from strawberry.extensions.field_extension import FieldExtension
 from strawberry.permission import BasePermission, PermissionExtension
 from strawberry.schema_directive import Location
 
-from gateway.context import Context
-from gateway.errors import ErrorCode
-from gateway.scopes import Scope as ScopeValue
+from kernel.errors import ErrorCode
+from kernel.scopes import Scope as ScopeValue
+from schema.context import Context
 from schema.enums import Scope
 
 

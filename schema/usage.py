@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
-from typing import TYPE_CHECKING, Any
 
 import strawberry
 
-from gateway.scopes import Scope
+from kernel.scopes import Scope
 from schema.enums import FreshnessStatus, Granularity
 from schema.permissions import requires
 from schema.scalars import BigInt
-
-if TYPE_CHECKING:
-    from gateway.context import Context
 
 
 @strawberry.type
@@ -89,12 +85,7 @@ class UsageReport:
             "Null, with a FORBIDDEN error, without SPEND_READ."
         ),
     )
-
-    @strawberry.field
-    async def freshness(self, info: strawberry.Info[Context, Any]) -> Freshness:
-        from resolvers.freshness import load_freshness_type
-
-        return await load_freshness_type(info.context, str(self.org_id))
+    freshness: Freshness
 
 
 @strawberry.type

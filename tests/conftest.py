@@ -24,9 +24,9 @@ from starlette.applications import Starlette
 from db.engine import create_engine
 from db.migrate import migrate
 from gateway.app import create_app
-from gateway.auth import issue_token
 from gateway.resources import Resources
-from gateway.settings import Settings
+from kernel.auth import issue_token
+from kernel.settings import Settings
 
 RUN_ID = uuid.uuid4().hex[:10]
 TEST_JWT_SECRET = "test-secret-" + "x" * 32

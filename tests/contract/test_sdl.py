@@ -8,7 +8,7 @@ from pathlib import Path
 
 from graphql import build_schema, find_breaking_changes
 
-from schema.export import SDL_PATH, current_sdl
+from resolvers.sdl import SDL_PATH, current_sdl
 
 ROOT = Path(__file__).resolve().parents[2]
 CONTRACTS = ROOT.parent / "shared" / "contracts"
@@ -17,7 +17,7 @@ MISSING_KINDS = {"TYPE_REMOVED", "FIELD_REMOVED"}
 
 
 def test_committed_sdl_matches_the_code() -> None:
-    assert SDL_PATH.read_text() == current_sdl(), "schema changed: run 'python -m schema.export' and commit"
+    assert SDL_PATH.read_text() == current_sdl(), "schema changed: run 'make sdl' and commit"
 
 
 def test_sdl_breaks_nothing_in_the_contract() -> None:

@@ -19,7 +19,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from gateway.auth import issue_token
+from kernel.auth import issue_token
 from tests.conftest import create_database, drop_database
 from tests.integration.serve_support import clean_env, free_port, wait_ready
 

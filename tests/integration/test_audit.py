@@ -15,10 +15,10 @@ import websockets
 from sqlalchemy import text
 
 from db.audit import AuditEntry
-from gateway.audit import AuditTrail
+from db.audit_trail import AuditTrail
 from gateway.metrics import Metrics
 from gateway.resources import Resources
-from gateway.settings import Settings
+from kernel.settings import Settings
 from tests.conftest import TEST_JWT_SECRET, TokenFactory
 from tests.helpers import graphql
 from tests.integration.serve_support import Served, clean_env, serve

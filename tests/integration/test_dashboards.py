@@ -27,13 +27,13 @@ import pytest
 from opentelemetry.metrics import get_meter
 from sqlalchemy import text
 
-from bench.loadgen import Traffic, generate
 from db.engine import create_engine
 from db.freshness import beat
 from db.prices import Price, spend, upsert_price
 from db.rollup import floor_hour, run_cycle
 from ingest.events import TimeWindow, UsageEvent, validate
 from ingest.metrics import IngestMetrics
+from ingest.synthetic import Traffic, generate
 from ingest.writer import EventWriter
 from tests.integration.grafana_sql import UnexpandedError, Variable, expand, interval_seconds
 

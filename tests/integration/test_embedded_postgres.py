@@ -190,8 +190,8 @@ async def test_the_app_serves_on_the_embedded_default_and_stops_it(data_dir: Pat
     from asgi_lifespan import LifespanManager
 
     from gateway.app import create_app
-    from gateway.auth import issue_token, signing_secret
-    from gateway.settings import Settings
+    from kernel.auth import issue_token, signing_secret
+    from kernel.settings import Settings
 
     settings = Settings(data_dir=data_dir, database_url=None, amqp_url=None, redis_url=None, jwt_secret=None)
     secret = signing_secret(settings)

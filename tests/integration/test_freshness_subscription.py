@@ -13,8 +13,8 @@ import httpx
 import pytest
 import websockets
 
-from bench.loadgen import Traffic, generate
-from gateway.settings import Settings
+from ingest.synthetic import Traffic, generate
+from kernel.settings import Settings
 from tests.conftest import REDIS_URL, TEST_JWT_SECRET, TokenFactory
 from tests.integration.serve_support import Served, clean_env, serve
 

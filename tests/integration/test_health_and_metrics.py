@@ -10,7 +10,7 @@ from asgi_lifespan import LifespanManager
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import create_app
-from gateway.settings import Role, Settings
+from kernel.settings import Role, Settings
 from tests.conftest import TokenFactory
 from tests.helpers import graphql
 

@@ -23,14 +23,14 @@ from starlette.applications import Starlette
 from strawberry.http.async_base_view import AsyncWebSocketAdapter
 
 from gateway.app import create_app
-from gateway.auth import Caller
-from gateway.context import Context
 from gateway.graphql_view import GatewayWSHandler, GraphQLView
 from gateway.logging import json_handler
 from gateway.resources import Resources
-from gateway.settings import Role, Settings
-from resolvers.loaders import Loaders
-from schema.schema import build_schema
+from kernel.auth import Caller
+from kernel.settings import Role, Settings
+from resolvers.root import build_schema
+from schema.context import Context
+from schema.loaders import Loaders
 from tests.conftest import TokenFactory
 from tests.helpers import graphql
 

@@ -10,10 +10,10 @@ import uuid
 import aio_pika
 import pytest
 
-from bench.loadgen import Traffic, generate, ground_truth
-from gateway.settings import Settings
 from ingest.deadletter import ERROR_HEADER, INDEX_HEADER
+from ingest.synthetic import Traffic, generate, ground_truth
 from ingest.topology import Topology
+from kernel.settings import Settings
 from tests.conftest import AMQP_URL
 from tests.integration.ingest_support import dead_letters, drained, eventually, publish_mixed, publisher, stored
 

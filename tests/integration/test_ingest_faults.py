@@ -25,7 +25,7 @@ import asyncpg
 import httpx
 import pytest
 
-from bench.loadgen import Traffic, generate, ground_truth
+from ingest.synthetic import Traffic, generate, ground_truth
 from ingest.topology import Topology
 from tests.conftest import AMQP_URL, POSTGRES_ADMIN_URL, REDIS_URL, RUN_ID, TEST_JWT_SECRET
 from tests.integration.ingest_support import (

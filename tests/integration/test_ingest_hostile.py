@@ -31,17 +31,17 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.loadgen import Traffic, generate
 from gateway.metrics import Metrics
 from gateway.resources import Resources
-from gateway.settings import Settings
 from ingest.consumer import Consumer
 from ingest.deadletter import ERROR_HEADER, INDEX_HEADER
 from ingest.decode import BATCH, SINGLE, Decoded, decode_body
 from ingest.events import TimeWindow, UsageEvent
 from ingest.metrics import IngestMetrics
+from ingest.synthetic import Traffic, generate
 from ingest.topology import Topology
 from ingest.writer import EventWriter
+from kernel.settings import Settings
 from tests.conftest import TokenFactory
 from tests.integration.ingest_support import (
     dead_letters,
@@ -206,7 +206,7 @@ async def test_http_lists_what_the_database_refuses_and_stores_the_rest(
 ) -> None:
     source, events = _events(3)
     events[1]["id"] = f"poison-{uuid.uuid4().hex[:6]}"
-    monkeypatch.setattr("ingest.http.decode_body", _poisoning_decode("poison"))
+    monkeypatch.setattr("gateway.events_endpoint.decode_body", _poisoning_decode("poison"))
     response = await _post(client, make_token("ingest"), json.dumps(events).encode())
     assert response.status_code == 202
     body = response.json()

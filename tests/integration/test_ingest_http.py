@@ -11,9 +11,9 @@ import pytest
 from asgi_lifespan import LifespanManager
 from pydantic import SecretStr
 
-from bench.loadgen import Traffic, generate
 from gateway.app import create_app
-from gateway.settings import Settings
+from ingest.synthetic import Traffic, generate
+from kernel.settings import Settings
 from tests.conftest import TokenFactory
 from tests.integration.ingest_support import stored
 

@@ -25,15 +25,15 @@ from starlette.types import Receive, Scope, Send
 
 from db.engine import create_engine
 from gateway.app import create_app
-from gateway.auth import Caller
-from gateway.context import Context
-from gateway.errors import ErrorCode, RateLimited
-from gateway.ratelimit import CallerLimiter, CallerLimitsMiddleware, caller_key
 from gateway.resources import Resources
-from gateway.settings import Settings
-from resolvers.loaders import Loaders
+from kernel.auth import Caller
+from kernel.errors import ErrorCode, RateLimited
+from kernel.ratelimit import CallerLimiter, CallerLimitsMiddleware, caller_key
+from kernel.settings import Settings
+from resolvers.root import build_schema
+from schema.context import Context
 from schema.errors import apply_contract, error_code
-from schema.schema import build_schema
+from schema.loaders import Loaders
 from tests.conftest import TokenFactory
 from tests.helpers import graphql
 

@@ -28,11 +28,11 @@ from graphql import (
     is_leaf_type,
 )
 
-from gateway.context import Context
 from gateway.resources import Resources
-from gateway.scopes import ROLE_GRANTS, Scope
-from resolvers.loaders import Loaders
-from schema.schema import build_schema as build_gateway_schema
+from kernel.scopes import ROLE_GRANTS, Scope
+from resolvers.root import build_schema as build_gateway_schema
+from schema.context import Context
+from schema.loaders import Loaders
 from tests.conftest import TokenFactory
 from tests.helpers import graphql
 

@@ -10,9 +10,9 @@ import asyncpg
 import httpx
 import pytest
 
-from bench.loadgen import Traffic, generate
-from gateway.settings import Settings
+from ingest.synthetic import Traffic, generate
 from ingest.topology import Topology
+from kernel.settings import Settings
 from tests.conftest import AMQP_URL, REDIS_URL, TEST_JWT_SECRET, TokenFactory
 from tests.helpers import graphql
 from tests.integration.ingest_support import drained, eventually, publish_mixed, publisher

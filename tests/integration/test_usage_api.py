@@ -14,9 +14,9 @@ import pytest
 from sqlalchemy import event, text
 from starlette.applications import Starlette
 
-from bench.loadgen import Traffic, generate
-from db.freshness import freshness_key
 from gateway.resources import Resources
+from ingest import freshness
+from ingest.synthetic import Traffic, generate
 from tests.conftest import TokenFactory
 from tests.helpers import graphql
 
@@ -157,7 +157,7 @@ async def test_freshness_loads_once_per_request_and_prices_come_with_each_usage_
         for i, g in enumerate(["HOUR", "DAY", "MONTH", "HOUR"])
     )
     query = f'query($r: TimeRange!) {{ {aliases} f: freshness(orgId: "{orgs[0]}") {{ status }} }}'
-    await resources.cache.delete(freshness_key(orgs[0]))
+    await resources.cache.delete(freshness.key(orgs[0]))
     event.listen(engine.sync_engine, "checkout", watch_driver)
     event.listen(engine.sync_engine, "before_cursor_execute", log_statement)
     try:

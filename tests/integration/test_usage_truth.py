@@ -15,13 +15,13 @@ from asgi_lifespan import LifespanManager
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from bench.loadgen import Traffic, generate
 from db.engine import create_engine
 from db.migrate import migrate
 from db.rollup import run_cycle
 from gateway.app import create_app
-from gateway.settings import Role, Settings
+from ingest.synthetic import Traffic, generate
 from ingest.topology import Topology
+from kernel.settings import Role, Settings
 from tests.conftest import TokenFactory
 from tests.helpers import graphql
 from tests.integration.ingest_support import drained, publish_mixed, publisher

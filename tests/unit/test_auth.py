@@ -6,10 +6,10 @@ from typing import Any
 import jwt
 import pytest
 
-from gateway.auth import VERIFIED_FOR_S, Caller, RecentTokens, TokenVerifier, ensure_org_access, issue_token
-from gateway.errors import Forbidden, Unauthenticated
-from gateway.scopes import ROLE_GRANTS, Scope
-from gateway.settings import Settings
+from kernel.auth import VERIFIED_FOR_S, Caller, RecentTokens, TokenVerifier, ensure_org_access, issue_token
+from kernel.errors import Forbidden, Unauthenticated
+from kernel.scopes import ROLE_GRANTS, Scope
+from kernel.settings import Settings
 
 SECRET = "k" * 40
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from graphql import GraphQLError
 
-from gateway.errors import ErrorCode
+from kernel.errors import ErrorCode
 from schema.errors import error_code
 
 

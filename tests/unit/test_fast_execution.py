@@ -20,11 +20,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from strawberry.schema.schema import StrawberryGraphQLCoreExecutionContext
 
-from gateway.auth import Caller
+from kernel.auth import Caller
+from resolvers.root import build_schema
 from schema.errors import collapse_list_errors, format_error
 from schema.json import dumps
 from schema.scalars import BigInt
-from schema.schema import build_schema
 from schema.usage import UsageBucket, UsageGroup
 
 START = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 
 from db.freshness import FreshnessRow
-from gateway.settings import Settings
+from kernel.settings import Settings
 from resolvers.freshness import to_freshness
 
 NOW = dt.datetime(2026, 11, 29, 12, tzinfo=dt.UTC)

@@ -12,9 +12,9 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from gateway.auth import Caller, TokenVerifier
-from gateway.errors import Unauthenticated
-from gateway.settings import Settings
+from kernel.auth import Caller, TokenVerifier
+from kernel.errors import Unauthenticated
+from kernel.settings import Settings
 
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 EC_KEY = ec.generate_private_key(ec.SECP256R1())

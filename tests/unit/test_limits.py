@@ -15,11 +15,11 @@ from strawberry.types import ExecutionResult
 from strawberry.types.execution import PreExecutionError
 
 from bench.graphql_bench import USAGE_QUERY
-from gateway.errors import ErrorCode, Unavailable
-from gateway.settings import Settings
+from kernel.errors import ErrorCode, Unavailable
+from kernel.settings import Settings
+from resolvers.root import build_schema
 from schema.errors import apply_contract, error_code
 from schema.limits import count_fields, estimate_cost
-from schema.schema import build_schema
 
 SCHEMA = build_schema()
 RANGE_93D = '{from: "2026-01-01T00:00:00Z", to: "2026-04-04T00:00:00Z"}'

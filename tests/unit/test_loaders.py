@@ -4,7 +4,7 @@ import gc
 import weakref
 from typing import Any
 
-from resolvers.loaders import Loaders
+from schema.loaders import Loaders
 
 
 def test_loaders_hold_no_reference_to_themselves() -> None:

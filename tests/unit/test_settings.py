@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.errors import ConfigError
-from gateway.settings import ALL_ROLES, Role, Settings, load_settings
+from kernel.errors import ConfigError
+from kernel.settings import ALL_ROLES, Role, Settings, load_settings
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,6 @@
-"""The GraphQL schema: root types assembled from the domain modules."""
+"""The schema class the gateway serves: budgets, per-caller limits, error contract, audit, fast execution.
+
+The root types are assembled in ``resolvers/root.py``."""
 
 from __future__ import annotations
 
@@ -16,27 +18,16 @@ from strawberry.types import ExecutionContext, ExecutionResult
 from strawberry.types.execution import PreExecutionError
 from strawberry.types.graphql import OperationType
 
-from gateway.errors import ErrorCode, RateLimited
-from gateway.ratelimit import ADMITTED, CallerLimiter, caller_key
-from gateway.scopes import Scope
-from gateway.settings import Settings
-from resolvers.exports import resolve_export_job
-from resolvers.freshness import resolve_freshness, subscribe_freshness
-from resolvers.prices import resolve_model_prices, resolve_upsert_model_price
-from resolvers.spend import resolve_spend_by_org
-from resolvers.usage import resolve_usage
-from resolvers.viewer import resolve_viewer
-from schema.audit import AuditOperations, record_refusal
+from kernel.errors import ErrorCode, RateLimited
+from kernel.ratelimit import ADMITTED, CallerLimiter, caller_key
+from kernel.settings import Settings
 from schema.enums import ALL_ENUMS
 from schema.errors import apply_contract, log_errors
 from schema.execution import FastExecutionContext
-from schema.exports import ExportJob
 from schema.inputs import ALL_INPUTS
 from schema.limits import BoundedCost, Budgets, PreparedDocuments, document_too_large
-from schema.permissions import requires
+from schema.operation_audit import AuditOperations, record_refusal
 from schema.scalars import SCALAR_MAP
-from schema.types import Viewer
-from schema.usage import Freshness, ModelPrice, OrgSpendConnection, UsageReport
 
 MAX_DEPTH = 10
 MAX_ALIASES = 50
@@ -47,40 +38,6 @@ LIMIT_RULES = (
     *QueryDepthLimiter(max_depth=MAX_DEPTH).validation_rules,
     *MaxAliasesLimiter(max_alias_count=MAX_ALIASES).validation_rules,
 )
-
-
-@strawberry.type
-class Query:
-    viewer: Viewer = strawberry.field(resolver=resolve_viewer)
-    usage: UsageReport = strawberry.field(resolver=resolve_usage, extensions=requires(Scope.USAGE_READ))
-    spend_by_org: OrgSpendConnection = strawberry.field(
-        resolver=resolve_spend_by_org,
-        extensions=requires(Scope.SPEND_READ),
-        description="Platform finance: orgs ranked by spend in the range, largest first.",
-    )
-    freshness: Freshness = strawberry.field(resolver=resolve_freshness, extensions=requires(Scope.USAGE_READ))
-    export_job: ExportJob | None = strawberry.field(
-        resolver=resolve_export_job, extensions=requires(Scope.EXPORTS_READ)
-    )
-    model_prices: list[ModelPrice] = strawberry.field(resolver=resolve_model_prices)
-
-
-@strawberry.type
-class Mutation:
-    upsert_model_price: ModelPrice = strawberry.mutation(
-        resolver=resolve_upsert_model_price, extensions=requires(Scope.PRICES_WRITE)
-    )
-
-
-@strawberry.type
-class Subscription:
-    freshness: AsyncGenerator[Freshness, None] = strawberry.subscription(
-        resolver=subscribe_freshness,
-        extensions=requires(Scope.USAGE_READ),
-        description=(
-            "Pushes the org's freshness each time new data for it becomes queryable (and at least every 30 s)."
-        ),
-    )
 
 
 class GatewaySchema(strawberry.Schema):
@@ -188,22 +145,16 @@ def _record_refusal(context: Any, refusal: GraphQLError) -> None:
     record_refusal(trail, getattr(context, "caller", None), ErrorCode.QUERY_TOO_COMPLEX, refusal.message)
 
 
-def build_schema(
-    settings: Settings | None = None, limiter: CallerLimiter | None = None, **overrides: Any
-) -> GatewaySchema:
-    """The schema the app serves, with the request budgets and switches of ``settings`` (their defaults when
-    none, as for the SDL export) and the per-caller ``limiter`` it shares with the HTTP middleware.
-    ``overrides`` for tests' extra root types."""
+def gateway_schema(settings: Settings | None, limiter: CallerLimiter | None, **root_types: Any) -> GatewaySchema:
+    """A schema of ``root_types`` (query, mutation, subscription, and tests' extra types) with the request
+    budgets and switches of ``settings`` (their defaults when none, as for the SDL export) and the per-caller
+    ``limiter`` it shares with the HTTP middleware."""
     settings = settings or Settings.model_construct()  # the defaults, without reading the environment
     documents = PreparedDocuments(Budgets.from_settings(settings))
-    limiter = limiter or CallerLimiter.from_settings(settings)
     rules = [*LIMIT_RULES]
     if not settings.introspection_enabled:
         rules.append(NoSchemaIntrospectionCustomRule)
     options: dict[str, Any] = {
-        "query": Query,
-        "mutation": Mutation,
-        "subscription": Subscription,
         "types": [*ALL_INPUTS, *ALL_ENUMS],
         "config": StrawberryConfig(scalar_map=SCALAR_MAP),
         "execution_context_class": FastExecutionContext,
@@ -215,7 +166,7 @@ def build_schema(
             AuditOperations,
         ],
     }
-    schema = GatewaySchema(**(options | overrides))
+    schema = GatewaySchema(**(options | root_types))
     schema.documents = documents
-    schema.limiter = limiter
+    schema.limiter = limiter or CallerLimiter.from_settings(settings)
     return schema

@@ -10,8 +10,8 @@ The same seed and settings give the same events, in the same order:
 
 ``ground_truth`` computes, independently of the gateway, what it should store.
 
-    python -m bench.loadgen jsonl --events 100000 --seed 7 > events.jsonl
-    python -m bench.loadgen publish --events 1000000 --batch 100 --rate 0
+    python -m ingest.synthetic jsonl --events 100000 --seed 7 > events.jsonl
+    python -m ingest.synthetic publish --events 1000000 --batch 100 --rate 0
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ class Totals:
 
 def generate(traffic: Traffic) -> Iterator[dict[str, object]]:
     """``traffic.events`` distinct events, plus the duplicates, in send order."""
-    rng = random.Random(traffic.seed)
+    rng = random.Random(traffic.seed)  # noqa: S311 - synthetic events, not secrets
     orgs = _orgs(traffic, rng)
     cumulative = list(itertools.accumulate(1 / (rank**traffic.zipf_s) for rank in range(1, len(orgs) + 1)))
     bursts = _bursts(traffic, rng)
@@ -183,7 +183,7 @@ def ground_truth(events: Iterator[dict[str, object]] | list[dict[str, object]]) 
 
 
 # --- command line -------------------------------------------------------------------------------------------------
-# ``python -m bench.loadgen jsonl|publish ...``. Progress goes to stderr; JSON Lines go to stdout or --out.
+# ``python -m ingest.synthetic jsonl|publish ...``. Progress goes to stderr; JSON Lines go to stdout or --out.
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 PROGRESS_EVERY_S = 2.0
@@ -317,7 +317,7 @@ def _parser() -> object:
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="python -m bench.loadgen", description="Reproducible usage-event traffic: write JSON Lines or publish."
+        prog="python -m ingest.synthetic", description="Reproducible usage-event traffic: write JSON Lines or publish."
     )
     commands = parser.add_subparsers(dest="command", required=True)
 

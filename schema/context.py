@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from gateway.auth import Caller
-from gateway.errors import Unauthenticated
-
-if TYPE_CHECKING:
-    from gateway.resources import Resources
-    from resolvers.loaders import Loaders
+from kernel.auth import Caller
+from kernel.errors import Unauthenticated
+from schema.loaders import Loaders
+from schema.services import Services
 
 
 @dataclass
@@ -22,7 +20,7 @@ class Context:
     ``connection_init`` payload.
     """
 
-    resources: Resources
+    resources: Services
     caller: Caller | None
     loaders: Loaders
     request_id: str | None = None

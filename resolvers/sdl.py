@@ -1,6 +1,6 @@
 """Write the SDL of the served schema to ``schema/schema.graphql``.
 
-Run ``python -m schema.export`` after changing the API; a test fails while the
+Run ``python -m resolvers.sdl`` (``make sdl``) after changing the API; a test fails while the
 committed file differs from the code.
 """
 
@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from schema.schema import build_schema
+from resolvers.root import build_schema
 
-SDL_PATH = Path(__file__).resolve().parent / "schema.graphql"
+SDL_PATH = Path(__file__).resolve().parents[1] / "schema" / "schema.graphql"
 
 
 def current_sdl() -> str:

@@ -31,9 +31,9 @@ from redis.exceptions import RedisError
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.auth import Caller, TokenVerifier
-from gateway.errors import HTTP_STATUS, RateLimited, Unauthenticated
-from gateway.settings import Settings
+from kernel.auth import Caller, TokenVerifier
+from kernel.errors import HTTP_STATUS, RateLimited, Unauthenticated
+from kernel.settings import Settings
 
 log = structlog.get_logger(__name__)
 

@@ -18,9 +18,9 @@ from typing import Any
 
 import jwt
 
-from gateway.errors import Forbidden, Unauthenticated
-from gateway.scopes import ROLE_GRANTS, Scope
-from gateway.settings import Settings
+from kernel.errors import Forbidden, Unauthenticated
+from kernel.scopes import ROLE_GRANTS, Scope
+from kernel.settings import Settings
 
 HS_ALGORITHMS = ["HS256"]
 JWKS_ALGORITHMS = ["RS256", "ES256"]

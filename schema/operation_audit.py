@@ -32,9 +32,9 @@ from graphql.execution.collect_fields import FragmentDetails, collect_fields
 from graphql.execution.values import get_argument_values, get_variable_values
 from strawberry.extensions import SchemaExtension
 
-from gateway.audit import AuditEntry, AuditTrail
-from gateway.auth import Caller
-from gateway.errors import ErrorCode
+from db.audit_trail import AuditEntry, AuditTrail
+from kernel.auth import Caller
+from kernel.errors import ErrorCode
 from schema.errors import error_code
 
 

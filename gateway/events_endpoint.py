@@ -12,10 +12,10 @@ import structlog
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from gateway.errors import Forbidden, GatewayError, Unauthenticated
 from gateway.resources import Resources
 from ingest.decode import MAX_BODY_BYTES, SUPPORTED, UnreadableMessage, decode_body, media_type
 from ingest.events import TimeWindow
+from kernel.errors import Forbidden, GatewayError, Unauthenticated
 
 log = structlog.get_logger(__name__)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from pydantic import AnyUrl, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from gateway.errors import ConfigError
+from kernel.errors import ConfigError
 
 ENV_PREFIX = "ANALYTICS_"
 
