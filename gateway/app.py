@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TypedDict
 
 import structlog
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
@@ -18,20 +17,14 @@ from gateway.gc_policy import settle_heap
 from gateway.graphql_view import AuthenticatedGraphQL, GraphQLView
 from gateway.logging import configure_logging
 from gateway.metrics import Metrics
-from gateway.middleware import RequestIdMiddleware, StartupErrorMiddleware
-from gateway.resources import Resources, open_resources
+from gateway.middleware import CallerLimitsMiddleware, RequestIdMiddleware, StartupErrorMiddleware
+from gateway.resources import State, open_resources
 from gateway.workers import run_workers
-from kernel.ratelimit import CallerLimiter, CallerLimitsMiddleware
+from kernel.ratelimit import CallerLimiter
 from kernel.settings import ALL_ROLES, Role, Settings, load_settings
 from resolvers.root import build_schema
 
 log = structlog.get_logger(__name__)
-
-
-class State(TypedDict):
-    """What the lifespan hands every request (``request.state``)."""
-
-    resources: Resources
 
 
 def create_app(settings: Settings | None = None, roles: frozenset[Role] | None = None) -> Starlette:

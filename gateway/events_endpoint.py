@@ -12,7 +12,7 @@ import structlog
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from gateway.resources import Resources
+from gateway.resources import State
 from ingest.decode import MAX_BODY_BYTES, SUPPORTED, UnreadableMessage, decode_body, media_type
 from ingest.events import TimeWindow
 from kernel.errors import Forbidden, GatewayError, Unauthenticated
@@ -24,8 +24,8 @@ class PayloadTooLarge(Exception):
     pass
 
 
-async def post_events(request: Request) -> Response:
-    resources: Resources = request.state.resources
+async def post_events(request: Request[State]) -> Response:
+    resources = request.state["resources"]
     try:
         caller = await resources.verifier.verify_header(request.headers.get("authorization"))
         if not caller.may_ingest:
@@ -58,7 +58,7 @@ async def post_events(request: Request) -> Response:
     return JSONResponse(body_out, status_code=202)
 
 
-async def _read_limited(request: Request) -> bytes:
+async def _read_limited(request: Request[State]) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise PayloadTooLarge

@@ -33,7 +33,7 @@ from strawberry.types import ExecutionResult
 from strawberry.types.graphql import OperationType
 from strawberry.types.unset import UnsetType
 
-from gateway.resources import Resources
+from gateway.resources import Resources, resources_of
 from kernel.auth import Caller
 from kernel.errors import HTTP_STATUS, ErrorCode, Forbidden, GatewayError, Unauthenticated
 from schema.context import Context
@@ -141,9 +141,9 @@ class GraphQLView(GraphQL[Context, None]):
 
     async def get_context(self, request: Request | WebSocket, response: Response | WebSocket) -> Context:
         return Context(
-            resources=request.state.resources,
+            resources=resources_of(request.scope),
             caller=request.scope.get(CALLER_KEY),
-            loaders=Loaders(request.state.resources),
+            loaders=Loaders(resources_of(request.scope)),
             request_id=request.scope.get("request_id"),
             upgrade_authorization=request.headers.get("authorization") if isinstance(request, WebSocket) else None,
         )
@@ -343,8 +343,7 @@ def _media_type(content_type: str | None) -> str:
 
 
 def _resources(scope: Scope) -> Resources:
-    resources: Resources = scope["state"]["resources"]
-    return resources
+    return resources_of(scope)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

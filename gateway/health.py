@@ -9,20 +9,20 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from db.migrate import applied_revision
-from gateway.resources import Resources
+from gateway.resources import Resources, State
 
 CHECK_TIMEOUT_S = 2.0
 
 
-async def healthz(request: Request) -> Response:
+async def healthz(request: Request[State]) -> Response:
     """Liveness: the process serves."""
     return JSONResponse({"status": "ok"})
 
 
-async def readyz(request: Request) -> Response:
+async def readyz(request: Request[State]) -> Response:
     """Readiness: 200 only when the database answers, its migrations are current and the
     AMQP consumer has not been failing to commit for longer than its threshold."""
-    resources: Resources = request.state.resources
+    resources = request.state["resources"]
     database = await _check(_database(resources))
     ingest = resources.ingest_metrics.flush_state()
     checks = {
@@ -37,8 +37,8 @@ async def readyz(request: Request) -> Response:
     )
 
 
-async def metrics(request: Request) -> Response:
-    resources: Resources = request.state.resources
+async def metrics(request: Request[State]) -> Response:
+    resources = request.state["resources"]
     return Response(resources.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 

@@ -1,4 +1,4 @@
-"""Request ids and access logs, and one-line start-up errors, as plain ASGI middleware."""
+"""Plain ASGI middleware: request ids and access logs, one-line start-up errors, per-caller limits on /graphql."""
 
 from __future__ import annotations
 
@@ -8,10 +8,14 @@ import time
 import uuid
 
 import structlog
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.embedded import EmbeddedPostgresError
-from kernel.errors import ConfigError
+from gateway.resources import resources_of
+from kernel.auth import Caller, TokenVerifier
+from kernel.errors import HTTP_STATUS, ConfigError, RateLimited, Unauthenticated
+from kernel.ratelimit import ADMITTED, GRAPHQL_PATH, CallerLimiter, caller_key
 
 REQUEST_ID_HEADER = "x-request-id"
 _VALID_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -88,3 +92,51 @@ def _incoming_id(scope: Scope) -> str | None:
             text = value.decode("latin-1")
             return text if _VALID_ID.match(text) else None
     return None
+
+
+class CallerLimitsMiddleware:
+    """Admits each authenticated HTTP request to ``/graphql`` under its caller's limits, or answers 429 with
+    ``Retry-After`` and a GraphQL-shaped ``RATE_LIMITED`` body. Requests without a valid token pass through:
+    the GraphQL view answers them 401 (or serves GraphiQL)."""
+
+    def __init__(self, app: ASGIApp, limiter: CallerLimiter) -> None:
+        self.app = app
+        self.limiter = limiter
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != GRAPHQL_PATH:
+            await self.app(scope, receive, send)
+            return
+        resources = resources_of(scope)
+        caller = await _caller(resources.verifier, scope)
+        if caller is None:
+            await self.app(scope, receive, send)
+            return
+        key = caller_key(caller)
+        try:
+            await self.limiter.check_rate(resources.redis, key)
+            self.limiter.acquire(key)
+        except RateLimited as exc:
+            await _too_many(exc)(scope, receive, send)
+            return
+        admitted = ADMITTED.set(True)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            ADMITTED.reset(admitted)
+            self.limiter.release(key)
+
+
+async def _caller(verifier: TokenVerifier, scope: Scope) -> Caller | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization":
+            try:
+                return await verifier.verify_header(value.decode("latin-1"))
+            except Unauthenticated:
+                return None
+    return None
+
+
+def _too_many(exc: RateLimited) -> JSONResponse:
+    body = {"data": None, "errors": [{"message": exc.message, "extensions": exc.extensions}]}
+    return JSONResponse(body, status_code=HTTP_STATUS[exc.code], headers={"Retry-After": str(exc.retry_after_s)})

@@ -7,12 +7,14 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from typing import TypedDict
 
 import aio_pika
 import structlog
 from aio_pika.abc import AbstractRobustConnection
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.types import Scope
 
 from db.audit_trail import AuditTrail
 from db.engine import create_engine
@@ -55,6 +57,19 @@ class Resources:
     redis: Redis | None = None
     amqp: AbstractRobustConnection | None = None
     embedded: bool = False
+
+
+class State(TypedDict):
+    """What the lifespan hands every request: handlers take ``Request[State]`` and read
+    ``request.state["resources"]`` typed."""
+
+    resources: Resources
+
+
+def resources_of(scope: Scope) -> Resources:
+    """The resources from a raw ASGI scope, for middleware that runs below Starlette's ``Request``."""
+    state: State = scope["state"]
+    return state["resources"]
 
 
 @asynccontextmanager

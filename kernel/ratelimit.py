@@ -7,9 +7,9 @@ otherwise, or while Redis cannot be reached. Its **concurrency** (requests runni
 process: it bounds what one caller holds of this process's memory and connection pool, needs no round trip, and
 cannot leak a slot when a replica dies.
 
-Over HTTP, :class:`CallerLimitsMiddleware` admits a request before Strawberry reads its body, and answers
-``429`` with ``Retry-After``. Over the WebSocket, ``schema.limits.CallerLimitsExtension`` applies the same
-limits to each operation and answers a ``RATE_LIMITED`` GraphQL error (``extensions.retryAfter``).
+Over HTTP, ``gateway.middleware.CallerLimitsMiddleware`` admits a request before Strawberry reads its body and
+answers ``429`` with ``Retry-After``. Over the WebSocket, ``GatewaySchema.stream`` (``schema/gateway_schema.py``)
+applies the same limits to each operation and answers a ``RATE_LIMITED`` GraphQL error (``extensions.retryAfter``).
 """
 
 from __future__ import annotations
@@ -22,17 +22,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Protocol
 
 import structlog
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
-from starlette.responses import JSONResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
 
-from kernel.auth import Caller, TokenVerifier
-from kernel.errors import HTTP_STATUS, RateLimited, Unauthenticated
+from kernel.auth import Caller
+from kernel.errors import RateLimited
 from kernel.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -211,61 +208,3 @@ class CallerLimiter:
 
     def running(self, key: str) -> int:
         return self._running.get(key, 0)
-
-
-class _LimiterResources(Protocol):
-    """What the middleware needs of the app's resources (``request.state.resources``)."""
-
-    @property
-    def verifier(self) -> TokenVerifier: ...
-
-    @property
-    def redis(self) -> Redis | None: ...
-
-
-class CallerLimitsMiddleware:
-    """Admits each authenticated HTTP request to ``/graphql`` under its caller's limits, or answers 429 with
-    ``Retry-After`` and a GraphQL-shaped ``RATE_LIMITED`` body. Requests without a valid token pass through:
-    the GraphQL view answers them 401 (or serves GraphiQL)."""
-
-    def __init__(self, app: ASGIApp, limiter: CallerLimiter) -> None:
-        self.app = app
-        self.limiter = limiter
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != GRAPHQL_PATH:
-            await self.app(scope, receive, send)
-            return
-        resources: _LimiterResources = scope["state"]["resources"]
-        caller = await _caller(resources.verifier, scope)
-        if caller is None:
-            await self.app(scope, receive, send)
-            return
-        key = caller_key(caller)
-        try:
-            await self.limiter.check_rate(resources.redis, key)
-            self.limiter.acquire(key)
-        except RateLimited as exc:
-            await _too_many(exc)(scope, receive, send)
-            return
-        admitted = ADMITTED.set(True)
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            ADMITTED.reset(admitted)
-            self.limiter.release(key)
-
-
-async def _caller(verifier: TokenVerifier, scope: Scope) -> Caller | None:
-    for name, value in scope.get("headers", ()):
-        if name == b"authorization":
-            try:
-                return await verifier.verify_header(value.decode("latin-1"))
-            except Unauthenticated:
-                return None
-    return None
-
-
-def _too_many(exc: RateLimited) -> JSONResponse:
-    body = {"data": None, "errors": [{"message": exc.message, "extensions": exc.extensions}]}
-    return JSONResponse(body, status_code=HTTP_STATUS[exc.code], headers={"Retry-After": str(exc.retry_after_s)})

@@ -25,10 +25,11 @@ from starlette.types import Receive, Scope, Send
 
 from db.engine import create_engine
 from gateway.app import create_app
+from gateway.middleware import CallerLimitsMiddleware
 from gateway.resources import Resources
 from kernel.auth import Caller
 from kernel.errors import ErrorCode, RateLimited
-from kernel.ratelimit import CallerLimiter, CallerLimitsMiddleware, caller_key
+from kernel.ratelimit import CallerLimiter, caller_key
 from kernel.settings import Settings
 from resolvers.root import build_schema
 from schema.context import Context
