@@ -26,6 +26,7 @@ services:
 	bash .ci/services.sh
 
 lint: install
+	$(BIN)/lint-imports
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
