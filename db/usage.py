@@ -22,8 +22,7 @@ from typing import NamedTuple
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-HOUR = dt.timedelta(hours=1)
-DIMENSIONS = ("model", "project_id", "api_key_id")
+from kernel.hours import HOUR, floor_hour
 
 
 @dataclass(frozen=True)
@@ -68,7 +67,7 @@ class Plan:
 
 def plan(query: UsageQuery, materialized_through: dt.datetime | None) -> Plan:
     rollup_from = min(_ceil_hour(query.start), query.end)
-    limit = _floor_hour(query.end)
+    limit = floor_hour(query.end)
     if materialized_through is not None:
         limit = min(limit, materialized_through)
     if query.granularity == "MINUTE" or materialized_through is None:
@@ -86,8 +85,8 @@ def _split_hours(query: UsageQuery, start: dt.datetime, end: dt.datetime) -> lis
     boundary = bucket_start(start, query.granularity, zone)
     while boundary < end:
         boundary = bucket_end(boundary, query.granularity, zone)
-        if start < boundary < end and boundary != _floor_hour(boundary):
-            split.append(_floor_hour(boundary))
+        if start < boundary < end and boundary != floor_hour(boundary):
+            split.append(floor_hour(boundary))
     return split
 
 
@@ -98,7 +97,7 @@ def bucket_start(moment: dt.datetime, granularity: str, zone: zoneinfo.ZoneInfo)
     if granularity in ("DAY", "MONTH"):
         local = dt.datetime(local.year, local.month, local.day, tzinfo=zone)
     elif granularity == "HOUR":
-        local = local.astimezone(dt.UTC).replace(minute=0, second=0, microsecond=0)
+        local = floor_hour(local)
     else:
         local = local.astimezone(dt.UTC).replace(second=0, microsecond=0)
     return local.astimezone(dt.UTC)
@@ -118,12 +117,8 @@ def bucket_end(start: dt.datetime, granularity: str, zone: zoneinfo.ZoneInfo) ->
     return dt.datetime(following.year, following.month, following.day, tzinfo=zone).astimezone(dt.UTC)
 
 
-def _floor_hour(moment: dt.datetime) -> dt.datetime:
-    return moment.astimezone(dt.UTC).replace(minute=0, second=0, microsecond=0)
-
-
 def _ceil_hour(moment: dt.datetime) -> dt.datetime:
-    floor = _floor_hour(moment)
+    floor = floor_hour(moment)
     return floor if floor == moment else floor + HOUR
 
 

@@ -17,6 +17,7 @@ from ingest.events import TimeWindow, validate
 from ingest.metrics import IngestMetrics
 from ingest.synthetic import MODELS, Traffic, generate
 from ingest.writer import EventWriter
+from kernel.hours import floor_hour
 from kernel.settings import Settings
 
 BATCH = 5000
@@ -34,8 +35,8 @@ class Seeded:
 def demo_prices(now: dt.datetime) -> list[Price]:
     """A price for every demo model but the last (left unpriced on purpose), and a
     price cut ten days ago for the first two."""
-    since = (now - dt.timedelta(days=90)).replace(minute=0, second=0, microsecond=0)
-    cut = (now - dt.timedelta(days=10)).replace(minute=0, second=0, microsecond=0)
+    since = floor_hour(now - dt.timedelta(days=90))
+    cut = floor_hour(now - dt.timedelta(days=10))
     prices = []
     for rank, model in enumerate(MODELS[:-1]):
         base = D(rank % 7 + 1) * D("0.25")

@@ -62,10 +62,6 @@ class BadUserInput(GatewayError):
     code = ErrorCode.BAD_USER_INPUT
 
 
-class NotFound(GatewayError):
-    code = ErrorCode.NOT_FOUND
-
-
 class QueryTooComplex(GatewayError):
     code = ErrorCode.QUERY_TOO_COMPLEX
 

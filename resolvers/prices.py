@@ -10,6 +10,7 @@ import strawberry
 from db.audit import record
 from db.prices import Price, list_prices, upsert_price
 from kernel.errors import BadUserInput
+from kernel.hours import is_whole_hour
 from resolvers.validation import check_model
 from schema.context import Context
 from schema.inputs import ModelPriceInput
@@ -38,7 +39,7 @@ async def resolve_model_prices(info: strawberry.Info[Context, Any], model: str |
 def validated_price(data: ModelPriceInput) -> Price:
     check_model(data.model, "model")
     start = data.effective_from.astimezone(dt.UTC)
-    if start != start.replace(minute=0, second=0, microsecond=0):
+    if not is_whole_hour(start):
         raise BadUserInput("effectiveFrom must fall on a whole UTC hour")
     cached = data.cached_input_per_million if data.cached_input_per_million is not None else data.input_per_million
     for name, value in (("inputPerMillion", data.input_per_million), ("outputPerMillion", data.output_per_million),

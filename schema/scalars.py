@@ -17,7 +17,6 @@ from strawberry.types.scalar import ScalarDefinition
 
 BigInt = NewType("BigInt", int)
 
-MAX_SAFE_INTEGER = 2**53 - 1
 _MAX_BIGINT = 2**63 - 1
 
 
