@@ -1,12 +1,14 @@
-"""py-spy profiles shared by the benchmarks: finding py-spy, and counting its collapsed ("raw") stacks."""
+"""py-spy profiles shared by the benchmarks: finding and starting py-spy, counting its collapsed ("raw")
+stacks, and the text summary written next to them."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import shutil
 import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,16 @@ _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 def py_spy() -> str | None:
     local = Path(sys.executable).parent / "py-spy"
     return str(local) if local.exists() else shutil.which("py-spy")
+
+
+async def start_py_spy(pid: int, seconds: int | str, fmt: str, output: Path) -> asyncio.subprocess.Process:
+    """``py-spy record`` of ``pid`` at 100 Hz for ``seconds`` into ``output`` (``fmt``: raw, flamegraph...)."""
+    binary = py_spy()
+    assert binary is not None
+    return await asyncio.create_subprocess_exec(
+        binary, "record", "--pid", str(pid), "--duration", str(seconds), "--rate", "100", "--format", fmt,
+        "--output", str(output), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
 
 
 def short_file(path: str) -> str:
@@ -71,3 +83,14 @@ def count_stacks(collapsed: Path, area: Callable[[str, str], str], not_areas: tu
         for part in {area(f[1], f[2]) for f in frames if not f[1].startswith(not_areas)}:
             counts.area_total[part] += count
     return counts
+
+
+def profile_text(summary: dict[str, Any], sections: Sequence[tuple[str, str]], title: str | None = None) -> str:
+    """The ``sections`` (heading, key of ``summary``) of a profile summary as text, after ``title``."""
+    lines = [] if title is None else [title]
+    lines += [f"py-spy samples: {summary['samples']} (busy share of one core: {summary['busy_share_of_one_core']})", ""]
+    for heading, key in sections:
+        lines.append(f"== {heading}")
+        lines += [f"{row['share'] * 100:5.1f}%  {row['samples']:6d}  {row['function']}" for row in summary[key]]
+        lines.append("")
+    return "\n".join(lines)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +124,7 @@ def connection_words(results: dict[str, Any]) -> str:
     return f"PostgreSQL over TCP (congestion control {facts.get('tcp_congestion_control')})"
 
 
-def disturbed_note(entries: list[dict[str, Any]]) -> str:
+def disturbed_note(entries: Sequence[dict[str, Any] | None]) -> str:
     bad = [e for e in entries if e and e.get("disturbed")]
     if not bad:
         return ""
@@ -137,117 +138,17 @@ def disturbed_note(entries: list[dict[str, Any]]) -> str:
 
 
 def usage_section(results: dict[str, Any]) -> str:
-    data = results.get("dataset", {})
-    settings = results.get("settings", {})
-    params = data.get("params", {})
+    single = results.get("usage_single", {})
+    concurrent = results.get("usage_concurrent")
     out = ["## Usage queries\n\n"]
     out.append("```sh\n.venv/bin/python -m bench.graphql_bench [--events 10000000] [--keep-db] [--only a,b,c]\n```\n")
     out.append(header_facts(results))
-    load = (
-        f"loaded in {num(data.get('load_s'))} s ({num(data.get('load_events_per_s'))} events/s through "
-        f"`EventWriter`), rolled up in {num(data.get('rollup_s'))} s, VACUUM ANALYZE {num(data.get('vacuum_s'))} s"
-        if not data.get("reused")
-        else f"reused from an earlier run (loaded {data.get('loaded_at')}: {num(data.get('load_s'))} s, "
-        f"{num(data.get('load_events_per_s'))} events/s; rollup {num(data.get('rollup_s'))} s)"
-    )
-    out.append(
-        f"\n**Data.** {num(data.get('events_loaded'))} events over the {params.get('days')} days before the load, "
-        f"{num(params.get('orgs'))} orgs with Zipf volume (s = {params.get('zipf_s')}), {params.get('models')} models "
-        f"(1–4 per org), demo prices (`gateway.seed.demo_prices`); {load}; database {data.get('database_size')}. "
-        f"The measured org is the largest, `{data.get('largest_org')}`: {num(data.get('largest_org_events'))} events, "
-        f"models {', '.join(data.get('largest_org_models', []))}.\n"
-    )
-    out.append(
-        "\n**Method.** The gateway (`create_app(settings, roles={api})`, uvicorn with uvloop and httptools, one "
-        "worker, log level WARNING, Redis freshness cache) runs in a child process; wrk sends the query (POST, a Lua "
-        "script) with an `org_admin` token and reports its latency histogram. The *floor* is the same SQL with the "
-        "same arguments (`db.usage.usage_statement`, same rollup watermark and prices) from an asyncpg client in the "
-        f"benchmark's process, rows turned into dicts and encoded with orjson. Every window lasts "
-        f"{settings.get('window_s')} s after a {settings.get('warmup_s')} s warm-up. The query:\n"
-    )
-    out.append(
-        "\n```graphql\nusage(orgId: $largest, range: $range, granularity: $g, groupBy: [MODEL]) {\n"
-        "  totals { requests inputTokens cachedInputTokens outputTokens totalTokens spend }\n"
-        "  series { start end group { model } requests inputTokens cachedInputTokens outputTokens totalTokens spend }\n"
-        "  unpricedModels\n}\n```\n"
-    )
-    single = results.get("usage_single", {})
-    labels = {"hour_30d": "HOUR, last 30 days", "day_30d": "DAY, last 30 days", "day_365d": "DAY, last 365 days"}
-    rows = []
-    for key, label in labels.items():
-        entry = single.get(key)
-        if not entry:
-            continue
-        q, gw, fl = entry["query"], entry["gateway"], entry["floor"]
-        ratio = entry.get("ratio_gateway_to_floor", {})
-        rows.append([
-            label, num(q["buckets"]), f"{q['response_bytes'] / 1024:,.0f} KiB",
-            f"{num(gw['latency_ms']['p50'])} / {num(gw['latency_ms']['p90'])} / {num(gw['latency_ms']['p99'])}",
-            f"{num(fl['latency_ms']['p50'])} / {num(fl['latency_ms']['p90'])} / {num(fl['latency_ms']['p99'])}",
-            f"{ratio.get('p50', '–')}× / {ratio.get('p99', '–')}×", num(gw["rps"]), num(fl["rps"]),
-            num(gw.get("database", {}).get("transactions_per_request"), 2), gc_cell(gw),
-        ])  # fmt: skip
-    if rows:
-        out.append("\n**One client, sequential** (latency in ms: p50 / p90 / p99):\n\n")
-        out.append(
-            table(
-                [
-                    "query",
-                    "buckets",
-                    "response",
-                    "gateway",
-                    "floor",
-                    "gateway ÷ floor (p50 / p99)",
-                    "gateway req/s",
-                    "floor queries/s",
-                    "DB transactions per request",
-                    "gateway GC: ms per request, longest pause",
-                ],
-                rows,
-            )
-        )
-        first = single.get("hour_30d", {}).get("query", {})
-        if first:
-            out.append(
-                f"\nThe HOUR answer covers {num(first.get('requests_in_range'))} requests; the floor returns "
-                f"{num(first.get('floor_rows'))} rows ({first.get('floor_json_bytes', 0) / 1024:,.0f} KiB of JSON) of "
-                f"which {first.get('rollup_hours_in_plan')} hours come from `usage_hourly`.\n"
-            )
-    concurrent = results.get("usage_concurrent")
+    out.append(_data_paragraph(results.get("dataset", {})))
+    out.append(_method_paragraph(results.get("settings", {})))
+    out.append(USAGE_QUERY_BLOCK)
+    out.append(_single_part(single))
     if concurrent:
-        gw, fl = concurrent["gateway"], concurrent["floor"]
-        out.append(f"\n**{concurrent['clients']} concurrent clients** (HOUR, last 30 days):\n\n")
-        out.append(
-            table(
-                [
-                    "",
-                    "requests/s",
-                    "p50 ms",
-                    "p99 ms",
-                    "cores: gateway / postgres / client",
-                    "new DB sessions per request",
-                ],
-                [
-                    [
-                        "gateway (wrk)",
-                        num(gw["rps"]),
-                        num(gw["latency_ms"]["p50"]),
-                        num(gw["latency_ms"]["p99"]),
-                        _cores(gw, "api_gateway", "wrk"),
-                        num(gw.get("database", {}).get("new_sessions_per_request"), 2),
-                    ],
-                    [
-                        "floor (asyncpg pool)",
-                        num(fl["rps"]),
-                        num(fl["latency_ms"]["p50"]),
-                        num(fl["latency_ms"]["p99"]),
-                        _cores(fl, None, "bench"),
-                        num(fl.get("database", {}).get("new_sessions_per_request"), 2),
-                    ],
-                ],
-            )
-        )
-        out.append(f"\nGateway throughput is {concurrent['throughput_share_of_floor']:.0%} of the floor's.\n")
+        out.append(_concurrent_part(concurrent))
     rows = target_rows(results, ("usage", "gateway /", "16 clients"))
     if rows:
         out.append("\n**Targets:**\n\n" + table(["what", "measured", "target", ""], rows))
@@ -256,6 +157,93 @@ def usage_section(results: dict[str, Any]) -> str:
         entries += [concurrent.get("gateway"), concurrent.get("floor")]
     out.append(disturbed_note([e for e in entries if e]))
     return "".join(out)
+
+
+USAGE_QUERY_BLOCK = (
+    "\n```graphql\nusage(orgId: $largest, range: $range, granularity: $g, groupBy: [MODEL]) {\n"
+    "  totals { requests inputTokens cachedInputTokens outputTokens totalTokens spend }\n"
+    "  series { start end group { model } requests inputTokens cachedInputTokens outputTokens totalTokens spend }\n"
+    "  unpricedModels\n}\n```\n"
+)
+SINGLE_LABELS = {"hour_30d": "HOUR, last 30 days", "day_30d": "DAY, last 30 days", "day_365d": "DAY, last 365 days"}
+SINGLE_HEADER = [
+    "query", "buckets", "response", "gateway", "floor", "gateway ÷ floor (p50 / p99)", "gateway req/s",
+    "floor queries/s", "DB transactions per request", "gateway GC: ms per request, longest pause",
+]  # fmt: skip
+CONCURRENT_HEADER = [
+    "", "requests/s", "p50 ms", "p99 ms", "cores: gateway / postgres / client", "new DB sessions per request",
+]  # fmt: skip
+
+
+def _data_paragraph(data: dict[str, Any]) -> str:
+    params = data.get("params", {})
+    load = (
+        f"loaded in {num(data.get('load_s'))} s ({num(data.get('load_events_per_s'))} events/s through "
+        f"`EventWriter`), rolled up in {num(data.get('rollup_s'))} s, VACUUM ANALYZE {num(data.get('vacuum_s'))} s"
+        if not data.get("reused")
+        else f"reused from an earlier run (loaded {data.get('loaded_at')}: {num(data.get('load_s'))} s, "
+        f"{num(data.get('load_events_per_s'))} events/s; rollup {num(data.get('rollup_s'))} s)"
+    )
+    return (
+        f"\n**Data.** {num(data.get('events_loaded'))} events over the {params.get('days')} days before the load, "
+        f"{num(params.get('orgs'))} orgs with Zipf volume (s = {params.get('zipf_s')}), {params.get('models')} models "
+        f"(1–4 per org), demo prices (`gateway.seed.demo_prices`); {load}; database {data.get('database_size')}. "
+        f"The measured org is the largest, `{data.get('largest_org')}`: {num(data.get('largest_org_events'))} events, "
+        f"models {', '.join(data.get('largest_org_models', []))}.\n"
+    )
+
+
+def _method_paragraph(settings: dict[str, Any]) -> str:
+    return (
+        "\n**Method.** The gateway (`create_app(settings, roles={api})`, uvicorn with uvloop and httptools, one "
+        "worker, log level WARNING, Redis freshness cache) runs in a child process; wrk sends the query (POST, a Lua "
+        "script) with an `org_admin` token and reports its latency histogram. The *floor* is the same SQL with the "
+        "same arguments (`db.usage.usage_statement`, same rollup watermark and prices) from an asyncpg client in the "
+        f"benchmark's process, rows turned into dicts and encoded with orjson. Every window lasts "
+        f"{settings.get('window_s')} s after a {settings.get('warmup_s')} s warm-up. The query:\n"
+    )
+
+
+def _single_row(label: str, entry: dict[str, Any]) -> list[Any]:
+    q, gw, fl = entry["query"], entry["gateway"], entry["floor"]
+    ratio = entry.get("ratio_gateway_to_floor", {})
+    return [
+        label, num(q["buckets"]), f"{q['response_bytes'] / 1024:,.0f} KiB",
+        f"{num(gw['latency_ms']['p50'])} / {num(gw['latency_ms']['p90'])} / {num(gw['latency_ms']['p99'])}",
+        f"{num(fl['latency_ms']['p50'])} / {num(fl['latency_ms']['p90'])} / {num(fl['latency_ms']['p99'])}",
+        f"{ratio.get('p50', '–')}× / {ratio.get('p99', '–')}×", num(gw["rps"]), num(fl["rps"]),
+        num(gw.get("database", {}).get("transactions_per_request"), 2), gc_cell(gw),
+    ]  # fmt: skip
+
+
+def _single_part(single: dict[str, Any]) -> str:
+    rows = [_single_row(label, single[key]) for key, label in SINGLE_LABELS.items() if single.get(key)]
+    if not rows:
+        return ""
+    out = "\n**One client, sequential** (latency in ms: p50 / p90 / p99):\n\n" + table(SINGLE_HEADER, rows)
+    first = single.get("hour_30d", {}).get("query", {})
+    if first:
+        out += (
+            f"\nThe HOUR answer covers {num(first.get('requests_in_range'))} requests; the floor returns "
+            f"{num(first.get('floor_rows'))} rows ({first.get('floor_json_bytes', 0) / 1024:,.0f} KiB of JSON) of "
+            f"which {first.get('rollup_hours_in_plan')} hours come from `usage_hourly`.\n"
+        )
+    return out
+
+
+def _concurrent_part(concurrent: dict[str, Any]) -> str:
+    gw, fl = concurrent["gateway"], concurrent["floor"]
+    rows = [
+        ["gateway (wrk)", num(gw["rps"]), num(gw["latency_ms"]["p50"]), num(gw["latency_ms"]["p99"]),
+         _cores(gw, "api_gateway", "wrk"), num(gw.get("database", {}).get("new_sessions_per_request"), 2)],
+        ["floor (asyncpg pool)", num(fl["rps"]), num(fl["latency_ms"]["p50"]), num(fl["latency_ms"]["p99"]),
+         _cores(fl, None, "bench"), num(fl.get("database", {}).get("new_sessions_per_request"), 2)],
+    ]  # fmt: skip
+    return (
+        f"\n**{concurrent['clients']} concurrent clients** (HOUR, last 30 days):\n\n"
+        + table(CONCURRENT_HEADER, rows)
+        + f"\nGateway throughput is {concurrent['throughput_share_of_floor']:.0%} of the floor's.\n"
+    )
 
 
 def gc_cell(entry: dict[str, Any]) -> str:
@@ -276,46 +264,10 @@ def graphql_section(results: dict[str, Any]) -> str:
     out.append("```sh\n.venv/bin/python -m bench.graphql_bench --keep-db --only d,f\n```\n")
     trivial = results.get("trivial")
     if trivial:
-        out.append(
-            f"\n**Trivial query against a plain endpoint of the same process**, {trivial['connections']} "
-            "connections (wrk). `/bench/plain` is a Starlette route added to the gateway's app, so it passes the "
-            "gateway's middleware (request id and access log, OpenTelemetry); `/bench/bare` is the same handler "
-            "outside that middleware.\n\n"
-        )
-        rows = []
-        for key, label in (("viewer", f"`{trivial['viewer_query']}`"), ("plain", "`/bench/plain`"),
-                           ("bare", "`/bench/bare`")):  # fmt: skip
-            entry = trivial[key]
-            rows.append([label, num(entry["rps"]), num(entry["latency_ms"]["p50"]), num(entry["latency_ms"]["p99"]),
-                         num(entry["cpu"]["cores_used"].get("api_gateway"), 2)])  # fmt: skip
-        out.append(table(["endpoint", "requests/s", "p50 ms", "p99 ms", "gateway cores"], rows))
-        out.append(
-            f"\nThe trivial query runs at {trivial['viewer_share_of_plain']:.0%} of `/bench/plain`'s rate and "
-            f"{trivial['viewer_share_of_bare']:.0%} of `/bench/bare`'s; the middleware alone leaves "
-            f"`/bench/plain` at {trivial['plain_share_of_bare']:.0%} of `/bench/bare`.\n"
-        )
-        rows = target_rows(results, ("trivial",))
-        if rows:
-            out.append("\n**Target:**\n\n" + table(["what", "measured", "target", ""], rows))
-        out.append(disturbed_note([trivial.get(k) for k in ("viewer", "plain", "bare")]))
+        out.append(_trivial_part(results, trivial))
     profile = results.get("profile")
     if profile and "error" not in profile:
-        out.append(
-            f"\n**Profile.** py-spy (100 Hz, {profile['duration_s']} s) of the gateway process under "
-            f"{profile['under']} ({profile['rps_under_profiler']} req/s under the profiler; the process was busy "
-            f"{profile['busy_share_of_one_core']:.0%} of the time). Top functions: "
-            f"`bench/results/graphql_profile.txt`; collapsed stacks: `bench/results/graphql_profile_raw.txt`.\n\n"
-        )
-        rows = [[r["function"], f"{r['share']:.0%}"] for r in profile["by_area_self"][:10]]
-        out.append(table(["self time by area", "share"], rows))
-        out.append("\n")
-        rows = [[f"`{r['function']}`", f"{r['share']:.0%}"] for r in profile["top_self"][:12]]
-        out.append(table(["self time by function", "share"], rows))
-        out.append(
-            "\nSelf time of the event loop's frame (`Runner.run`) is time in uvloop's native code: socket reads and "
-            "writes, callbacks. `<string>` frames are code made with `exec`: dataclass `__init__`s and the compiled "
-            "list projectors of `schema/execution.py`.\n"
-        )
+        out.append(_profile_part(profile))
     trivial_profile = results.get("profile_trivial")
     if trivial_profile and "error" not in trivial_profile:
         areas = ", ".join(f"{r['function']} {r['share']:.0%}" for r in trivial_profile["by_area_self"][:8])
@@ -327,6 +279,52 @@ def graphql_section(results: dict[str, Any]) -> str:
             f"`bench/results/graphql_profile_trivial.txt`), self time by area: {areas}. Inclusive: {inclusive}.\n"
         )
     return "".join(out)
+
+
+def _trivial_part(results: dict[str, Any], trivial: dict[str, Any]) -> str:
+    out = [
+        f"\n**Trivial query against a plain endpoint of the same process**, {trivial['connections']} "
+        "connections (wrk). `/bench/plain` is a Starlette route added to the gateway's app, so it passes the "
+        "gateway's middleware (request id and access log, OpenTelemetry); `/bench/bare` is the same handler "
+        "outside that middleware.\n\n"
+    ]
+    rows = []
+    for key, label in (("viewer", f"`{trivial['viewer_query']}`"), ("plain", "`/bench/plain`"),
+                       ("bare", "`/bench/bare`")):  # fmt: skip
+        entry = trivial[key]
+        rows.append([label, num(entry["rps"]), num(entry["latency_ms"]["p50"]), num(entry["latency_ms"]["p99"]),
+                     num(entry["cpu"]["cores_used"].get("api_gateway"), 2)])  # fmt: skip
+    out.append(table(["endpoint", "requests/s", "p50 ms", "p99 ms", "gateway cores"], rows))
+    out.append(
+        f"\nThe trivial query runs at {trivial['viewer_share_of_plain']:.0%} of `/bench/plain`'s rate and "
+        f"{trivial['viewer_share_of_bare']:.0%} of `/bench/bare`'s; the middleware alone leaves "
+        f"`/bench/plain` at {trivial['plain_share_of_bare']:.0%} of `/bench/bare`.\n"
+    )
+    rows = target_rows(results, ("trivial",))
+    if rows:
+        out.append("\n**Target:**\n\n" + table(["what", "measured", "target", ""], rows))
+    out.append(disturbed_note([trivial.get(k) for k in ("viewer", "plain", "bare")]))
+    return "".join(out)
+
+
+def _profile_part(profile: dict[str, Any]) -> str:
+    return (
+        f"\n**Profile.** py-spy (100 Hz, {profile['duration_s']} s) of the gateway process under "
+        f"{profile['under']} ({profile['rps_under_profiler']} req/s under the profiler; the process was busy "
+        f"{profile['busy_share_of_one_core']:.0%} of the time). Top functions: "
+        f"`bench/results/graphql_profile.txt`; collapsed stacks: `bench/results/graphql_profile_raw.txt`.\n\n"
+        + table(
+            ["self time by area", "share"], [[r["function"], f"{r['share']:.0%}"] for r in profile["by_area_self"][:10]]
+        )
+        + "\n"
+        + table(
+            ["self time by function", "share"],
+            [[f"`{r['function']}`", f"{r['share']:.0%}"] for r in profile["top_self"][:12]],
+        )
+        + "\nSelf time of the event loop's frame (`Runner.run`) is time in uvloop's native code: socket reads and "
+        "writes, callbacks. `<string>` frames are code made with `exec`: dataclass `__init__`s and the compiled "
+        "list projectors of `schema/execution.py`.\n"
+    )
 
 
 def visible_section(results: dict[str, Any]) -> str:

@@ -59,3 +59,15 @@ async def declare(channel: AbstractChannel, topology: Topology, delivery_limit: 
     )
     await queue.bind(exchange, routing_key=BINDING_KEY)
     return Declared(exchange, queue, dlx, dlq)
+
+
+async def delete_topology(channel: AbstractChannel, topology: Topology) -> None:
+    """Delete the queues and exchanges of ``topology``, with the messages still in them (tests and benchmarks
+    clean up their prefixed names with it).
+
+    RabbitMQ answers delete-ok for a queue or exchange that does not exist, so this is idempotent.
+    """
+    for queue in (topology.queue, topology.dead_letter_queue):
+        await channel.queue_delete(queue)
+    for exchange in (topology.exchange, topology.dead_letter_exchange):
+        await channel.exchange_delete(exchange)

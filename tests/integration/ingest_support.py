@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 import aio_pika
 import asyncpg
 
+from ingest import topology
 from ingest.publisher import EventPublisher
 from ingest.topology import Topology
 from tests.conftest import AMQP_URL
@@ -118,14 +119,9 @@ async def drained(
 
 async def delete_topology(prefix: str) -> None:
     """Remove the queues and exchanges named with ``prefix``."""
-    topology = Topology.named(prefix)
     connection = await aio_pika.connect(AMQP_URL)
     async with connection:
-        channel = await connection.channel()
-        for queue in (topology.queue, topology.dead_letter_queue):
-            await channel.queue_delete(queue)
-        for exchange in (topology.exchange, topology.dead_letter_exchange):
-            await channel.exchange_delete(exchange)
+        await topology.delete_topology(await connection.channel(), Topology.named(prefix))
 
 
 async def stored(database_url: str, source: str) -> list[asyncpg.Record]:
