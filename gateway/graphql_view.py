@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 from cross_web import AsyncHTTPRequestAdapter, HTTPException, StarletteRequestAdapter
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
@@ -128,6 +128,8 @@ class GraphQLView(GraphQL[Context, None]):
             return
         try:
             response = await self.run(Request(scope, receive))
+        except ClientDisconnect:  # the client left before its body was in: nobody to answer
+            return
         except HTTPException as exc:  # strawberry's own refusals, plain text otherwise
             response = self._refuse(scope, _from_http_exception(exc))
         except TransportError as exc:

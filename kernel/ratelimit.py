@@ -54,7 +54,7 @@ local n = math.floor((now + tonumber(ARGV[2]) - tat) / interval)
 if n < 1 then return {0, math.ceil(tat + interval - tonumber(ARGV[2]) - now)} end
 if n > tonumber(ARGV[3]) then n = tonumber(ARGV[3]) end
 local new_tat = tat + n * interval
-redis.call('SET', KEYS[1], string.format('%.3f', new_tat), 'PX', math.ceil(new_tat - now))
+redis.call('SET', KEYS[1], string.format('%.3f', new_tat), 'PX', math.max(1, math.ceil(new_tat - now)))
 return {n, 0}
 """
 

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from starlette.applications import Starlette
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from db.engine import create_engine
 from gateway.app import create_app
@@ -90,6 +90,33 @@ async def test_the_rate_is_shared_through_redis_by_every_replica(
     with pytest.raises(RateLimited) as refused:
         await first.check_rate(resources.redis, "k")
     assert error_code_of(refused.value) is ErrorCode.RATE_LIMITED and refused.value.retry_after_s >= 1
+
+
+async def test_a_huge_limit_still_counts_in_redis(settings: Settings, resources: Resources) -> None:
+    """A token worth less than a millisecond once made the script ask Redis for ``PX 0`` (an error), so every
+    request fell back to this process's buckets after a failed round trip."""
+    limiter = CallerLimiter(1_000_000_000, 8, f"{settings.redis_prefix}{uuid.uuid4().hex[:6]}:")
+    assert resources.redis is not None
+    assert await limiter._redis_wait_ms(resources.redis, "k") == 0.0  # None: Redis failed, local fallback
+
+
+async def test_a_client_that_leaves_before_its_body_gets_no_error(app: Starlette, make_token: TokenFactory) -> None:
+    """wrk closes connections with requests in flight: no 'Exception in ASGI application' for that."""
+    headers = [(b"authorization", f"Bearer {make_token('viewer', org='org_a')}".encode()),
+               (b"content-type", b"application/json"), (b"content-length", b"100")]  # fmt: skip
+    scope = {"type": "http", "method": "POST", "path": "/graphql", "raw_path": b"/graphql", "query_string": b"",
+             "headers": headers, "http_version": "1.1", "scheme": "http", "server": ("gateway.test", 80),
+             "client": ("127.0.0.1", 1), "root_path": ""}  # fmt: skip
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)  # raised ClientDisconnect before
+    assert all(m["type"] != "http.response.start" or m["status"] < 500 for m in sent)
 
 
 def error_code_of(exc: BaseException) -> ErrorCode:
