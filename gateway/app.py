@@ -21,13 +21,13 @@ from gateway.middleware import CallerLimitsMiddleware, RequestIdMiddleware, Star
 from gateway.resources import State, open_resources
 from gateway.workers import run_workers
 from kernel.ratelimit import CallerLimiter
-from kernel.settings import ALL_ROLES, Role, Settings, load_settings
+from kernel.settings import ALL_ROLES, ProcessRole, Settings, load_settings
 from resolvers.root import build_schema
 
 log = structlog.get_logger(__name__)
 
 
-def create_app(settings: Settings | None = None, roles: frozenset[Role] | None = None) -> Starlette:
+def create_app(settings: Settings | None = None, roles: frozenset[ProcessRole] | None = None) -> Starlette:
     """The gateway as an ASGI app; clients open and close with its lifespan. Every process answers the health
     and metrics endpoints; the ``api`` role adds GraphQL, the ``ingest`` role ``POST /v1/events``."""
     settings = settings or load_settings()
@@ -49,13 +49,13 @@ def create_app(settings: Settings | None = None, roles: frozenset[Role] | None =
         Route("/readyz", health.readyz),
         Route("/metrics", health.metrics),
     ]
-    if Role.API in roles:
+    if ProcessRole.API in roles:
         routes += [
             # Every method reaches the view, which answers those it does not serve with a GraphQL-shaped 405.
             Route("/graphql", AuthenticatedGraphQL(view), methods=None),
             WebSocketRoute("/graphql", view),
         ]
-    if Role.INGEST in roles:
+    if ProcessRole.INGEST in roles:
         routes.append(Route("/v1/events", post_events, methods=["POST"]))
     middleware = [
         Middleware(StartupErrorMiddleware),

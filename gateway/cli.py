@@ -20,7 +20,7 @@ from ingest.publish_file import publish_file
 from kernel.auth import issue_token, signing_secret
 from kernel.errors import ConfigError
 from kernel.scopes import ROLE_GRANTS
-from kernel.settings import ENV_PREFIX, Role, Settings, load_settings, parse_roles
+from kernel.settings import ENV_PREFIX, ProcessRole, Settings, load_settings, parse_roles
 
 app = typer.Typer(help="GraphQL analytics gateway for an LLM API platform.", no_args_is_help=True)
 
@@ -37,7 +37,7 @@ def _fail(message: str) -> NoReturn:
     raise typer.Exit(2)
 
 
-def _parse_roles(value: str) -> frozenset[Role]:
+def _parse_roles(value: str) -> frozenset[ProcessRole]:
     try:
         return parse_roles(value)
     except ValueError as exc:
@@ -82,7 +82,7 @@ def serve(
         raise typer.Exit(1)
 
 
-def _serve_workers(settings: Settings, roles: frozenset[Role], processes: int, host: str, port: int) -> None:
+def _serve_workers(settings: Settings, roles: frozenset[ProcessRole], processes: int, host: str, port: int) -> None:
     """``processes`` uvicorn workers sharing one socket, each a whole gateway (pool, clients, workers of its
     roles); uvicorn's supervisor restarts a worker that dies and stops when one cannot start."""
     if settings.database_url is None:

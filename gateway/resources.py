@@ -27,7 +27,7 @@ from kernel.auth import TokenVerifier
 from kernel.cache import Cache, LocalCache, RedisCache
 from kernel.errors import ConfigError
 from kernel.pubsub import LocalPubSub, PubSub, RedisPubSub
-from kernel.settings import Role, Settings
+from kernel.settings import ProcessRole, Settings
 
 log = structlog.get_logger(__name__)
 AMQP_CONNECT_TIMEOUT_S = 10.0
@@ -38,7 +38,7 @@ class Resources:
     """Everything long-lived that request handlers and workers use."""
 
     settings: Settings
-    roles: frozenset[Role]
+    roles: frozenset[ProcessRole]
     # Two pools on one database, so that neither side can starve the other: ``engine`` for the workers
     # (ingestion, rollups, exports, audit, health), whose statements may run long; ``query_engine`` for
     # GraphQL, whose statements PostgreSQL cuts at ANALYTICS_DB_STATEMENT_TIMEOUT_MS and whose requests wait
@@ -73,7 +73,9 @@ def resources_of(scope: Scope) -> Resources:
 
 
 @asynccontextmanager
-async def open_resources(settings: Settings, roles: frozenset[Role], metrics: Metrics) -> AsyncIterator[Resources]:
+async def open_resources(
+    settings: Settings, roles: frozenset[ProcessRole], metrics: Metrics
+) -> AsyncIterator[Resources]:
     """Open the database (the embedded one when none is configured), Redis and AMQP."""
     async with AsyncExitStack() as stack:
         engine, query_engine, embedded = await open_database(settings, stack)
@@ -142,8 +144,8 @@ def _redis(settings: Settings) -> Redis | None:
     return Redis.from_url(settings.redis_url.get_secret_value(), socket_connect_timeout=5)
 
 
-async def _amqp(settings: Settings, roles: frozenset[Role]) -> AbstractRobustConnection | None:
-    if settings.amqp_url is None or Role.INGEST not in roles:
+async def _amqp(settings: Settings, roles: frozenset[ProcessRole]) -> AbstractRobustConnection | None:
+    if settings.amqp_url is None or ProcessRole.INGEST not in roles:
         return None
     try:
         return await asyncio.wait_for(

@@ -13,7 +13,7 @@ import structlog
 from db.rollup import run_cycle
 from gateway.resources import Resources
 from ingest.consumer import Consumer
-from kernel.settings import Role
+from kernel.settings import ProcessRole
 
 log = structlog.get_logger(__name__)
 
@@ -50,13 +50,13 @@ class Periodic:
 async def run_workers(resources: Resources) -> AsyncIterator[None]:
     """Start the workers the roles ask for; on exit stop them, newest first."""
     async with AsyncExitStack() as stack:
-        if Role.INGEST in resources.roles and resources.amqp is not None:
+        if ProcessRole.INGEST in resources.roles and resources.amqp is not None:
             consumer = Consumer(
                 resources.amqp, resources.engine, resources.writer, resources.settings, resources.ingest_metrics
             )
             await consumer.start()
             stack.push_async_callback(consumer.stop)
-        if Role.ROLLUP in resources.roles:
+        if ProcessRole.ROLLUP in resources.roles:
             rollup = Periodic(
                 "rollup",
                 lambda: run_cycle(resources.engine, dt.datetime.now(dt.UTC)),

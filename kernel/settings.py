@@ -18,8 +18,9 @@ from kernel.errors import ConfigError
 ENV_PREFIX = "ANALYTICS_"
 
 
-class Role(StrEnum):
-    """The parts of the gateway that one ``serve`` process can run."""
+class ProcessRole(StrEnum):
+    """The parts of the gateway that one ``serve`` process can run (``--role``); not a token's role, which
+    grants scopes (``kernel/scopes.py``)."""
 
     API = "api"
     INGEST = "ingest"
@@ -27,17 +28,17 @@ class Role(StrEnum):
     EXPORT = "export"
 
 
-ALL_ROLES: frozenset[Role] = frozenset(Role)
+ALL_ROLES: frozenset[ProcessRole] = frozenset(ProcessRole)
 
 
-def parse_roles(text: str) -> frozenset[Role]:
+def parse_roles(text: str) -> frozenset[ProcessRole]:
     """``"api,ingest"`` as roles; ValueError naming the valid ones otherwise."""
     try:
-        roles = frozenset(Role(part.strip()) for part in text.split(",") if part.strip())
+        roles = frozenset(ProcessRole(part.strip()) for part in text.split(",") if part.strip())
     except ValueError:
         roles = frozenset()
     if not roles:
-        raise ValueError(f"takes a comma-separated list of {', '.join(r.value for r in Role)}")
+        raise ValueError(f"takes a comma-separated list of {', '.join(r.value for r in ProcessRole)}")
     return roles
 
 
@@ -107,7 +108,7 @@ class Settings(BaseSettings):
     workers: int = Field(default=1, ge=1, le=64)
 
     @property
-    def role_set(self) -> frozenset[Role]:
+    def role_set(self) -> frozenset[ProcessRole]:
         return parse_roles(self.roles)
 
     @field_validator("roles")
@@ -145,10 +146,10 @@ class Settings(BaseSettings):
             raise ValueError("must be at least 32 characters (HS256 key)")
         return value
 
-    def require_for(self, roles: frozenset[Role]) -> None:
+    def require_for(self, roles: frozenset[ProcessRole]) -> None:
         """Fail with one line if a setting that ``roles`` need is missing."""
         no_key = self.jwt_secret is None and self.jwt_jwks_url is None
-        if Role.API in roles and no_key and self.database_url is not None:
+        if ProcessRole.API in roles and no_key and self.database_url is not None:
             raise ConfigError(
                 f"{ENV_PREFIX}JWT_SECRET or {ENV_PREFIX}JWT_JWKS_URL must be set "
                 "when a database is configured (only the embedded default has a development secret)"

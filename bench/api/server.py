@@ -22,7 +22,7 @@ from bench.harness.servers import Server, child_env, free_port, start_server
 from gateway.app import create_app
 from gateway.gc_policy import GcPauses
 from gateway.logging import configure_logging
-from kernel.settings import Role, load_settings
+from kernel.settings import ProcessRole, load_settings
 
 READY_TIMEOUT_S = 120
 # One benchmark token sends from 16-32 connections at once: per-caller limits would measure refusals.
@@ -48,7 +48,7 @@ def serve_app(port: int) -> None:
     pauses = GcPauses()
     gc.callbacks.append(pauses.callback)
     config = uvicorn.Config(
-        _bench_app(create_app(settings, frozenset({Role.API})), pauses), host="127.0.0.1", port=port,
+        _bench_app(create_app(settings, frozenset({ProcessRole.API})), pauses), host="127.0.0.1", port=port,
         log_config=None, access_log=False, log_level="warning", workers=1,
     )  # fmt: skip
     uvicorn.Server(config).run()

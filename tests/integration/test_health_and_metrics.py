@@ -10,7 +10,7 @@ from asgi_lifespan import LifespanManager
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import create_app
-from kernel.settings import Role, Settings
+from kernel.settings import ProcessRole, Settings
 from tests.conftest import TokenFactory
 from tests.helpers import graphql
 
@@ -93,14 +93,14 @@ async def test_metrics_expose_garbage_collector_pauses(client: httpx.AsyncClient
 @pytest.mark.parametrize(
     ("roles", "graphql_served", "events_served"),
     [
-        (frozenset({Role.API}), True, False),
-        (frozenset({Role.INGEST, Role.ROLLUP}), False, True),
-        (frozenset({Role.EXPORT}), False, False),
+        (frozenset({ProcessRole.API}), True, False),
+        (frozenset({ProcessRole.INGEST, ProcessRole.ROLLUP}), False, True),
+        (frozenset({ProcessRole.EXPORT}), False, False),
     ],
     ids=["api", "ingest-rollup", "export"],
 )
 async def test_roles_decide_the_routes(
-    settings: Settings, roles: frozenset[Role], graphql_served: bool, events_served: bool
+    settings: Settings, roles: frozenset[ProcessRole], graphql_served: bool, events_served: bool
 ) -> None:
     own = settings.model_copy(update={"amqp_url": None})  # no AMQP consumer for these apps
     async with LifespanManager(create_app(own, roles), startup_timeout=60) as manager:

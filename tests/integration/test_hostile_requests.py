@@ -27,7 +27,7 @@ from gateway.graphql_view import GatewayWSHandler, GraphQLView
 from gateway.logging import json_handler
 from gateway.resources import Resources
 from kernel.auth import Caller
-from kernel.settings import Role, Settings
+from kernel.settings import ProcessRole, Settings
 from resolvers.root import build_schema
 from schema.context import Context
 from schema.loaders import Loaders
@@ -92,7 +92,7 @@ async def test_only_the_ide_page_is_served_without_a_token(client: httpx.AsyncCl
 
 
 async def test_graphiql_can_be_switched_off(settings: Settings, make_token: TokenFactory) -> None:
-    app = create_app(settings.model_copy(update={"graphiql_enabled": False}), frozenset({Role.API}))
+    app = create_app(settings.model_copy(update={"graphiql_enabled": False}), frozenset({ProcessRole.API}))
     async with LifespanManager(app) as manager:
         transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway.test") as http:

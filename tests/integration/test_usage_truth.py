@@ -21,7 +21,7 @@ from db.rollup import run_cycle
 from gateway.app import create_app
 from ingest.synthetic import Traffic, generate
 from ingest.topology import Topology
-from kernel.settings import Role, Settings
+from kernel.settings import ProcessRole, Settings
 from tests.conftest import TokenFactory
 from tests.helpers import graphql
 from tests.integration.ingest_support import drained, publish_mixed, publisher
@@ -76,7 +76,7 @@ async def world(settings: Settings, empty_database_module: str, make_token: Toke
     engine = create_engine(empty_database_module, pool_size=1)
     await migrate(engine)
     await engine.dispose()
-    app = create_app(own, roles=frozenset({Role.API, Role.INGEST}))
+    app = create_app(own, roles=frozenset({ProcessRole.API, ProcessRole.INGEST}))
     async with LifespanManager(app, startup_timeout=60) as manager:
         transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway.test") as http:

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from kernel.errors import ConfigError
-from kernel.settings import ALL_ROLES, Role, Settings, load_settings
+from kernel.settings import ALL_ROLES, ProcessRole, Settings, load_settings
 
 
 @pytest.fixture(autouse=True)
@@ -52,7 +52,7 @@ def test_api_role_with_a_database_needs_jwt_config() -> None:
     settings = Settings(database_url="postgresql://h/db")
     with pytest.raises(ConfigError, match="ANALYTICS_JWT_SECRET"):
         settings.require_for(ALL_ROLES)
-    settings.require_for(frozenset({Role.INGEST}))
+    settings.require_for(frozenset({ProcessRole.INGEST}))
     Settings(database_url="postgresql://h/db", jwt_secret="k" * 32).require_for(ALL_ROLES)
 
 
