@@ -12,9 +12,9 @@ from resolvers.freshness import to_freshness
 from resolvers.usage_report import build_report
 from resolvers.validation import check_ids, check_range, check_time_zone, org_argument
 from schema.context import Context
+from schema.cost import MAX_RANGE
 from schema.enums import Granularity, UsageDimension
 from schema.inputs import TimeRange, UsageFilter
-from schema.limits import MAX_RANGE
 from schema.usage import UsageReport
 
 DIMENSION_COLUMNS = {UsageDimension.MODEL: "model", UsageDimension.PROJECT: "project_id",

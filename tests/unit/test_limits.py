@@ -18,8 +18,9 @@ from bench.graphql_bench import USAGE_QUERY
 from kernel.errors import ErrorCode, Unavailable
 from kernel.settings import Settings
 from resolvers.root import build_schema
+from schema.cost import estimate_cost
 from schema.errors import apply_contract, error_code
-from schema.limits import count_fields, estimate_cost
+from schema.field_count import count_fields
 
 SCHEMA = build_schema()
 RANGE_93D = '{from: "2026-01-01T00:00:00Z", to: "2026-04-04T00:00:00Z"}'
