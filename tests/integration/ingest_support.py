@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 
 import aio_pika
 import asyncpg
+from aio_pika.abc import AbstractIncomingMessage
 
 from ingest import topology
 from ingest.publisher import EventPublisher
@@ -138,23 +139,7 @@ async def stored(database_url: str, source: str) -> list[asyncpg.Record]:
 
 async def dead_letters(prefix: str, marker: str, expected: int, timeout: float = 30) -> list[aio_pika.IncomingMessage]:
     """Take from the DLQ the ``expected`` messages whose body contains ``marker``."""
-    found: list[aio_pika.IncomingMessage] = []
-    connection = await aio_pika.connect_robust(AMQP_URL)
-    async with connection:
-        channel = await connection.channel()
-        queue = await channel.get_queue(Topology.named(prefix).dead_letter_queue, ensure=True)
-        deadline = time.monotonic() + timeout
-        while len(found) < expected and time.monotonic() < deadline:
-            message = await queue.get(no_ack=False, fail=False)
-            if message is None:
-                await asyncio.sleep(POLL_S)
-                continue
-            if marker.encode() in message.body:
-                await message.ack()
-                found.append(message)  # type: ignore[arg-type]
-            else:
-                await message.nack(requeue=True)
-    return found
+    return await _take_dead_letters(prefix, lambda m: marker.encode() in m.body, expected, timeout)
 
 
 async def dead_letters_by_id(
@@ -162,6 +147,13 @@ async def dead_letters_by_id(
 ) -> list[aio_pika.IncomingMessage]:
     """Take from the DLQ the ``expected`` messages whose ``message_id`` starts with ``id_prefix``
     (the gateway keeps the original message's id on what it dead-letters)."""
+    return await _take_dead_letters(prefix, lambda m: (m.message_id or "").startswith(id_prefix), expected, timeout)
+
+
+async def _take_dead_letters(
+    prefix: str, matches: Callable[[AbstractIncomingMessage], bool], expected: int, timeout: float
+) -> list[aio_pika.IncomingMessage]:
+    """Ack and return the first ``expected`` DLQ messages that ``matches``; put the others back."""
     found: list[aio_pika.IncomingMessage] = []
     connection = await aio_pika.connect_robust(AMQP_URL)
     async with connection:
@@ -173,7 +165,7 @@ async def dead_letters_by_id(
             if message is None:
                 await asyncio.sleep(POLL_S)
                 continue
-            if (message.message_id or "").startswith(id_prefix):
+            if matches(message):
                 await message.ack()
                 found.append(message)  # type: ignore[arg-type]
             else:
