@@ -16,13 +16,25 @@ The same seed and settings give the same events, in the same order:
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import bisect
 import datetime as dt
 import itertools
 import math
+import os
 import random
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import aio_pika
+import msgspec
+
+from ingest.publisher import EventPublisher
+from ingest.topology import Topology
 
 MODELS = (
     "gpt-4o-mini", "gpt-4o", "o3-mini", "claude-3-5-haiku", "claude-3-7-sonnet", "llama-3.1-70b",
@@ -193,8 +205,6 @@ class Progress:
     """A throttled one-line-per-update progress report on stderr (no terminal tricks, so it logs well)."""
 
     def __init__(self, what: str, total: int | None = None, *, enabled: bool = True, every_s: float = PROGRESS_EVERY_S):
-        import sys
-        import time
 
         self._clock = time.monotonic
         self._out = sys.stderr
@@ -277,13 +287,6 @@ async def publish_events(
 
     Returns how many events were confirmed by the broker.
     """
-    import asyncio
-    import time
-
-    import aio_pika
-
-    from ingest.publisher import EventPublisher
-    from ingest.topology import Topology
 
     published = 0
     connection = await aio_pika.connect_robust(amqp_url)
@@ -314,7 +317,6 @@ async def publish_events(
 
 
 def _parser() -> object:
-    import argparse
 
     parser = argparse.ArgumentParser(
         prog="python -m ingest.synthetic", description="Reproducible usage-event traffic: write JSON Lines or publish."
@@ -351,10 +353,6 @@ def _parser() -> object:
 
 
 def _write_jsonl(args: object) -> int:
-    import sys
-    from pathlib import Path
-
-    import msgspec
 
     traffic = traffic_from_args(args)
     expected = int(traffic.events * (1 + traffic.duplicate_share))
@@ -382,9 +380,6 @@ def _write_jsonl(args: object) -> int:
 
 
 def _publish(args: object) -> int:
-    import asyncio
-    import os
-    import sys
 
     if args.batch < 1 or args.batch > 10_000:  # type: ignore[attr-defined]
         print("error: --batch must be 1-10000 (the gateway's batch limit)", file=sys.stderr)
