@@ -12,7 +12,7 @@ import pytest
 
 from ingest.deadletter import ERROR_HEADER, INDEX_HEADER
 from ingest.synthetic import Traffic, generate, ground_truth
-from ingest.topology import Topology
+from ingest.topology import Topology, declare, delete_topology
 from kernel.settings import Settings
 from tests.conftest import AMQP_URL
 from tests.integration.ingest_support import dead_letters, drained, eventually, publish_mixed, publisher, stored
@@ -162,3 +162,20 @@ async def test_poison_goes_to_the_dlq_with_a_reason_and_valid_siblings_are_inges
         await pub.publish([valid[0]], as_batch=False)
     await drained(Topology.named(settings.amqp_prefix).queue)
     assert sorted(r["event_id"] for r in await stored(database_url, traffic.source)) == sorted(e["id"] for e in valid)
+
+
+async def test_delete_topology_removes_a_prefix_and_is_idempotent() -> None:
+    """The one clean-up of a prefix's names (tests and benchmarks): every queue and exchange goes, twice is fine."""
+    names = Topology.named(f"test_delete_{uuid.uuid4().hex[:8]}.")
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        await declare(channel, names, delivery_limit=5)
+        await delete_topology(channel, names)
+        await delete_topology(channel, names)
+        for queue in (names.queue, names.dead_letter_queue):
+            with pytest.raises(aio_pika.exceptions.ChannelNotFoundEntity):
+                await (await connection.channel()).declare_queue(queue, passive=True)
+        for exchange in (names.exchange, names.dead_letter_exchange):
+            with pytest.raises(aio_pika.exceptions.ChannelNotFoundEntity):
+                await (await connection.channel()).declare_exchange(exchange, passive=True)
