@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("bench", "gateway", "resolvers", "schema", "ingest", "exports", "db", "kernel")
+PACKAGES = ("bench", "gateway", "resolvers", "schema", "ingest", "exports", "reliability", "db", "kernel")
 
 
 def _lint_imports(tree: Path) -> subprocess.CompletedProcess[str]:

@@ -1,0 +1,1 @@
+"""The reliability domain: latency sketches and percentiles, spike detection and attribution."""
