@@ -1,0 +1,216 @@
+"""Reliability aggregates: requests, errors and latency sketches per bucket and model; errors by status code and
+error type; the composition of a window's slow requests.
+
+The plan is usage's (db/usage.py: rollups for whole hours below the watermark that are neither dirty nor cut
+by a bucket boundary, raw events for everything else, in one statement and so one snapshot): an error counts
+as soon as its batch commits, and late events are exact at once. Rollup rows come from
+``reliability_hourly_model`` and ``errors_hourly``, or from ``usage_hourly`` when a project or API key filter
+needs its dimensions. Sketches are returned as jsonb text, one per row, and merged by the caller
+(reliability/sketch.py): a bucket's rows are consecutive.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from db.sketch import index_sql
+from db.usage import BUCKET_SQL, UsageQuery, driver_connection, plan
+
+
+class SeriesRow(NamedTuple):
+    bucket: dt.datetime | None
+    model: str
+    requests: int
+    errors: int
+    client_errors: int
+    sketch: str  # jsonb text: bucket index -> count
+
+
+class ErrorRow(NamedTuple):
+    model: str
+    status_code: int
+    error_type: str | None
+    requests: int
+
+
+@dataclass(frozen=True)
+class _Shape:
+    granularity: str | None
+    by_models: bool
+    by_projects: bool
+    by_api_keys: bool
+
+    @classmethod
+    def of(cls, query: UsageQuery) -> _Shape:
+        return cls(query.granularity, query.models is not None, query.project_ids is not None,
+                   query.api_key_ids is not None)  # fmt: skip
+
+    @property
+    def per_key(self) -> bool:
+        """A project or API key filter: rollup rows must come from ``usage_hourly``, which has those columns."""
+        return self.by_projects or self.by_api_keys
+
+    def filters(self, alias: str, first_param: int = 8) -> str:
+        """The filter clauses, their lists being parameters ``first_param`` to ``first_param + 2``."""
+        present = (("model", self.by_models), ("project_id", self.by_projects), ("api_key_id", self.by_api_keys))
+        return " ".join(
+            f"AND {alias}.{column} = ANY(${first_param + offset}::text[])"
+            for offset, (column, given) in enumerate(present)
+            if given
+        )
+
+
+# Parameters: $1 org_id, $2 start, $3 end, $4 rollup_from, $5 rollup_to, $6 split hours, $7 time zone,
+# $8-$10 filters; then per statement: $11 minimum status (errors), $12 row limit / $11 latency threshold.
+_COMMON = """
+WITH params AS (
+    SELECT $7::text AS time_zone, $8::text[] AS models, $9::text[] AS project_ids, $10::text[] AS api_key_ids
+), raw_hours AS (
+    SELECT hour FROM rollup_dirty d WHERE d.org_id = $1 AND d.hour >= $4 AND d.hour < $5
+    UNION
+    SELECT unnest($6::timestamptz[])
+), events AS (
+    SELECT e.* FROM usage_events e
+    WHERE e.org_id = $1 AND ((e.event_time >= $2 AND e.event_time < $4) OR (e.event_time >= $5 AND e.event_time < $3))
+      {filters_e}
+    UNION ALL
+    SELECT e.* FROM raw_hours r
+    JOIN usage_events e ON e.org_id = $1 AND e.event_time >= r.hour AND e.event_time < r.hour + interval '1 hour'
+    WHERE true {filters_e}
+)"""
+
+_SERIES = (
+    _COMMON
+    + """
+SELECT {bucket_h} AS bucket, h.model, h.requests, {errors_h}, {client_h}, h.latency_sketch::text
+FROM {rollup} h
+WHERE h.org_id = $1 AND h.hour >= $4 AND h.hour < $5 {filters_h}
+  AND NOT EXISTS (SELECT 1 FROM raw_hours r WHERE r.hour = h.hour)
+UNION ALL
+SELECT bucket, model, sum(n)::bigint, sum(e)::bigint, sum(c)::bigint, jsonb_object_agg(idx::text, n)::text
+FROM (
+    SELECT {bucket_e} AS bucket, ev.model, {index} AS idx, count(*) AS n,
+           count(*) FILTER (WHERE ev.status_code >= 500) AS e,
+           count(*) FILTER (WHERE ev.status_code BETWEEN 400 AND 499) AS c
+    FROM events ev GROUP BY 1, 2, 3
+) AS per_index
+GROUP BY 1, 2
+ORDER BY 1, 2 COLLATE "C"
+"""
+)
+
+_ERRORS = (
+    _COMMON
+    + """
+SELECT model, status_code, error_type, sum(n)::bigint AS requests FROM (
+    SELECT h.model, h.status_code, h.error_type, h.requests AS n
+    FROM errors_hourly h
+    WHERE h.org_id = $1 AND h.hour >= $4 AND h.hour < $5 AND h.status_code >= $11 {filters_h}
+      AND NOT EXISTS (SELECT 1 FROM raw_hours r WHERE r.hour = h.hour)
+    UNION ALL
+    SELECT ev.model, ev.status_code, ev.error_type, 1 FROM events ev WHERE ev.status_code >= $11
+) AS rows
+GROUP BY 1, 2, 3
+ORDER BY 4 DESC, 1 COLLATE "C", 2, 3 COLLATE "C" NULLS FIRST
+LIMIT $12
+"""
+)
+
+# Slow requests of a window, by model, status code and error type: raw events only (rollups keep no status
+# code or error type per latency bucket); callers bound the window.
+_SLOW = """
+SELECT e.model, e.status_code, CASE WHEN e.status_code >= 400 THEN e.error_type END AS error_type,
+       count(*)::bigint AS requests
+FROM usage_events e, (SELECT $4::text[] AS models, $5::text[] AS project_ids, $6::text[] AS api_key_ids) AS params
+WHERE e.org_id = $1 AND e.event_time >= $2 AND e.event_time < $3 AND e.latency_ms > $7 {filters}
+GROUP BY 1, 2, 3
+ORDER BY 4 DESC, 1 COLLATE "C", 2, 3 COLLATE "C" NULLS FIRST
+"""
+
+
+@functools.lru_cache(maxsize=64)
+def _series_sql(shape: _Shape) -> str:
+    bucket = BUCKET_SQL[shape.granularity] if shape.granularity else "NULL::timestamptz"
+    per_key = shape.per_key
+    return _SERIES.format(
+        filters_e=shape.filters("e"),
+        filters_h=shape.filters("h"),
+        rollup="usage_hourly" if per_key else "reliability_hourly_model",
+        errors_h="CASE WHEN h.status_class = 5 THEN h.requests ELSE 0 END" if per_key else "h.errors",
+        client_h="CASE WHEN h.status_class = 4 THEN h.requests ELSE 0 END" if per_key else "h.client_errors",
+        bucket_h=bucket.replace("t,", "h.hour,"),
+        bucket_e=bucket.replace("t,", "ev.event_time,"),
+        index=index_sql("ev.latency_ms"),
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _errors_sql(shape: _Shape) -> str:
+    return _ERRORS.format(filters_e=shape.filters("e"), filters_h=shape.filters("h"))
+
+
+@functools.lru_cache(maxsize=64)
+def _slow_sql(shape: _Shape) -> str:
+    return _SLOW.format(filters=shape.filters("e", first_param=4))
+
+
+def _args(query: UsageQuery, materialized_through: dt.datetime | None) -> tuple[object, ...]:
+    assert query.org_id is not None
+    steps = plan(query, materialized_through)
+    return (
+        query.org_id, query.start, query.end, steps.rollup_from, steps.rollup_to, steps.split_hours,
+        query.time_zone, list(query.models or []), list(query.project_ids or []), list(query.api_key_ids or []),
+    )  # fmt: skip
+
+
+async def series_rows(
+    connection: AsyncConnection, query: UsageQuery, materialized_through: dt.datetime | None
+) -> list[SeriesRow]:
+    """Requests, errors, client errors and sketch rows by bucket (null when ``query.granularity`` is None)
+    and model, ordered by bucket and model; several rows of one bucket and model are merged by the caller."""
+    raw = await driver_connection(connection)
+    records = await raw.fetch(_series_sql(_Shape.of(query)), *_args(query, materialized_through))
+    make = SeriesRow._make
+    return [make(record) for record in records]
+
+
+async def error_rows(
+    connection: AsyncConnection,
+    query: UsageQuery,
+    materialized_through: dt.datetime | None,
+    *,
+    min_status: int = 500,
+    limit: int | None = None,
+) -> list[ErrorRow]:
+    """Requests with status >= ``min_status`` by model, status code and error type, largest first."""
+    raw = await driver_connection(connection)
+    args = (*_args(query, materialized_through), min_status, limit)
+    records = await raw.fetch(_errors_sql(_Shape.of(query)), *args)
+    return [ErrorRow._make(record) for record in records]
+
+
+async def slow_rows(connection: AsyncConnection, query: UsageQuery, threshold_ms: float) -> list[ErrorRow]:
+    """Requests slower than ``threshold_ms`` in [query.start, query.end) by model, status code and error type
+    (raw events: keep the window short)."""
+    raw = await driver_connection(connection)
+    args = (query.org_id, query.start, query.end, list(query.models or []), list(query.project_ids or []),
+            list(query.api_key_ids or []), threshold_ms)  # fmt: skip
+    records = await raw.fetch(_slow_sql(_Shape.of(query)), *args)
+    return [ErrorRow._make(record) for record in records]
+
+
+def window(query: UsageQuery, start: dt.datetime, end: dt.datetime) -> UsageQuery:
+    """The same filters over another range, unbucketed (for a spike's composition)."""
+    return UsageQuery(
+        org_id=query.org_id, start=start, end=end, granularity=None, time_zone="UTC", group_by=frozenset(),
+        models=query.models, project_ids=query.project_ids, api_key_ids=query.api_key_ids,
+    )  # fmt: skip
+
+
+__all__: Sequence[str] = ("ErrorRow", "SeriesRow", "error_rows", "series_rows", "slow_rows", "window")
