@@ -13,14 +13,16 @@ the raw path).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
-from opentelemetry.metrics import Meter
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.view import View
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, generate_latest
 
+from db.rollup import CycleResult
 from gateway.gc_policy import register_gc_metrics
 
 # Attribute keys the HTTP server instruments may keep: old and new (``OTEL_SEMCONV_STABILITY_OPT_IN``) names.
@@ -32,10 +34,35 @@ HTTP_SERVER_LABELS = frozenset({
 HTTP_SERVER_VIEWS = (View(instrument_name="http.server.*", attribute_keys=set(HTTP_SERVER_LABELS)),)
 
 
+class RollupMetrics:
+    """``analytics_rollup_watermark_timestamp_seconds``: where the hourly rollups end (``materialized_through``),
+    as of this process's last rollup cycle, for the alert RollupWatermarkBehind. Absent until the process has run a
+    cycle (another process may hold the rollup lock; Prometheus takes the newest over instances)."""
+
+    def __init__(self, meter: Meter) -> None:
+        self.materialized_through: float | None = None
+        meter.create_observable_gauge(
+            "analytics_rollup_watermark_timestamp_seconds",
+            callbacks=[self._observe],
+            unit="s",
+            description="Rollups are complete before this instant (Unix seconds), after this process's last cycle.",
+        )
+
+    def observe(self, result: CycleResult) -> CycleResult:
+        """Record a cycle's outcome (the rollup worker passes every result through)."""
+        if result.ran and result.rolled_until is not None:
+            self.materialized_through = result.rolled_until.timestamp()
+        return result
+
+    def _observe(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [] if self.materialized_through is None else [Observation(self.materialized_through)]
+
+
 @dataclass(frozen=True)
 class Metrics:
     registry: CollectorRegistry
     meter_provider: MeterProvider
+    rollup: RollupMetrics
 
     @classmethod
     def create(cls) -> Metrics:
@@ -45,7 +72,10 @@ class Metrics:
         GCCollector(registry=registry)
         register_gc_metrics(registry)
         reader = PrometheusMetricReader(registry=registry)
-        return cls(registry=registry, meter_provider=MeterProvider(metric_readers=[reader], views=HTTP_SERVER_VIEWS))
+        provider = MeterProvider(metric_readers=[reader], views=HTTP_SERVER_VIEWS)
+        return cls(
+            registry=registry, meter_provider=provider, rollup=RollupMetrics(provider.get_meter("analytics.rollup"))
+        )
 
     def meter(self, name: str) -> Meter:
         return self.meter_provider.get_meter(name)

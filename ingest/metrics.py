@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 # A consumer failing to flush for this long makes /readyz answer 503 (alert IngestFlushFailing: 2 min).
 NOT_READY_AFTER_S = 60.0
+
+# The platform SLO counter's model label: the first MAX_MODEL_LABELS distinct models a process counts keep their
+# name, every later one is counted as OTHER_MODEL (a producer can send any number of model names; a label must come
+# from a bounded set). OTHER_MODEL cannot be a model name: parentheses are outside ingest.events.MODEL_PATTERN.
+MAX_MODEL_LABELS = 200
+OTHER_MODEL = "(other)"
+STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")  # status_code // 100 - 1; status codes are 100..599
+# Series created at 0 when a model is first counted, so that the first errors show in rate() and the SLO ratios.
+SLO_CLASSES = ("2xx", "5xx")
 
 
 class IngestMetrics:
@@ -43,6 +52,14 @@ class IngestMetrics:
             description="Messages waiting in the ingest queue and in the dead-letter queue (queue label).",
         )
 
+        self.platform = PlatformRequests(meter)
+        self.caught_up_through: float | None = None  # epoch seconds, set by the AMQP consumer at each heartbeat
+        meter.create_observable_gauge(
+            "analytics_ingest_lag_seconds",
+            callbacks=[self._observe_lag],
+            unit="s",
+            description="Now minus the instant up to which this AMQP consumer has committed what the broker holds.",
+        )
         meter.create_observable_gauge(
             "analytics_ingest_flush_failing_seconds",
             callbacks=[self._observe_failing],
@@ -81,3 +98,39 @@ class IngestMetrics:
 
     def _observe_failing(self, options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(self.failing_for_s())]
+
+    def _observe_lag(self, options: CallbackOptions) -> Iterable[Observation]:
+        if self.caught_up_through is None:
+            return []
+        return [Observation(max(0.0, time.time() - self.caught_up_through))]
+
+
+class PlatformRequests:
+    """``analytics_platform_requests_total{model, status_class}``: the served platform's requests, counted once per
+    newly stored event (never for a duplicate), for the SLO burn-rate alerts (dashboards/rules/slo.rules.yml).
+    No org label; the model label is bounded (``MAX_MODEL_LABELS``, then ``OTHER_MODEL``)."""
+
+    def __init__(self, meter: Meter, *, max_models: int = MAX_MODEL_LABELS) -> None:
+        self._counter = meter.create_counter(
+            "analytics_platform_requests",
+            unit="1",
+            description="Requests the platform served, by model and status class, from newly stored usage events.",
+        )
+        self._max_models = max_models
+        self._labels: dict[str, str] = {}  # at most max_models entries, plus OTHER_MODEL once it is in use
+
+    def add(self, counts: Mapping[tuple[str, int], int]) -> None:
+        """Count new events: ``counts`` maps (model, status_code // 100) to a number of events."""
+        for (model, status_class), value in counts.items():
+            self._counter.add(value, {"model": self.label(model), "status_class": STATUS_CLASSES[status_class - 1]})
+
+    def label(self, model: str) -> str:
+        """The model's label value: its name while the bound allows, else ``OTHER_MODEL``."""
+        found = self._labels.get(model)
+        if found is None:
+            found = model if len(self._labels) < self._max_models else OTHER_MODEL
+            if found not in self._labels:
+                self._labels[found] = found
+                for status_class in SLO_CLASSES:
+                    self._counter.add(0, {"model": found, "status_class": status_class})
+        return found

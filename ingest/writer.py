@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 
 import asyncpg
 import asyncpg.exceptions._base as asyncpg_base
@@ -112,6 +114,7 @@ class EventWriter:
                 raise
         self._known_days |= days
         self._observe(channel, result, rejected, len(events), time.perf_counter() - clock)
+        self._metrics.platform.add(new_requests(records, result.orgs))
         await freshness.announce(self._cache, self._pubsub, {o.org_id: o.last_at for o in result.orgs})
         return result
 
@@ -165,6 +168,55 @@ class EventWriter:
         self._metrics.count(channel, accepted=result.accepted, duplicates=result.duplicates, rejected=rejected)
         self._metrics.batch_size.record(size, {"channel": channel})
         self._metrics.flush_seconds.record(seconds, {"channel": channel})
+
+
+_MODEL, _STATUS, _ORG, _KEY = itemgetter(7), itemgetter(13), itemgetter(1), itemgetter(3, 4)  # Record positions
+
+
+def new_requests(records: Sequence[Record], orgs: Sequence[OrgIngested]) -> Counter[tuple[str, int]]:
+    """The newly stored events by (model, status_code // 100), for the platform SLO counter.
+
+    The database tells the writer how many events were new per org. When that settles which ones (all of the
+    batch, none, after dropping repeats inside the batch all of the rest, or per org all or none), the count is
+    exact. An org with both new and already stored events in one batch (a redelivered message among new ones)
+    is apportioned over its events' (model, class) mix: its total stays exact, its split is an estimate."""
+    accepted = sum(o.events for o in orgs)
+    if accepted == len(records):
+        return _by_model_and_class(records)
+    if accepted == 0:
+        return Counter()
+    firsts = list({_KEY(r): r for r in reversed(records)}.values())  # first write wins, as in db/events.py
+    if accepted == len(firsts):
+        return _by_model_and_class(firsts)
+    by_org: defaultdict[object, list[Record]] = defaultdict(list)
+    for record in firsts:
+        by_org[_ORG(record)].append(record)
+    total: Counter[tuple[str, int]] = Counter()
+    for org in orgs:
+        rows = by_org[org.org_id]
+        if rows:  # never empty: the database counted these very rows (a guard, as this runs after the commit)
+            counts = _by_model_and_class(rows)
+            total += counts if org.events == len(rows) else _apportion(counts, org.events)
+    return total
+
+
+def _by_model_and_class(records: Sequence[Record]) -> Counter[tuple[str, int]]:
+    by_code: Counter[tuple[str, int]] = Counter(zip(map(_MODEL, records), map(_STATUS, records), strict=True))
+    by_class: Counter[tuple[str, int]] = Counter()
+    for (model, code), value in by_code.items():
+        by_class[model, code // 100] += value
+    return by_class
+
+
+def _apportion(counts: Counter[tuple[str, int]], total: int) -> Counter[tuple[str, int]]:
+    """``total`` split over ``counts`` in proportion, by largest remainder (the parts sum to ``total``)."""
+    whole = sum(counts.values())
+    shares = {key: value * total / whole for key, value in counts.items()}
+    parts = Counter({key: int(share) for key, share in shares.items()})
+    left = total - sum(parts.values())
+    for key in sorted(shares, key=lambda k: shares[k] - parts[k], reverse=True)[:left]:
+        parts[key] += 1
+    return parts
 
 
 def _reason(exc: BaseException) -> str:
