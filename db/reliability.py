@@ -88,6 +88,7 @@ WITH params AS (
 _SERIES = (
     _COMMON
     + """
+SELECT * FROM (
 SELECT {bucket_h} AS bucket, h.model, h.requests, {errors_h}, {client_h}, h.latency_sketch::text
 FROM {rollup} h
 WHERE h.org_id = $1 AND h.hour >= $4 AND h.hour < $5 {filters_h}
@@ -101,7 +102,8 @@ FROM (
     FROM events ev GROUP BY 1, 2, 3
 ) AS per_index
 GROUP BY 1, 2
-ORDER BY 1, 2 COLLATE "C"
+) AS rows
+ORDER BY bucket, model COLLATE "C"
 """
 )
 
@@ -117,7 +119,7 @@ SELECT model, status_code, error_type, sum(n)::bigint AS requests FROM (
     SELECT ev.model, ev.status_code, ev.error_type, 1 FROM events ev WHERE ev.status_code >= $11
 ) AS rows
 GROUP BY 1, 2, 3
-ORDER BY 4 DESC, 1 COLLATE "C", 2, 3 COLLATE "C" NULLS FIRST
+ORDER BY requests DESC, model COLLATE "C", status_code, error_type COLLATE "C" NULLS FIRST
 LIMIT $12
 """
 )
@@ -130,7 +132,7 @@ SELECT e.model, e.status_code, CASE WHEN e.status_code >= 400 THEN e.error_type 
 FROM usage_events e, (SELECT $4::text[] AS models, $5::text[] AS project_ids, $6::text[] AS api_key_ids) AS params
 WHERE e.org_id = $1 AND e.event_time >= $2 AND e.event_time < $3 AND e.latency_ms > $7 {filters}
 GROUP BY 1, 2, 3
-ORDER BY 4 DESC, 1 COLLATE "C", 2, 3 COLLATE "C" NULLS FIRST
+ORDER BY requests DESC, model COLLATE "C", status_code, error_type COLLATE "C" NULLS FIRST
 """
 
 

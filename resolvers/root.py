@@ -14,12 +14,14 @@ from kernel.settings import Settings
 from resolvers.exports import resolve_export_job
 from resolvers.freshness import resolve_freshness, subscribe_freshness
 from resolvers.prices import resolve_model_prices, resolve_upsert_model_price
+from resolvers.reliability import resolve_reliability
 from resolvers.spend import resolve_spend_by_org
 from resolvers.usage import resolve_usage
 from resolvers.viewer import resolve_viewer
 from schema.exports import ExportJob
 from schema.gateway_schema import GatewaySchema, gateway_schema
 from schema.permissions import requires
+from schema.reliability import ReliabilityReport
 from schema.types import Viewer
 from schema.usage import Freshness, ModelPrice, OrgSpendConnection, UsageReport
 
@@ -32,6 +34,9 @@ class Query:
         resolver=resolve_spend_by_org,
         extensions=requires(Scope.SPEND_READ),
         description="Platform finance: orgs ranked by spend in the range, largest first.",
+    )
+    reliability: ReliabilityReport = strawberry.field(
+        resolver=resolve_reliability, extensions=requires(Scope.RELIABILITY_READ)
     )
     freshness: Freshness = strawberry.field(resolver=resolve_freshness, extensions=requires(Scope.USAGE_READ))
     export_job: ExportJob | None = strawberry.field(

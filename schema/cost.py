@@ -34,6 +34,8 @@ from graphql import (
 )
 from graphql.type import SchemaMetaFieldDef, TypeMetaFieldDef, TypeNameMetaFieldDef
 
+from reliability.report import BREAKDOWN_ROWS, CONTRIBUTORS, MAX_SPIKES
+
 # The longest range of one request, per granularity (resolvers refuse longer ones; the cost estimate uses them).
 MAX_RANGE = {
     "MINUTE": dt.timedelta(hours=24),
@@ -77,6 +79,15 @@ def _usage_frame(args: Arguments, frame: Frame) -> Frame:
     return Frame(rows=buckets * groups, groups=models)
 
 
+def _reliability_frame(args: Arguments, frame: Frame) -> Frame:
+    by_model = args.get("groupByModel") is True
+    usage = _usage_frame({**args, "granularity": args.get("granularity") or "HOUR",
+                          "groupBy": ["MODEL"] if by_model else []}, frame)  # fmt: skip
+    given = args.get("percentiles")
+    percentiles = len(given) if isinstance(given, list) else 3
+    return Frame(rows=usage.rows, groups=max(1, min(percentiles, 10)))
+
+
 def _dimension_bound(values: object) -> int:
     if isinstance(values, list):
         return max(1, min(len(values), GROUPS_PER_DIMENSION))
@@ -102,10 +113,17 @@ def _page(args: Arguments, frame: Frame) -> Frame:
 FRAMES: dict[tuple[str, str], Callable[[Arguments, Frame], Frame]] = {
     ("Query", "usage"): _usage_frame,
     ("Query", "spendByOrg"): _page,
+    ("Query", "reliability"): _reliability_frame,
 }
 LIST_SIZES: dict[tuple[str, str], ListSize] = {
     ("UsageReport", "series"): lambda args, frame: frame.rows,
     ("UsageReport", "unpricedModels"): lambda args, frame: frame.groups,
+    ("ReliabilityReport", "series"): lambda args, frame: frame.rows,
+    ("ReliabilityReport", "spikes"): lambda args, frame: MAX_SPIKES,
+    ("ReliabilityReport", "breakdown"): lambda args, frame: BREAKDOWN_ROWS,
+    ("Spike", "topContributors"): lambda args, frame: CONTRIBUTORS,
+    ("ReliabilityBucket", "latency"): lambda args, frame: frame.groups,  # the percentiles asked for
+    ("ReliabilityTotals", "latency"): lambda args, frame: frame.groups,
     ("OrgSpendConnection", "edges"): lambda args, frame: frame.rows,
     ("Viewer", "roles"): lambda args, frame: 10,
     ("Viewer", "scopes"): lambda args, frame: 10,

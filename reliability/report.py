@@ -1,0 +1,276 @@
+"""The reliability report of one org and range: series, totals, breakdown and spikes with their causes.
+
+Rows come from db/reliability.py (rollups where complete, raw events elsewhere). Each bucket's sketches are
+merged (reliability/sketch.py) into its percentiles. Spike detection (reliability/spikes.py) runs on every
+series over a contiguous grid of buckets that reaches ``lookback`` buckets before the range, so the first
+buckets of the range have a baseline too; each spike found is explained (reliability/attribution.py) by the
+composition of its window against its baseline's window.
+
+Bounds: at most MAX_SPIKES spikes (the most severe, then the largest relative to their baseline) are reported
+and explained; the slow-request composition of a latency spike reads raw events of at most COMPOSITION_SPAN
+before and at its start; the breakdown has at most BREAKDOWN_ROWS rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import zoneinfo
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from db.reliability import ErrorRow, SeriesRow, error_rows, series_rows, slow_rows, window
+from db.usage import UsageQuery, bucket_end, bucket_start
+from reliability import sketch as sketches
+from reliability.attribution import Composition, Contribution, attribute
+from reliability.spikes import Detection, Metric, Point, Severity, detect, lookback
+
+SEASON = {"MINUTE": None, "HOUR": 24, "DAY": 7, "MONTH": None}
+DETECTION_PERCENTILES = (0.95, 0.99)
+BREAKDOWN_ROWS = 50
+MAX_SPIKES = 20
+CONTRIBUTORS = 5
+COMPOSITION_SPAN = dt.timedelta(hours=24)
+EARLIEST = dt.datetime(2, 1, 1, tzinfo=dt.UTC)
+
+
+@dataclass
+class Bucket:
+    start: dt.datetime
+    end: dt.datetime
+    model: str | None
+    requests: int = 0
+    errors: int = 0
+    client_errors: int = 0
+    sketch: sketches.Sketch = field(default_factory=dict)
+    latency: list[float] = field(default_factory=list)  # the requested percentiles, in their order
+
+
+@dataclass(frozen=True)
+class Totals:
+    requests: int
+    errors: int
+    client_errors: int
+    latency: list[float]
+
+
+@dataclass(frozen=True)
+class Cause:
+    model: str | None
+    status_code: int | None
+    error_type: str | None
+    count: int
+    share: float
+
+
+@dataclass(frozen=True)
+class FoundSpike:
+    start: dt.datetime
+    end: dt.datetime
+    metric: Metric
+    observed: float
+    baseline: float
+    severity: Severity
+    model: str | None
+    causes: list[Cause]
+
+
+@dataclass(frozen=True)
+class Report:
+    totals: Totals
+    series: list[Bucket]
+    spikes: list[FoundSpike]
+    breakdown: list[Cause]
+
+
+def error_rate(errors: int, requests: int) -> float:
+    return errors / requests if requests else 0.0
+
+
+async def build_report(
+    connection: AsyncConnection,
+    query: UsageQuery,
+    percentiles: Sequence[float],
+    materialized_through: dt.datetime | None,
+) -> Report:
+    """``query.group_by`` is ``{"model"}`` for one series per model, empty for one overall series."""
+    assert query.granularity is not None
+    by_model = "model" in query.group_by
+    zone = zoneinfo.ZoneInfo(query.time_zone)
+    grid = _grid(query, zone)
+    history = _history(grid[0], query.granularity, zone, lookback(SEASON[query.granularity]))
+    rows = await series_rows(connection, query, materialized_through)
+    history_rows: list[SeriesRow] = []
+    if history:
+        earlier = dataclasses.replace(query, start=history[0], end=grid[0])
+        history_rows = await series_rows(connection, earlier, materialized_through)
+    breakdown = await error_rows(connection, query, materialized_through, limit=BREAKDOWN_ROWS)
+
+    wanted = [*percentiles, *DETECTION_PERCENTILES]
+    series = _buckets(rows, by_model, query.granularity, zone, wanted)
+    past = _buckets(history_rows, by_model, query.granularity, zone, wanted)
+    totals = _totals(series, percentiles)
+    for bucket in series:
+        bucket.latency = bucket.latency[: len(percentiles)]
+
+    spikes = _detect(history + grid, len(history), past + series, by_model, SEASON[query.granularity])
+    spikes.sort(key=lambda s: (s[1].severity != Severity.CRITICAL, -_relative(s[1])))
+    found = [
+        await _explain(connection, query, materialized_through, history + grid, model, detection, zone)
+        for model, detection in spikes[:MAX_SPIKES]
+    ]
+    found.sort(key=lambda s: (s.start, s.metric, s.model or ""))
+    total_errors = sum(r.requests for r in breakdown) or 1
+    return Report(totals, series, found, [_cause(r, r.requests / total_errors) for r in breakdown])
+
+
+def _grid(query: UsageQuery, zone: zoneinfo.ZoneInfo) -> list[dt.datetime]:
+    """Bucket starts from the one holding ``query.start`` to the last before ``query.end``."""
+    assert query.granularity is not None
+    starts = [bucket_start(query.start, query.granularity, zone)]
+    while (following := bucket_end(starts[-1], query.granularity, zone)) < query.end:
+        starts.append(following)
+    return starts
+
+
+def _history(first: dt.datetime, granularity: str, zone: zoneinfo.ZoneInfo, count: int) -> list[dt.datetime]:
+    """Up to ``count`` bucket starts before ``first``, oldest first."""
+    starts: list[dt.datetime] = []
+    current = first
+    for _ in range(count):
+        if current - dt.timedelta(days=32) < EARLIEST:
+            break
+        current = bucket_start(current - dt.timedelta(microseconds=1), granularity, zone)
+        starts.append(current)
+    return starts[::-1]
+
+
+def _buckets(
+    rows: Sequence[SeriesRow], by_model: bool, granularity: str, zone: zoneinfo.ZoneInfo, wanted: Sequence[float]
+) -> list[Bucket]:
+    """One bucket per start (and model), rows merged; ordered by start, then model. Rows come ordered by bucket
+    and model, so the rows of one bucket (and model) are consecutive."""
+    buckets: list[Bucket] = []
+    current: Bucket | None = None
+    for row in rows:
+        assert row.bucket is not None
+        model = row.model if by_model else None
+        if current is None or current.start != row.bucket or current.model != model:
+            current = Bucket(row.bucket, bucket_end(row.bucket, granularity, zone), model)
+            buckets.append(current)
+        current.requests += row.requests
+        current.errors += row.errors
+        current.client_errors += row.client_errors
+        sketches.merge_into(current.sketch, sketches.parse(row.sketch))
+    for bucket in buckets:
+        bucket.latency = sketches.quantiles(bucket.sketch, wanted) or []
+    return buckets
+
+
+def _totals(series: Sequence[Bucket], percentiles: Sequence[float]) -> Totals:
+    merged = sketches.merged(b.sketch for b in series)
+    return Totals(
+        requests=sum(b.requests for b in series),
+        errors=sum(b.errors for b in series),
+        client_errors=sum(b.client_errors for b in series),
+        latency=sketches.quantiles(merged, percentiles) or [],
+    )
+
+
+def _detect(
+    starts: Sequence[dt.datetime], evaluate_from: int, buckets: Sequence[Bucket], by_model: bool, season: int | None
+) -> list[tuple[str | None, Detection]]:
+    position = {start: index for index, start in enumerate(starts)}
+    series: dict[str | None, list[Point]] = {}
+    empty = Point(requests=0, errors=0, p95_ms=None, p99_ms=None)
+    for bucket in buckets:
+        points = series.setdefault(bucket.model, [empty] * len(starts))
+        index = position.get(bucket.start)
+        if index is None:  # pragma: no cover - every bucket start is on the grid
+            continue
+        p95, p99 = bucket.latency[-2:] if bucket.latency else (None, None)
+        points[index] = Point(requests=bucket.requests, errors=bucket.errors, p95_ms=p95, p99_ms=p99)
+    found: list[tuple[str | None, Detection]] = []
+    for model, points in sorted(series.items(), key=lambda item: item[0] or ""):
+        found += [(model if by_model else None, d) for d in detect(points, evaluate_from, season)]
+    return found
+
+
+def _relative(detection: Detection) -> float:
+    return detection.observed / detection.baseline if detection.baseline > 0 else float("inf")
+
+
+async def _explain(
+    connection: AsyncConnection,
+    query: UsageQuery,
+    materialized_through: dt.datetime | None,
+    starts: Sequence[dt.datetime],
+    model: str | None,
+    detection: Detection,
+    zone: zoneinfo.ZoneInfo,
+) -> FoundSpike:
+    assert query.granularity is not None
+    start = starts[detection.first]
+    end = min(bucket_end(starts[detection.last], query.granularity, zone), query.end)
+    start = max(start, query.start)
+    scope = dataclasses.replace(query, models=[model]) if model is not None else query
+    if detection.reference:
+        ref_start = starts[detection.reference.start]
+        ref_end = bucket_end(starts[detection.reference[-1]], query.granularity, zone)
+    else:
+        ref_start = ref_end = start
+    if detection.metric == Metric.ERROR_RATE:
+        spike = await _errors(connection, window(scope, start, end), materialized_through)
+        reference = await _errors(connection, window(scope, ref_start, ref_end), materialized_through)
+    else:
+        spike_end = min(end, start + COMPOSITION_SPAN)
+        ref_start = max(ref_start, ref_end - COMPOSITION_SPAN)
+        spike = await _slow(connection, window(scope, start, spike_end), detection.baseline, materialized_through)
+        reference = await _slow(connection, window(scope, ref_start, ref_end), detection.baseline, materialized_through)
+    causes = [_contribution(c) for c in attribute(spike, reference, limit=CONTRIBUTORS)]
+    return FoundSpike(
+        start, end, detection.metric, detection.observed, detection.baseline, detection.severity, model, causes
+    )
+
+
+async def _requests_by_model(
+    connection: AsyncConnection, scope: UsageQuery, materialized_through: dt.datetime | None
+) -> dict[str, int]:
+    if scope.start >= scope.end:
+        return {}
+    totals: dict[str, int] = {}
+    for row in await series_rows(connection, scope, materialized_through):
+        totals[row.model] = totals.get(row.model, 0) + row.requests
+    return totals
+
+
+async def _errors(
+    connection: AsyncConnection, scope: UsageQuery, materialized_through: dt.datetime | None
+) -> Composition:
+    if scope.start >= scope.end:
+        return Composition(requests={}, hits={})
+    rows = await error_rows(connection, scope, materialized_through)
+    return Composition(requests=await _requests_by_model(connection, scope, materialized_through), hits=_hits(rows))
+
+
+async def _slow(
+    connection: AsyncConnection, scope: UsageQuery, threshold_ms: float, materialized_through: dt.datetime | None
+) -> Composition:
+    if scope.start >= scope.end:
+        return Composition(requests={}, hits={})
+    rows = await slow_rows(connection, scope, threshold_ms)
+    return Composition(requests=await _requests_by_model(connection, scope, materialized_through), hits=_hits(rows))
+
+
+def _hits(rows: Sequence[ErrorRow]) -> dict[tuple[str, int, str | None], int]:
+    return {(r.model, r.status_code, r.error_type): r.requests for r in rows}
+
+
+def _contribution(c: Contribution) -> Cause:
+    return Cause(c.model, c.status_code, c.error_type, c.count, c.share)
+
+
+def _cause(row: ErrorRow, share: float) -> Cause:
+    return Cause(row.model, row.status_code, row.error_type, row.requests, share)

@@ -1,0 +1,140 @@
+"""``Query.reliability``: error rates, latency percentiles, spikes and their causes for one org."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from collections.abc import Sequence
+from typing import Annotated, Any
+
+import strawberry
+
+from db.usage import UsageQuery
+from kernel.errors import BadUserInput
+from reliability.report import Bucket, Cause, FoundSpike, Report, build_report, error_rate
+from resolvers.freshness import to_freshness
+from resolvers.validation import check_ids, check_range, check_time_zone, org_argument
+from schema.context import Context
+from schema.cost import MAX_RANGE
+from schema.enums import Granularity, Severity, SpikeMetric
+from schema.inputs import TimeRange, UsageFilter
+from schema.reliability import (
+    Attribution,
+    LatencyPercentile,
+    ReliabilityBucket,
+    ReliabilityReport,
+    ReliabilityTotals,
+    Spike,
+)
+from schema.scalars import BigInt
+
+MAX_PERCENTILES = 10
+
+
+def check_percentiles(values: Sequence[float]) -> list[float]:
+    """1 to MAX_PERCENTILES values, each strictly between 0 and 1."""
+    if not 1 <= len(values) <= MAX_PERCENTILES:
+        raise BadUserInput(f"percentiles has {len(values)} values; give 1 to {MAX_PERCENTILES}")
+    for index, value in enumerate(values):
+        if not (math.isfinite(value) and 0 < value < 1):
+            raise BadUserInput(f"percentiles[{index}] is {value!r}; each percentile must lie in (0, 1), e.g. 0.95")
+    return list(values)
+
+
+def reliability_query(
+    org_id: str, range: TimeRange, granularity: Granularity, filter: UsageFilter | None, group_by_model: bool,
+    time_zone: str,
+) -> UsageQuery:  # fmt: skip
+    check_range(range.from_, range.to, MAX_RANGE[granularity.value], f"granularity {granularity.value}")
+    check_time_zone(time_zone)
+    return UsageQuery(
+        org_id=org_id,
+        start=range.from_,
+        end=range.to,
+        granularity=granularity.value,
+        time_zone=time_zone,
+        group_by=frozenset({"model"}) if group_by_model else frozenset(),
+        models=check_ids(filter.models, "filter.models", model=True) if filter else None,
+        project_ids=check_ids(filter.project_ids, "filter.projectIds") if filter else None,
+        api_key_ids=check_ids(filter.api_key_ids, "filter.apiKeyIds") if filter else None,
+    )
+
+
+async def resolve_reliability(
+    info: strawberry.Info[Context, Any],
+    org_id: strawberry.ID,
+    range: TimeRange,
+    granularity: Granularity = Granularity.HOUR,
+    filter: UsageFilter | None = None,
+    group_by_model: bool = False,
+    percentiles: Annotated[list[float], strawberry.argument(description="Each in (0, 1).")] = (  # type: ignore[assignment]
+        0.5,
+        0.95,
+        0.99,
+    ),
+    time_zone: Annotated[
+        str, strawberry.argument(description="IANA zone for DAY and MONTH bucket boundaries, e.g. Europe/Berlin.")
+    ] = "UTC",
+) -> ReliabilityReport:
+    context = info.context
+    org_argument(context.require_caller(), org_id)
+    wanted = check_percentiles(list(percentiles))
+    query = reliability_query(org_id, range, granularity, filter, group_by_model, time_zone)
+    freshness = await context.loaders.freshness.load(org_id)  # also says where the rollups end
+    async with context.resources.query_engine.connect() as connection:
+        report = await build_report(connection, query, wanted, freshness.materialized_through)
+    return to_report(org_id, range, granularity, time_zone, wanted, report, to_freshness(
+        freshness, context.resources.settings, dt.datetime.now(dt.UTC)
+    ))  # fmt: skip
+
+
+def to_report(
+    org_id: str, range: TimeRange, granularity: Granularity, time_zone: str, percentiles: Sequence[float],
+    report: Report, freshness: Any,
+) -> ReliabilityReport:  # fmt: skip
+    totals = report.totals
+    return ReliabilityReport(
+        org_id=strawberry.ID(org_id),
+        from_=range.from_,
+        to=range.to,
+        granularity=granularity,
+        time_zone=time_zone,
+        totals=ReliabilityTotals(
+            requests=BigInt(totals.requests),
+            errors=BigInt(totals.errors),
+            client_errors=BigInt(totals.client_errors),
+            error_rate=error_rate(totals.errors, totals.requests),
+            latency=_latency(percentiles, totals.latency),
+        ),
+        series=[_bucket(b, percentiles) for b in report.series],
+        spikes=[_spike(s) for s in report.spikes],
+        breakdown=[_attribution(c) for c in report.breakdown],
+        freshness=freshness,
+    )
+
+
+def _latency(percentiles: Sequence[float], values: Sequence[float]) -> list[LatencyPercentile]:
+    return [LatencyPercentile(percentile=p, ms=ms) for p, ms in zip(percentiles, values, strict=False)]
+
+
+def _bucket(bucket: Bucket, percentiles: Sequence[float]) -> ReliabilityBucket:
+    return ReliabilityBucket(
+        start=bucket.start, end=bucket.end, model=bucket.model, requests=BigInt(bucket.requests),
+        errors=BigInt(bucket.errors), client_errors=BigInt(bucket.client_errors),
+        error_rate=error_rate(bucket.errors, bucket.requests), latency=_latency(percentiles, bucket.latency),
+    )  # fmt: skip
+
+
+def _spike(spike: FoundSpike) -> Spike:
+    return Spike(
+        start=spike.start, end=spike.end, metric=SpikeMetric[spike.metric.value], observed=spike.observed,
+        baseline=spike.baseline, severity=Severity[spike.severity.value], model=spike.model,
+        top_contributors=[_attribution(c) for c in spike.causes],
+    )  # fmt: skip
+
+
+def _attribution(cause: Cause) -> Attribution:
+    return Attribution(
+        model=cause.model, status_code=cause.status_code, error_type=cause.error_type,
+        errors=BigInt(cause.count), share=cause.share,
+    )  # fmt: skip

@@ -1,0 +1,249 @@
+"""``reliability`` end to end: events through the real AMQP ingester, rollups, the GraphQL answer.
+
+Two orgs of the same run over three days of hourly traffic on three models (log-normal latencies with a few
+60 s timeouts, a 1 % background of 500s): ``steady`` has nothing else; ``incident`` has a two-hour burst of
+503 ``overloaded`` errors on one model. Every count must equal the ground truth, every percentile be within
+1 % of the exact one computed here from the events, the burst be found in its hours and explained by its
+model, and the steady org show no spike.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import random
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+
+from ingest.topology import Topology
+from kernel.hours import floor_hour
+from kernel.settings import Settings
+from reliability.sketch import exact_percentile
+from tests.conftest import TokenFactory
+from tests.helpers import graphql
+from tests.integration.ingest_support import drained, eventually, publish_mixed, publisher, stored
+
+HOUR = dt.timedelta(hours=1)
+HOURS = 72
+PER_HOUR = 90  # requests per org and hour, over three models
+BURST_HOURS = (-12, -11)  # relative to the current hour
+BURST_MODEL = "rel-model-b"
+MODELS = ("rel-model-a", BURST_MODEL, "rel-model-c")
+PERCENTILES = [0.5, 0.95, 0.99]
+
+
+@dataclass
+class Org:
+    org_id: str
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    def latencies(self, start: dt.datetime, end: dt.datetime, model: str | None = None) -> list[float]:
+        return [e["data"]["latency_ms"] for e in self.in_range(start, end, model)]
+
+    def in_range(self, start: dt.datetime, end: dt.datetime, model: str | None = None) -> list[dict[str, Any]]:
+        return [
+            e for e in self.events
+            if start <= dt.datetime.fromisoformat(e["time"]) < end and model in (None, e["data"]["model"])
+        ]  # fmt: skip
+
+
+@dataclass
+class World:
+    steady: Org
+    incident: Org
+    now: dt.datetime
+    this_hour: dt.datetime
+
+
+def _traffic(org_id: str, source: str, this_hour: dt.datetime, rng: random.Random, burst: bool) -> Org:
+    org = Org(org_id)
+    for h in range(-HOURS, 1):
+        hour = this_hour + h * HOUR
+        seasonal = 1 + 0.3 * math.sin(2 * math.pi * (hour.hour / 24))
+        for _ in range(int(PER_HOUR * seasonal)):
+            model = rng.choice(MODELS)
+            offset = dt.timedelta(seconds=rng.uniform(0, 3599))
+            if hour + offset > dt.datetime.now(dt.UTC):
+                continue
+            latency = 60_000.0 if rng.random() < 0.003 else round(rng.lognormvariate(math.log(400), 0.6), 3)
+            status, error_type = 200, None
+            if rng.random() < 0.01:
+                status, error_type = 500, "internal"
+            elif burst and h in BURST_HOURS and model == BURST_MODEL and rng.random() < 0.5:
+                status, error_type = 503, "overloaded"
+            org.events.append({
+                "specversion": "1.0", "id": f"{org_id}-{len(org.events)}", "source": source,
+                "type": "ai.usage.request.v1", "time": (hour + offset).isoformat(),
+                "data": {"org_id": org_id, "project_id": "proj_1", "api_key_id": "key_1", "model": model,
+                         "input_tokens": 10, "output_tokens": 5, "latency_ms": latency, "status_code": status,
+                         "error_type": error_type},
+            })  # fmt: skip
+    return org
+
+
+@pytest.fixture(scope="module")
+async def world(settings: Settings, database_url: str, app: object) -> AsyncIterator[World]:
+    tag = uuid.uuid4().hex[:8]
+    source = f"//reliability-test/{tag}"
+    now = dt.datetime.now(dt.UTC)
+    this_hour = floor_hour(now)
+    rng = random.Random(20261130)
+    steady = _traffic(f"rel{tag}_steady", source, this_hour, rng, burst=False)
+    incident = _traffic(f"rel{tag}_incident", source, this_hour, rng, burst=True)
+    everything = steady.events + incident.events
+    async with publisher(settings.amqp_prefix) as pub:
+        await publish_mixed(pub, everything)
+    await drained(Topology.named(settings.amqp_prefix).queue)
+
+    async def all_stored() -> bool:
+        return len(await stored(database_url, source)) == len(everything)
+
+    await eventually(all_stored, what="every event stored")
+    yield World(steady, incident, now, this_hour)
+
+
+RELIABILITY = """query($org: ID!, $r: TimeRange!, $g: Granularity!, $m: Boolean!, $p: [Float!]!) {
+  reliability(orgId: $org, range: $r, granularity: $g, groupByModel: $m, percentiles: $p) {
+    orgId from to granularity
+    totals { requests errors clientErrors errorRate latency { percentile ms } }
+    series { start end model requests errors clientErrors errorRate latency { percentile ms } }
+    spikes { start end metric observed baseline severity model
+             topContributors { model statusCode errorType errors share } }
+    breakdown { model statusCode errorType errors share }
+    freshness { status }
+  }
+}"""
+
+
+async def _report(
+    client: httpx.AsyncClient, token: str, org: str, start: dt.datetime, end: dt.datetime,
+    granularity: str = "HOUR", by_model: bool = False, percentiles: list[float] = PERCENTILES,
+) -> dict[str, Any]:  # fmt: skip
+    variables = {"org": org, "r": {"from": start.isoformat(), "to": end.isoformat()}, "g": granularity,
+                 "m": by_model, "p": percentiles}  # fmt: skip
+    body = (await graphql(client, RELIABILITY, token, variables)).json()
+    assert "errors" not in body, body["errors"]
+    report: dict[str, Any] = body["data"]["reliability"]
+    return report
+
+
+def _close(estimate: float, exact: float) -> bool:
+    return abs(estimate - exact) <= 0.01 * exact * (1 + 1e-12)
+
+
+def _check_buckets(org: Org, report: dict[str, Any], by_model: bool) -> None:
+    truth: dict[tuple[str, str | None], list[dict[str, Any]]] = defaultdict(list)
+    for bucket in report["series"]:
+        start, end = dt.datetime.fromisoformat(bucket["start"]), dt.datetime.fromisoformat(bucket["end"])
+        lo = max(start, dt.datetime.fromisoformat(report["from"]))
+        events = org.in_range(lo, end, bucket["model"])
+        truth[(bucket["start"], bucket["model"])] = events
+        statuses = [e["data"]["status_code"] for e in events]
+        assert bucket["requests"] == len(events), bucket
+        assert bucket["errors"] == sum(s >= 500 for s in statuses), bucket
+        assert bucket["clientErrors"] == sum(400 <= s < 500 for s in statuses), bucket
+        assert bucket["model"] is None or by_model
+        latencies = [e["data"]["latency_ms"] for e in events]
+        for item in bucket["latency"]:
+            assert _close(item["ms"], exact_percentile(latencies, item["percentile"])), (bucket["start"], item)
+    assert sum(b["requests"] for b in report["series"]) == report["totals"]["requests"]
+
+
+async def test_counts_and_percentiles_match_the_events(
+    client: httpx.AsyncClient, make_token: TokenFactory, world: World
+) -> None:
+    org = world.incident
+    start, end = world.this_hour - 30 * HOUR + dt.timedelta(minutes=17), world.now + dt.timedelta(minutes=1)
+    token = make_token("engineer", org=org.org_id)
+    for by_model in (False, True):
+        report = await _report(client, token, org.org_id, start, end, by_model=by_model)
+        _check_buckets(org, report, by_model)
+        latencies = org.latencies(start, end)
+        totals = report["totals"]
+        assert totals["requests"] == len(latencies)
+        assert [p["percentile"] for p in totals["latency"]] == PERCENTILES
+        for item in totals["latency"]:
+            assert _close(item["ms"], exact_percentile(latencies, item["percentile"])), item
+    day = await _report(client, token, org.org_id, world.this_hour - 71 * HOUR, end, "DAY")
+    _check_buckets(org, day, False)
+    minutes = await _report(client, token, org.org_id, world.this_hour - 2 * HOUR, end, "MINUTE", True)
+    _check_buckets(org, minutes, True)
+    assert minutes["series"], "no minute buckets"
+
+
+async def test_the_burst_is_found_in_its_hours_and_explained_by_its_model(
+    client: httpx.AsyncClient, make_token: TokenFactory, world: World
+) -> None:
+    org = world.incident
+    start, end = world.this_hour - 36 * HOUR, world.now
+    burst_start = world.this_hour + BURST_HOURS[0] * HOUR
+    burst_end = world.this_hour + (BURST_HOURS[-1] + 1) * HOUR
+    token = make_token("engineer", org=org.org_id)
+    for by_model in (False, True):
+        report = await _report(client, token, org.org_id, start, end, by_model=by_model)
+        errors = [s for s in report["spikes"] if s["metric"] == "ERROR_RATE"]
+        assert len(errors) == 1, report["spikes"]
+        spike = errors[0]
+        assert dt.datetime.fromisoformat(spike["start"]) == burst_start
+        assert dt.datetime.fromisoformat(spike["end"]) == burst_end
+        assert spike["observed"] > 2 * spike["baseline"]
+        assert spike["model"] == (BURST_MODEL if by_model else None)
+        first = spike["topContributors"][0]
+        assert first["model"] == BURST_MODEL, spike["topContributors"]
+        assert first["share"] >= 0.8, spike["topContributors"]
+        assert all(0 <= c["share"] <= 1 for c in spike["topContributors"])
+    top = report["breakdown"][0]
+    assert (top["model"], top["statusCode"], top["errorType"]) == (BURST_MODEL, 503, "overloaded")
+    counts = [row["errors"] for row in report["breakdown"]]
+    assert counts == sorted(counts, reverse=True)
+    in_range = org.in_range(start, end)
+    assert sum(counts) == sum(e["data"]["status_code"] >= 500 for e in in_range)
+
+
+async def test_steady_traffic_has_no_spike(client: httpx.AsyncClient, make_token: TokenFactory, world: World) -> None:
+    org = world.steady
+    token = make_token("engineer", org=org.org_id)
+    for by_model in (False, True):
+        report = await _report(client, token, org.org_id, world.this_hour - 48 * HOUR, world.now, by_model=by_model)
+        assert report["spikes"] == []
+        assert report["totals"]["requests"] > 0
+
+
+async def test_viewers_and_other_orgs_are_refused(
+    client: httpx.AsyncClient, make_token: TokenFactory, world: World
+) -> None:
+    variables = {"org": world.incident.org_id, "r": {"from": (world.now - HOUR).isoformat(),
+                 "to": world.now.isoformat()}, "g": "HOUR", "m": False, "p": PERCENTILES}  # fmt: skip
+    for token in (make_token("viewer", org=world.incident.org_id), make_token("engineer", org=world.steady.org_id)):
+        body = (await graphql(client, RELIABILITY, token, variables)).json()
+        assert body["data"] is None
+        assert body["errors"][0]["extensions"]["code"] == "FORBIDDEN"
+
+
+@pytest.mark.parametrize(
+    ("percentiles", "message"),
+    [
+        ([], "percentiles has 0 values"),
+        ([0.5] * 11, "percentiles has 11 values"),
+        ([0.5, 1.0], "percentiles[1] is 1.0"),
+        ([0.0], "percentiles[0] is 0.0"),
+        ([0.5, -0.1], "percentiles[1] is -0.1"),
+    ],
+)
+async def test_bad_percentiles_are_refused_by_name(
+    client: httpx.AsyncClient, make_token: TokenFactory, percentiles: list[float], message: str
+) -> None:
+    org = f"rel_{uuid.uuid4().hex[:6]}"
+    now = dt.datetime.now(dt.UTC)
+    variables = {"org": org, "r": {"from": (now - HOUR).isoformat(), "to": now.isoformat()}, "g": "HOUR",
+                 "m": False, "p": percentiles}  # fmt: skip
+    body = (await graphql(client, RELIABILITY, make_token("engineer", org=org), variables)).json()
+    error = body["errors"][0]
+    assert error["extensions"]["code"] == "BAD_USER_INPUT"
+    assert message in error["message"]
