@@ -29,7 +29,10 @@ SELECT hour, jsonb_object_agg(idx::text, n)::text AS sketch FROM (
     FROM unnest($1::double precision[], $2::int[]) AS t(v, hour) GROUP BY 1, 2
 ) AS per_index GROUP BY hour ORDER BY hour
 """
-SQL_QUANTILES = "SELECT sketch_quantile(sketch_merge(s::jsonb), q) FROM unnest($1::text[]) AS s, unnest($2::float8[]) AS q GROUP BY q ORDER BY q"
+SQL_QUANTILES = (
+    "SELECT sketch_quantile(sketch_merge(s::jsonb), q) "
+    "FROM unnest($1::text[]) AS s, unnest($2::float8[]) AS q GROUP BY q ORDER BY q"
+)
 
 lognormal = st.builds(
     lambda mu, sigma, z: math.exp(mu + sigma * z),

@@ -93,7 +93,7 @@ async def world(settings: Settings, database_url: str, app: object) -> AsyncIter
     source = f"//reliability-test/{tag}"
     now = dt.datetime.now(dt.UTC)
     this_hour = floor_hour(now)
-    rng = random.Random(20261130)
+    rng = random.Random(20261130)  # noqa: S311 - reproducible traffic, not secrets
     steady = _traffic(f"rel{tag}_steady", source, this_hour, rng, burst=False)
     incident = _traffic(f"rel{tag}_incident", source, this_hour, rng, burst=True)
     everything = steady.events + incident.events
