@@ -171,13 +171,25 @@ def _args(query: UsageQuery, materialized_through: dt.datetime | None) -> tuple[
     )  # fmt: skip
 
 
+def series_statement(query: UsageQuery, materialized_through: dt.datetime | None) -> tuple[str, tuple[object, ...]]:
+    """The SQL and arguments of :func:`series_rows` (benchmarks run it bare, as the floor)."""
+    return _series_sql(_Shape.of(query)), _args(query, materialized_through)
+
+
+def errors_statement(
+    query: UsageQuery, materialized_through: dt.datetime | None, *, min_status: int = 500, limit: int | None = None
+) -> tuple[str, tuple[object, ...]]:
+    """The SQL and arguments of :func:`error_rows`."""
+    return _errors_sql(_Shape.of(query)), (*_args(query, materialized_through), min_status, limit)
+
+
 async def series_rows(
     connection: AsyncConnection, query: UsageQuery, materialized_through: dt.datetime | None
 ) -> list[SeriesRow]:
     """Requests, errors, client errors and sketch rows by bucket (null when ``query.granularity`` is None)
     and model, ordered by bucket and model; several rows of one bucket and model are merged by the caller."""
     raw = await driver_connection(connection)
-    records = await raw.fetch(_series_sql(_Shape.of(query)), *_args(query, materialized_through))
+    records = await raw.fetch(*series_statement(query, materialized_through))
     make = SeriesRow._make
     return [make(record) for record in records]
 
@@ -192,8 +204,8 @@ async def error_rows(
 ) -> list[ErrorRow]:
     """Requests with status >= ``min_status`` by model, status code and error type, largest first."""
     raw = await driver_connection(connection)
-    args = (*_args(query, materialized_through), min_status, limit)
-    records = await raw.fetch(_errors_sql(_Shape.of(query)), *args)
+    sql, args = errors_statement(query, materialized_through, min_status=min_status, limit=limit)
+    records = await raw.fetch(sql, *args)
     return [ErrorRow._make(record) for record in records]
 
 
@@ -215,4 +227,6 @@ def window(query: UsageQuery, start: dt.datetime, end: dt.datetime) -> UsageQuer
     )  # fmt: skip
 
 
-__all__: Sequence[str] = ("ErrorRow", "SeriesRow", "error_rows", "series_rows", "slow_rows", "window")
+__all__: Sequence[str] = (
+    "ErrorRow", "SeriesRow", "error_rows", "errors_statement", "series_rows", "series_statement", "slow_rows", "window",
+)  # fmt: skip
