@@ -189,7 +189,8 @@ async def series_rows(
     """Requests, errors, client errors and sketch rows by bucket (null when ``query.granularity`` is None)
     and model, ordered by bucket and model; several rows of one bucket and model are merged by the caller."""
     raw = await driver_connection(connection)
-    records = await raw.fetch(*series_statement(query, materialized_through))
+    sql, args = series_statement(query, materialized_through)
+    records = await raw.fetch(sql, *args)
     make = SeriesRow._make
     return [make(record) for record in records]
 
