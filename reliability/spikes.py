@@ -1,0 +1,318 @@
+"""Spike detection on one series of contiguous buckets (one org, or one model of it).
+
+Error rate: each bucket's error count is tested against a trailing pooled rate (a one-sided Poisson tail, scaled
+for over-dispersion), buckets that pass a lenient test join adjacent ones into runs, and a run is a spike when its
+pooled counts pass the strict test. Latency percentiles: on log scale, each bucket against the median of the same
+bucket a day (or period) before, up to a week back, with a band from the MAD of those references and the series'
+sampling noise (a Hampel filter per bucket, seasonal where history allows, a trailing window where it does not).
+
+The method, every parameter and why: docs/spike-detection.md.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+
+class Metric(enum.StrEnum):
+    ERROR_RATE = "ERROR_RATE"
+    LATENCY_P95 = "LATENCY_P95"
+    LATENCY_P99 = "LATENCY_P99"
+
+
+class Severity(enum.StrEnum):
+    WARNING = "WARNING"
+    CRITICAL = "CRITICAL"
+
+
+@dataclass(frozen=True, slots=True)
+class Point:
+    """One bucket of one series; buckets are contiguous (a bucket with no traffic has ``requests == 0``)."""
+
+    requests: int
+    errors: int  # status >= 500
+    p95_ms: float | None  # None when requests == 0
+    p99_ms: float | None
+
+
+@dataclass(frozen=True)
+class Detection:
+    metric: Metric
+    first: int  # index (into points) of the first anomalous bucket
+    last: int  # index of the last one, inclusive
+    observed: float  # ERROR_RATE: errors/requests over first..last; LATENCY_*: the worst bucket's value (ms)
+    baseline: float  # what the baseline expected for the same buckets (a rate, or ms)
+    severity: Severity
+    reference: range  # the buckets the baseline was built from (attribution compares with their composition)
+
+
+# --- parameters (docs/spike-detection.md says why) -----------------------------------------------------------------
+
+PERIODS = 7  # seasonal references: the same bucket 1..7 periods back (a day..a week for HOUR)
+TRAILING = 24  # without a season (or too little history for one): this many buckets back
+MIN_REFS = 3  # fewer usable references than this: no baseline, no verdict
+
+MIN_REQUESTS = 30  # error rate: a bucket with fewer requests is never anomalous on its own
+MIN_ERRORS = 5  # ... nor a spike with fewer errors in all
+MIN_WINDOW_REQUESTS = 200  # requests in the trailing window needed for a baseline rate ...
+MIN_WINDOW_BUCKETS = 6  # ... over at least this many buckets
+ALPHA_CANDIDATE = 1e-3  # lenient per-bucket test: joins a run
+ALPHA = 1e-6  # strict test of a run's pooled counts
+MIN_RATIO = 1.5  # the observed rate must be at least this multiple of the baseline
+MAX_DISPERSION = 50.0
+
+MIN_REQUESTS_P95 = 100  # latency: requests a bucket needs (5 beyond its p95) ...
+MIN_REQUESTS_P99 = 1000  # ... (10 beyond its p99: timeouts and the heavy tail make p99 noisier)
+K_LATENCY = 5.0  # robust z (scaled MAD units) a bucket must exceed
+MIN_LATENCY_RATIO = 1.3  # ... and at least this multiple of the baseline
+SCALE_FLOOR = 0.02  # log units: smallest band scale (2 %), so a flat history does not flag jitter
+MAD_TO_SD = 1.4826  # MAD of a normal sample times this estimates its standard deviation
+
+CRITICAL_RATE_RATIO = 3.0  # ERROR_RATE is CRITICAL at >= 3x the baseline and ...
+CRITICAL_RATE_EXCESS = 0.05  # ... >= 5 percentage points above it
+CRITICAL_LATENCY_RATIO = 2.0  # LATENCY_* is CRITICAL at >= 2x the baseline
+
+
+def lookback(season: int | None) -> int:
+    """How many buckets of history before the range :func:`detect` wants (it works with fewer)."""
+    return PERIODS * season if season else TRAILING
+
+
+def detect(points: Sequence[Point], evaluate_from: int, season: int | None) -> list[Detection]:
+    """Spikes of error rate, p95 and p99 in ``points[evaluate_from:]``; ``points[:evaluate_from]`` is history.
+
+    ``season`` is the number of buckets in one seasonal period (24 for HOUR, 7 for DAY) or None (no seasonal term).
+    Detections are ordered by metric, then by their first bucket.
+    """
+    found = _error_rate(points, evaluate_from, season)
+    quantile_of: dict[Metric, Callable[[Point], float | None]] = {
+        Metric.LATENCY_P95: lambda p: p.p95_ms,
+        Metric.LATENCY_P99: lambda p: p.p99_ms,
+    }
+    for metric, min_requests in ((Metric.LATENCY_P95, MIN_REQUESTS_P95), (Metric.LATENCY_P99, MIN_REQUESTS_P99)):
+        found += _latency(points, evaluate_from, season, metric, quantile_of[metric], min_requests)
+    return found
+
+
+# --- error rate ----------------------------------------------------------------------------------------------------
+
+
+def poisson_sf(k: float, mean: float) -> float:
+    """P(X >= k) for X ~ Poisson(mean), for real k > 0 (the regularized lower incomplete gamma P(k, mean))."""
+    if k <= 0:
+        return 1.0
+    if mean <= 0:
+        return 0.0
+    log_front = k * math.log(mean) - mean - math.lgamma(k)
+    if mean < k + 1:  # series
+        term = total = 1.0 / k
+        a = k
+        for _ in range(500):
+            a += 1
+            term *= mean / a
+            total += term
+            if term < total * 1e-12:
+                break
+        return min(1.0, math.exp(log_front) * total)
+    # continued fraction for the upper tail Q(k, mean); P = 1 - Q  (Numerical Recipes, gcf)
+    b = mean + 1 - k
+    c = 1e300
+    d = 1 / b
+    h = d
+    for i in range(1, 500):
+        an = -i * (i - k)
+        b += 2
+        d = an * d + b
+        d = 1e-300 if abs(d) < 1e-300 else d
+        c = b + an / c
+        c = 1e-300 if abs(c) < 1e-300 else c
+        d = 1 / d
+        delta = d * c
+        h *= delta
+        if abs(delta - 1) < 1e-12:
+            break
+    return max(0.0, 1.0 - math.exp(log_front) * h)
+
+
+@dataclass(slots=True)
+class _Window:
+    """Trailing sums of the last ``size`` buckets: errors (cleaned of anomalies), requests, Pearson residuals."""
+
+    size: int
+    errors: float = 0.0
+    requests: int = 0
+    pearson: float = 0.0
+    tested: int = 0
+    items: deque[tuple[float, int, float, int]] = field(default_factory=deque)
+
+    def push(self, errors: float, requests: int, pearson: float, tested: int) -> None:
+        self.items.append((errors, requests, pearson, tested))
+        self.errors += errors
+        self.requests += requests
+        self.pearson += pearson
+        self.tested += tested
+        if len(self.items) > self.size:
+            e, n, r, k = self.items.popleft()
+            self.errors -= e
+            self.requests -= n
+            self.pearson -= r
+            self.tested -= k
+
+    def rate(self) -> float:
+        return (self.errors + 1.0) / self.requests  # +1: a window with no errors still has a positive rate
+
+    def dispersion(self) -> float:
+        """Quasi-Poisson dispersion (mean Pearson chi-square per bucket), at least 1."""
+        return min(MAX_DISPERSION, max(1.0, self.pearson / self.tested)) if self.tested >= MIN_REFS else 1.0
+
+
+def _error_rate(points: Sequence[Point], evaluate_from: int, season: int | None) -> list[Detection]:
+    size = lookback(season)
+    window = _Window(size)
+    candidates: dict[int, tuple[float, float]] = {}  # index -> (expected errors, dispersion)
+    for t, p in enumerate(points):
+        cleaned: float = p.errors
+        pearson, tested = 0.0, 0
+        if window.requests >= MIN_WINDOW_REQUESTS and len(window.items) >= MIN_WINDOW_BUCKETS and p.requests > 0:
+            expected = p.requests * window.rate()
+            phi = window.dispersion()
+            if p.requests >= MIN_REQUESTS and _is_candidate(p.errors, expected, phi):
+                candidates[t] = (expected, phi)
+                # winsorized: an anomaly barely raises the baseline after it, a lasting level shift is learnt
+                cleaned, pearson = min(p.errors, MIN_RATIO * expected), 1.0
+            else:
+                pearson = (p.errors - expected) ** 2 / expected
+            tested = 1
+        window.push(cleaned, p.requests, pearson, tested)
+    found = []
+    for first, last in _runs(t for t in candidates if t >= evaluate_from):
+        detection = _error_run(points, candidates, first, last, size)
+        if detection is not None:
+            found.append(detection)
+    return found
+
+
+def _is_candidate(errors: int, expected: float, phi: float) -> bool:
+    return (
+        errors >= MIN_RATIO * expected
+        and errors > expected
+        and poisson_sf(errors / phi, expected / phi) < ALPHA_CANDIDATE
+    )
+
+
+def _error_run(
+    points: Sequence[Point], candidates: dict[int, tuple[float, float]], first: int, last: int, size: int
+) -> Detection | None:
+    errors = sum(points[t].errors for t in range(first, last + 1))
+    requests = sum(points[t].requests for t in range(first, last + 1))
+    expected = sum(candidates[t][0] for t in range(first, last + 1))
+    phi = max(candidates[t][1] for t in range(first, last + 1))
+    if errors < MIN_ERRORS or errors < MIN_RATIO * expected or poisson_sf(errors / phi, expected / phi) >= ALPHA:
+        return None
+    observed, baseline = errors / requests, expected / requests
+    critical = observed >= CRITICAL_RATE_RATIO * baseline and observed - baseline >= CRITICAL_RATE_EXCESS
+    return Detection(
+        metric=Metric.ERROR_RATE,
+        first=first,
+        last=last,
+        observed=observed,
+        baseline=baseline,
+        severity=Severity.CRITICAL if critical else Severity.WARNING,
+        reference=range(max(0, first - size), first),
+    )
+
+
+def _runs(indexes: Iterator[int]) -> list[tuple[int, int]]:
+    """Maximal runs of consecutive indexes (ascending input) as (first, last)."""
+    runs: list[tuple[int, int]] = []
+    for t in indexes:
+        if runs and runs[-1][1] == t - 1:
+            runs[-1] = (runs[-1][0], t)
+        else:
+            runs.append((t, t))
+    return runs
+
+
+# --- latency percentiles -------------------------------------------------------------------------------------------
+
+
+def _latency(
+    points: Sequence[Point],
+    evaluate_from: int,
+    season: int | None,
+    metric: Metric,
+    quantile: Callable[[Point], float | None],
+    min_requests: int,
+) -> list[Detection]:
+    nan = math.nan
+    logs = [
+        math.log(max(v, 1e-3)) if p.requests >= min_requests and (v := quantile(p)) is not None else nan for p in points
+    ]
+    counts = [p.requests for p in points]
+    noise = _sampling_noise(logs, counts, season or 1)
+    floor = math.log(MIN_LATENCY_RATIO)
+    anomalies: dict[int, float] = {}  # index -> baseline (log)
+    for t in range(max(evaluate_from, 1), len(points)):
+        x = logs[t]
+        if x != x:  # NaN: too few requests in this bucket
+            continue
+        refs = _references(logs, t, season)
+        if len(refs) < MIN_REFS:
+            continue
+        refs.sort()
+        median = _median_sorted(refs)
+        if x - median < floor:
+            continue
+        spread = MAD_TO_SD * _median_sorted(sorted(abs(r - median) for r in refs))
+        scale = max(spread, noise / math.sqrt(counts[t]), SCALE_FLOOR)
+        if x - median >= K_LATENCY * scale:
+            anomalies[t] = median
+    found = []
+    for first, last in _runs(iter(anomalies)):
+        worst = max(range(first, last + 1), key=lambda i: logs[i] - anomalies[i])
+        observed, baseline = math.exp(logs[worst]), math.exp(anomalies[worst])
+        found.append(
+            Detection(
+                metric=metric,
+                first=first,
+                last=last,
+                observed=observed,
+                baseline=baseline,
+                severity=Severity.CRITICAL if observed >= CRITICAL_LATENCY_RATIO * baseline else Severity.WARNING,
+                reference=range(max(0, first - lookback(season)), first),
+            )
+        )
+    return found
+
+
+def _references(logs: list[float], t: int, season: int | None) -> list[float]:
+    """The same bucket 1..PERIODS seasons back; else (too few) the last TRAILING buckets. NaNs left out."""
+    if season:
+        refs = [v for v in logs[max(t - PERIODS * season, t % season) : t : season] if v == v]
+        if len(refs) >= MIN_REFS:
+            return refs
+    return [v for v in logs[max(0, t - TRAILING) : t] if v == v]
+
+
+def _sampling_noise(logs: list[float], counts: list[int], lag: int) -> float:
+    """sigma such that one bucket's log quantile varies by about sigma / sqrt(requests).
+
+    Robustly estimated from differences one season apart, each normalized by sqrt(1/n1 + 1/n2): the median absolute
+    normalized difference, times 1.4826 (incidents are a minority, so the median ignores them).
+    """
+    diffs = sorted(
+        abs(logs[t] - logs[t - lag]) / math.sqrt(1 / counts[t] + 1 / counts[t - lag])
+        for t in range(lag, len(logs))
+        if logs[t] == logs[t] and logs[t - lag] == logs[t - lag]
+    )
+    return MAD_TO_SD * _median_sorted(diffs) if len(diffs) >= 10 else 0.0
+
+
+def _median_sorted(values: Sequence[float]) -> float:
+    n = len(values)
+    mid = n // 2
+    return values[mid] if n % 2 else (values[mid - 1] + values[mid]) / 2
