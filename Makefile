@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test services lint sdl lock clean fuzz
+.PHONY: install run test services tools lint sdl lock clean fuzz
 
 install: $(STAMP)
 
@@ -19,11 +19,22 @@ run: install
 	$(BIN)/analytics-gateway serve
 
 ## Start any local service that is down, then run the whole suite.
-test: install services
+test: install services tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 services:
 	bash .ci/services.sh
+
+## promtool and amtool for the rule and route tests (Debian's prometheus and prometheus-alertmanager). Only the
+## binaries are wanted: a daemon the packages start (systemd machines) is stopped and disabled at once.
+tools:
+	command -v promtool >/dev/null && command -v amtool >/dev/null || ( \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+			prometheus prometheus-alertmanager \
+		&& for unit in prometheus prometheus-alertmanager; do \
+			(command -v systemctl >/dev/null && systemctl disable --now $$unit 2>/dev/null) \
+				|| service $$unit stop 2>/dev/null || true; \
+		done )
 
 lint: install
 	$(BIN)/lint-imports
