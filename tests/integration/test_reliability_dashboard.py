@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import graphql
 import msgspec
 import pytest
 from opentelemetry.metrics import get_meter
@@ -51,6 +52,7 @@ from tests.integration.test_dashboards import (
 ROOT = Path(__file__).parents[2]
 RELIABILITY = ROOT / "dashboards" / "reliability.json"
 README = ROOT / "dashboards" / "README.md"
+SDL = ROOT / "schema" / "schema.graphql"
 HOUR = dt.timedelta(hours=1)
 SEED = 17  # org_0000 of this seed uses four models
 PERCENTILES = {"p50": 0.5, "p95": 0.95, "p99": 0.99}
@@ -275,6 +277,14 @@ def test_reliability_dashboard_shape() -> None:
     content = text["options"]["content"]
     assert "reliability(" in content and "spikes" in content and "topContributors" in content
     assert "docs/runbooks/incident-response.md" in content
+    # The query to paste is valid against the exported SDL once Grafana has filled in the org and the range.
+    query = re.search(r"```graphql\n(.*?)```", content, re.S)
+    assert query, "no GraphQL query in the spikes panel"
+    filled = query.group(1).replace("${org}", "org_1")
+    filled = filled.replace("${__from:date:iso}", "2026-01-01T00:00:00Z").replace(
+        "${__to:date:iso}", "2026-01-02T00:00:00Z"
+    )
+    assert graphql.validate(graphql.build_schema(SDL.read_text(encoding="utf-8")), graphql.parse(filled)) == []
 
     queried = [p for p in by_title.values() if p["type"] != "text"]
     assert len(queried) == 6
