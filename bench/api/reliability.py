@@ -1,0 +1,359 @@
+"""The reliability query's benchmark: the gateway (wrk, one client) against the floor of the same SQL (asyncpg,
+orjson), where the time goes inside ``build_report`` (each statement's time, client-side and as PostgreSQL
+executes it), and a py-spy profile of the API under the query."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import time
+import zoneinfo
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+import httpx
+import orjson
+
+from bench.api.dataset import Dataset
+from bench.api.floor import FLOOR_SESSION
+from bench.api.queries import iso
+from bench.api.run import Run
+from bench.harness.output import say
+from bench.harness.runinfo import shown
+from bench.harness.stats import latency_summary_ms, pct
+from bench.harness.wrk import graphql_target, run_wrk
+from bench.profiles import count_stacks, profile_text, py_spy, start_py_spy
+from db.engine import create_engine
+from db.reliability import errors_statement, series_statement
+from db.rollup import watermarks
+from db.usage import UsageQuery, driver_connection
+from kernel.hours import floor_hour
+from reliability.report import BREAKDOWN_ROWS, SEASON, _grid, _history, build_report
+from reliability.spikes import lookback
+
+PERCENTILES = (0.5, 0.95, 0.99)
+RELIABILITY_QUERY = """
+query Reliability(
+  $orgId: ID!, $range: TimeRange!, $granularity: Granularity!, $groupByModel: Boolean!, $percentiles: [Float!]!
+) {
+  reliability(orgId: $orgId, range: $range, granularity: $granularity, groupByModel: $groupByModel,
+              percentiles: $percentiles) {
+    totals { requests errors clientErrors errorRate latency { percentile ms } }
+    series { start end model requests errors clientErrors errorRate latency { percentile ms } }
+    spikes {
+      start end metric observed baseline severity model
+      topContributors { model statusCode errorType errors share }
+    }
+    breakdown { model statusCode errorType errors share }
+    freshness { materializedThrough }
+  }
+}
+""".strip()
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """A reliability question of the benchmark: one granularity over one range, three percentiles."""
+
+    key: str
+    granularity: str
+    start: dt.datetime
+    end: dt.datetime
+    by_model: bool
+
+    def variables(self, org_id: str) -> dict[str, Any]:
+        return {
+            "orgId": org_id,
+            "granularity": self.granularity,
+            "range": {"from": iso(self.start), "to": iso(self.end)},
+            "groupByModel": self.by_model,
+            "percentiles": list(PERCENTILES),
+        }
+
+    def usage_query(self, org_id: str) -> UsageQuery:
+        return UsageQuery(
+            org_id=org_id, start=self.start, end=self.end, granularity=self.granularity, time_zone="UTC",
+            group_by=frozenset({"model"}) if self.by_model else frozenset(),
+        )  # fmt: skip
+
+
+def shapes(now: dt.datetime) -> list[Shape]:
+    """HOUR over the last 30 days in whole hours (720 buckets a model), per model; MINUTE over the last 24 h in
+    whole minutes, one overall series (per model, this selection's estimated cost is over the gateway's budget:
+    QUERY_TOO_COMPLEX)."""
+    next_hour = floor_hour(now) + dt.timedelta(hours=1)
+    next_minute = now.replace(second=0, microsecond=0) + dt.timedelta(minutes=1)
+    return [
+        Shape("hour_30d", "HOUR", next_hour - dt.timedelta(days=30), next_hour, by_model=True),
+        Shape("minute_24h", "MINUTE", next_minute - dt.timedelta(hours=24), next_minute, by_model=False),
+    ]
+
+
+@dataclasses.dataclass
+class Statement:
+    label: str
+    sql: str
+    args: tuple[object, ...]
+
+
+@dataclasses.dataclass
+class Floor:
+    """The statements ``build_report`` runs before any spike is explained (the range's series, the history's
+    series, the breakdown), run sequentially on one bare asyncpg connection, rows encoded with orjson."""
+
+    statements: list[Statement]
+
+    async def once(self, connection: asyncpg.Connection) -> tuple[int, int]:
+        rows = size = 0
+        for statement in self.statements:
+            records = await connection.fetch(statement.sql, *statement.args)
+            rows += len(records)
+            size += len(orjson.dumps([dict(r) for r in records], default=str))
+        return rows, size
+
+    async def run(self, url: str, seconds: float, warmup: float) -> dict[str, Any]:
+        """A warm-up then a window of sequential runs on one connection (its prepared statements settle first)."""
+        connection = await asyncpg.connect(url, server_settings=FLOOR_SESSION)
+        try:
+            latencies: list[float] = []
+            for window, keep in ((warmup, False), (seconds, True)):
+                until = time.perf_counter() + window
+                while (started := time.perf_counter()) < until:
+                    await self.once(connection)
+                    if keep:
+                        latencies.append(time.perf_counter() - started)
+        finally:
+            await connection.close()
+        return {
+            "tool": "asyncpg, 1 connection, sequential; rows to dicts, orjson",
+            "statements": [s.label for s in self.statements],
+            "requests": len(latencies),
+            "seconds": round(seconds, 2),
+            "rps": round(len(latencies) / seconds, 1),
+            "latency_ms": latency_summary_ms(latencies),
+        }
+
+
+def make_floor(org_id: str, shape: Shape, materialized_through: dt.datetime | None) -> Floor:
+    """The statements of ``reliability.report.build_report`` for ``shape``, with its history and breakdown."""
+    query = shape.usage_query(org_id)
+    zone = zoneinfo.ZoneInfo(query.time_zone)
+    grid = _grid(query, zone)
+    history = _history(grid[0], shape.granularity, zone, lookback(SEASON[shape.granularity]))
+    statements = [Statement("series", *series_statement(query, materialized_through))]
+    if history:
+        earlier = dataclasses.replace(query, start=history[0], end=grid[0])
+        statements.append(Statement("history series", *series_statement(earlier, materialized_through)))
+    statements.append(Statement("breakdown", *errors_statement(query, materialized_through, limit=BREAKDOWN_ROWS)))
+    return Floor(statements)
+
+
+async def materialized(dataset: Dataset) -> dt.datetime | None:
+    """The rollup watermark the gateway reads (its freshness loader takes it from ``rollup_state``)."""
+    engine = create_engine(dataset.url, pool_size=1)
+    try:
+        async with engine.connect() as connection:
+            return (await watermarks(connection)).materialized_through
+    finally:
+        await engine.dispose()
+
+
+async def scenario_single(run: Run, shape: Shape, token: str) -> dict[str, Any]:
+    """One client, sequential: the gateway under wrk -c1, then the floor; the ratio of their percentiles."""
+    say(f"== reliability {shape.key}: single client")
+    floor = make_floor(run.dataset.largest_org, shape, await materialized(run.dataset))
+    check = await check_answer(run, shape, token, floor)
+    say(f"   {check['buckets']:,} buckets, {check['spikes']} spikes, response {check['response_bytes']:,} bytes, "
+        f"floor {check['floor_rows']:,} rows")  # fmt: skip
+    entry: dict[str, Any] = {"query": check}
+    target = graphql_target(RELIABILITY_QUERY, shape.variables(run.dataset.largest_org), token)
+    entry["gateway"] = await run.wrk(f"gateway {shape.key} c1", target, 1)
+    entry["floor"] = await run.window(f"floor {shape.key}", lambda: floor.run(run.dataset.url, run.seconds, run.warmup))
+    gw, fl = entry["gateway"]["latency_ms"], entry["floor"]["latency_ms"]
+    entry["ratio_gateway_to_floor"] = {k: round(gw[k] / fl[k], 2) for k in ("p50", "p90", "p99") if fl.get(k)}
+    return entry
+
+
+async def check_answer(run: Run, shape: Shape, token: str, floor: Floor) -> dict[str, Any]:
+    """One request through the API, its totals checked against the floor's series rows; sizes and spikes."""
+    body = {"query": RELIABILITY_QUERY, "variables": shape.variables(run.dataset.largest_org)}
+    async with httpx.AsyncClient(base_url=run.api.base_url, timeout=120) as http:
+        response = await http.post("/graphql", json=body, headers={"Authorization": f"Bearer {token}"})
+    payload = response.json()
+    if response.status_code != 200 or payload.get("errors"):
+        raise RuntimeError(f"reliability query failed: {response.status_code} {response.text[:1000]}")
+    report = payload["data"]["reliability"]
+    connection = await asyncpg.connect(run.dataset.url, server_settings=FLOOR_SESSION)
+    try:
+        rows = await connection.fetch(floor.statements[0].sql, *floor.statements[0].args)
+        rows_all, json_bytes = await floor.once(connection)
+    finally:
+        await connection.close()
+    if sum(int(r["requests"]) for r in rows) != int(report["totals"]["requests"]):
+        raise RuntimeError(f"gateway totals {report['totals']['requests']} != the floor's series rows")
+    spikes = report["spikes"]
+    return {
+        "range": {"from": iso(shape.start), "to": iso(shape.end)},
+        "granularity": shape.granularity,
+        "group_by_model": shape.by_model,
+        "percentiles": list(PERCENTILES),
+        "buckets": len(report["series"]),
+        "models": len({b["model"] for b in report["series"]}),
+        "requests_in_range": int(report["totals"]["requests"]),
+        "errors_in_range": int(report["totals"]["errors"]),
+        "breakdown_rows": len(report["breakdown"]),
+        "spikes": len(spikes),
+        "spike_list": [{k: s[k] for k in ("start", "end", "metric", "model", "severity")} for s in spikes],
+        "response_bytes": len(response.content),
+        "floor_rows": rows_all,
+        "floor_json_bytes": json_bytes,
+    }
+
+
+async def decompose(dataset: Dataset, shape: Shape, runs: int) -> dict[str, Any]:
+    """``build_report`` in this process on a gateway-configured connection, ``runs`` times after a warm-up of 3:
+    its wall time, each statement's client-side time (asyncpg's query logger), and so the time of the spike
+    attribution statements and of the Python work; then PostgreSQL's own time of the floor's statements."""
+    mt = await materialized(dataset)
+    query = shape.usage_query(dataset.largest_org)
+    engine = create_engine(dataset.url, pool_size=1)
+    walls: list[float] = []
+    per_run: list[list[tuple[str, float]]] = []
+    try:
+        async with engine.connect() as connection:
+            raw = await driver_connection(connection)
+            logged: list[tuple[str, float]] = []
+            raw.add_query_logger(lambda q: logged.append((q.query, q.elapsed)))
+            for index in range(runs + 3):
+                logged.clear()
+                started = time.perf_counter()
+                report = await build_report(connection, query, PERCENTILES, mt)
+                if index >= 3:
+                    walls.append(time.perf_counter() - started)
+                    per_run.append(list(logged))
+            await connection.rollback()
+    finally:
+        await engine.dispose()
+    return _phases(walls, per_run, len(make_floor(dataset.largest_org, shape, mt).statements), len(report.spikes))
+
+
+def _phases(walls: Sequence[float], per_run: Sequence[Sequence[tuple[str, float]]], floor_statements: int,
+            spikes: int) -> dict[str, Any]:  # fmt: skip
+    """Per run: the floor's statements (the first ``floor_statements``), the attribution statements (the rest)
+    and the Python work between them (wall time minus all statements); summarised in ms."""
+    floor_s = [sum(e for _, e in run[:floor_statements]) for run in per_run]
+    spikes_s = [sum(e for _, e in run[floor_statements:]) for run in per_run]
+    python_s = [w - f - s for w, f, s in zip(walls, floor_s, spikes_s, strict=True)]
+    statements = [len(run) for run in per_run]
+    each = [[e for _, e in run[:floor_statements]] for run in per_run]
+    return {
+        "runs": len(walls),
+        "spikes": spikes,
+        "statements_per_run": max(statements, default=0),
+        "attribution_statements_per_run": max(statements, default=0) - floor_statements,
+        "build_report_ms": latency_summary_ms(walls),
+        "floor_statements_ms": latency_summary_ms(floor_s),
+        "floor_statement_p50_ms": [round(pct([r[i] for r in each], 0.5) * 1000, 2) for i in range(floor_statements)],
+        "attribution_statements_ms": latency_summary_ms(spikes_s),
+        "python_ms": latency_summary_ms(python_s),
+        "without_attribution_p50_ms": round(pct([w - s for w, s in zip(walls, spikes_s, strict=True)], 0.5) * 1000, 2),
+    }
+
+
+async def server_times(dataset: Dataset, shape: Shape, repeats: int = 5) -> list[dict[str, Any]]:
+    """PostgreSQL's own planning and execution time of each floor statement (EXPLAIN ANALYZE, median of
+    ``repeats``), with the buffers it touched and the plan's top node."""
+    floor = make_floor(dataset.largest_org, shape, await materialized(dataset))
+    connection = await asyncpg.connect(dataset.url, server_settings=FLOOR_SESSION)
+    out = []
+    try:
+        for statement in floor.statements:
+            plans = []
+            for _ in range(repeats):
+                text = await connection.fetchval(
+                    "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + statement.sql, *statement.args
+                )
+                plans.append(orjson.loads(text)[0])
+            plans.sort(key=lambda p: p["Execution Time"])
+            median = plans[len(plans) // 2]
+            top = median["Plan"]
+            out.append({
+                "statement": statement.label,
+                "planning_ms": round(median["Planning Time"], 2),
+                "execution_ms": round(median["Execution Time"], 2),
+                "rows": top.get("Actual Rows"),
+                "shared_buffers_hit": top.get("Shared Hit Blocks"),
+                "shared_buffers_read": top.get("Shared Read Blocks"),
+            })  # fmt: skip
+    finally:
+        await connection.close()
+    return out
+
+
+AREAS = (
+    ("reliability/report", "reliability.report (buckets, merges, grid)"),
+    ("reliability/sketch", "reliability.sketch (parse, merge, quantiles)"),
+    ("reliability/spikes", "reliability.spikes (detection)"),
+    ("reliability/attribution", "reliability.attribution"),
+    ("db/reliability", "db.reliability (SeriesRow per record)"),
+    ("resolvers/reliability", "resolvers.reliability (Strawberry objects)"),
+    ("schema/execution", "schema.execution (fast list projection)"),
+    ("graphql/", "graphql-core (parse, validate, execute)"),
+    ("strawberry/", "Strawberry (view, extensions, execution)"),
+    ("asyncpg", "asyncpg (protocol, row decoding)"),
+    ("json/", "stdlib json (sketch text, request bodies)"),
+    ("orjson", "orjson"),
+    ("sqlalchemy", "SQLAlchemy (pool, connection checkout)"),
+    ("opentelemetry", "OpenTelemetry"),
+    ("starlette", "Starlette"),
+    ("uvicorn", "uvicorn (HTTP)"),
+    ("zoneinfo", "zoneinfo / datetime"),
+    ("datetime", "zoneinfo / datetime"),
+    ("asyncio", "asyncio (Python side)"),
+)
+NOT_AREAS = ("<frozen runpy>", "bench/", "uvicorn/server.py", "uvicorn/main.py", "uvicorn/_compat.py")
+SECTIONS = (
+    ("self time by area", "by_area_self"), ("time by area, inclusive", "by_area_total"),
+    ("self time by function", "top_self"), ("total (inclusive) time by function", "top_total"),
+)  # fmt: skip
+
+
+def _area(file: str, func: str) -> str:
+    if file.endswith("asyncio/runners.py") or "uvloop" in file:
+        return "event loop (uvloop, native: socket I/O, callbacks)"
+    return next((name for needle, name in AREAS if needle in file), f"other ({file.split('/')[0]})")
+
+
+async def scenario_profile(run: Run, shape: Shape, token: str, seconds: int) -> dict[str, Any]:
+    """py-spy (raw, 100 Hz) of the API while one client sends ``shape``; writes reliability_profile.txt (top
+    functions and areas) and reliability_profile_raw.txt (collapsed stacks) beside the results."""
+    if py_spy() is None:
+        say("!! py-spy not found (pip install py-spy): no profile")
+        return {"error": "py-spy not found"}
+    raw_path, text_path = run.out.parent / "reliability_profile_raw.txt", run.out.parent / "reliability_profile.txt"
+    target = graphql_target(RELIABILITY_QUERY, shape.variables(run.dataset.largest_org), token)
+    say(f"== profile: py-spy on the API (pid {run.api.pid}) for {seconds} s under 1 client of {shape.key}")
+    await run_wrk(run.api.base_url, target, connections=1, seconds=run.warmup, work=run.work)
+    spy = await start_py_spy(run.api.pid, seconds, "raw", raw_path)
+    load = await run_wrk(run.api.base_url, target, connections=1, seconds=seconds + 2, work=run.work)
+    _, err = await spy.communicate()
+    if spy.returncode != 0 or not raw_path.exists():
+        say(f"!! py-spy failed: {err.decode()[-500:]}")
+        return {"error": err.decode()[-500:]}
+    counts = count_stacks(raw_path, _area, NOT_AREAS)
+    summary: dict[str, Any] = {
+        "samples": counts.samples,
+        "busy_share_of_one_core": counts.busy_share(seconds, 100),
+        "by_area_self": counts.top(counts.area_self, 20),
+        "by_area_total": counts.top(counts.area_total, 20),
+        "top_self": counts.top(counts.self_samples, 25),
+        "top_total": counts.top(counts.total_samples, 40),
+    }
+    title = (f"py-spy record --rate 100 of the API process for {seconds} s while wrk -c1 sent the reliability "
+             f"query ({shape.key}); {load['rps']} req/s under the profiler")  # fmt: skip
+    text_path.write_text(profile_text(summary, SECTIONS, title))
+    top = counts.top(counts.area_self, 6)
+    say("   top areas (self): " + ", ".join(f"{r['function']} {r['share']:.0%}" for r in top))
+    return summary | {"under": shape.key, "duration_s": seconds, "rate_hz": 100, "rps_under_profiler": load["rps"],
+                      "files": [shown(text_path), shown(raw_path)]}  # fmt: skip

@@ -1,0 +1,233 @@
+"""The reliability query's benchmark: the gateway against the bare SQL it runs, and where its time goes.
+
+    python -m bench.reliability_bench                # full: the 10M-event data set, 30 s windows
+    python -m bench.reliability_bench --quick        # smoke run: 200k events, 10 s windows
+    python -m bench.reliability_bench --keep-db      # keep bench_graphql_<events> for the next run (reused)
+
+Data: the usage benchmark's (``bench.api.dataset.prepare_dataset``: ``bench_graphql_<events>``, reused while its
+marker says it is complete and at the code's migration head), then a rollup cycle to the current hour. The
+measured org is the largest.
+
+Server: the API process of ``bench.graphql_bench`` (``create_app(settings, roles={api})`` on uvicorn, 1 worker,
+Redis freshness cache, log level WARNING).
+
+Scenarios (one run, so ratios hold; each window is preceded by a warm-up):
+
+    h  ``reliability`` HOUR over the last 30 days, ``groupByModel: true``, percentiles 0.5, 0.95, 0.99, spikes
+       (with their top contributors) and breakdown selected: 1 client (wrk -c1) vs the floor
+    m  the same with MINUTE over the last 24 h, one overall series (``groupByModel: false``: per model, this
+       selection's estimated cost is over the gateway's budget and the query is refused as QUERY_TOO_COMPLEX)
+    d  where the time goes: ``build_report`` in this process (each statement's client time from asyncpg's
+       query logger: the floor's statements, the spike attribution statements, the Python work between), and
+       PostgreSQL's own time of each floor statement (EXPLAIN ANALYZE, median of 5)
+    p  py-spy of the API process under (h)
+
+The floor: the statements ``reliability.report.build_report`` runs before it explains any spike, in its order,
+sequentially on one asyncpg connection (rows to dicts, orjson): ``db.reliability.series_statement`` for the range
+and for the history before it (``reliability.report._history`` of ``lookback``), and
+``db.reliability.errors_statement(limit=BREAKDOWN_ROWS)``. The per-spike attribution statements are not part of
+it (scenario d measures them). A window that other work disturbed (more than ``--quiet-threshold`` cores used by
+processes that are not part of the benchmark) is rerun (``--retries``) and the least disturbed attempt kept.
+
+Results: ``bench/results/reliability.json`` (``reliability_quick.json`` with ``--quick``), the profile in
+``bench/results/reliability_profile.txt`` (top functions) and ``reliability_profile_raw.txt`` (collapsed stacks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import secrets
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bench.api import reliability as scenarios
+from bench.api.dataset import prepare_dataset
+from bench.api.queries import token_for
+from bench.api.results import environment
+from bench.api.run import Run
+from bench.api.server import gateway_env, start_api
+from bench.graphql_bench import materialize, wait_for_other_benchmarks
+from bench.harness.cpu import wait_quiet
+from bench.harness.entry import run_cancellable
+from bench.harness.output import say
+from bench.harness.runinfo import ROOT, git_commit
+from bench.harness.servers import log_problems, stop_server
+from bench.harness.services import REDIS_URL, admin
+
+RESULTS = ROOT / "bench" / "results"
+TARGETS = {
+    "hour_30d_p50_ms": 40.0,
+    "hour_30d_p99_ms": 80.0,
+    "gateway_floor_latency_ratio": 2.0,
+    "minute_24h_p50_ms": 60.0,
+}
+
+
+def summarize(results: dict[str, Any]) -> dict[str, Any]:
+    """The figures against the targets (only what was measured)."""
+    rows: list[dict[str, Any]] = []
+
+    def add(what: str, value: float | None, target: float, unit: str) -> None:
+        if value is not None:
+            rows.append({"what": what, "value": value, "target": target, "unit": unit, "better": "lower",
+                         "met": value <= target})  # fmt: skip
+
+    single = results.get("single", {})
+    if hour := single.get("hour_30d"):
+        add("reliability HOUR 30 d, 1 client, p50", hour["gateway"]["latency_ms"]["p50"],
+            TARGETS["hour_30d_p50_ms"], "ms")  # fmt: skip
+        add("reliability HOUR 30 d, 1 client, p99", hour["gateway"]["latency_ms"]["p99"],
+            TARGETS["hour_30d_p99_ms"], "ms")  # fmt: skip
+        for q in ("p50", "p99"):
+            add(f"gateway / floor latency, HOUR 30 d, {q}", hour["ratio_gateway_to_floor"].get(q),
+                TARGETS["gateway_floor_latency_ratio"], "x")  # fmt: skip
+    if minute := single.get("minute_24h"):
+        add("reliability MINUTE 24 h, 1 client, p50", minute["gateway"]["latency_ms"]["p50"],
+            TARGETS["minute_24h_p50_ms"], "ms")  # fmt: skip
+    return {"targets": rows, "all_met": all(r["met"] for r in rows) if rows else None}
+
+
+class ReliabilityRun(Run):
+    """The usage benchmark's run (windows, CPU accounting, reruns) with this benchmark's summary."""
+
+    def save(self) -> None:
+        self.results["summary"] = summarize(self.results)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.out.write_text(json.dumps(self.results, indent=1, default=str) + "\n")
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    if shutil.which("wrk") is None:
+        say("error: wrk is not installed (apt-get install -y wrk)")
+        return 2
+    out = Path(args.out) if args.out else RESULTS / ("reliability_quick.json" if args.quick else "reliability.json")
+    dataset = await prepare_dataset(args.events, fresh=args.fresh, writers=args.load_writers,
+                                    before_load=lambda: wait_for_other_benchmarks(args.no_wait))  # fmt: skip
+    await wait_for_other_benchmarks(args.no_wait)
+    secret = secrets.token_urlsafe(48)
+    redis_prefix = f"bench:reliability:{secrets.token_hex(3)}:"
+    results = new_results(args, dataset.name, dataset.info)
+    results["dataset"]["materialized_through"] = await materialize(dataset)
+    work = Path(tempfile.mkdtemp(prefix="reliability_bench_"))
+    env = gateway_env(
+        ANALYTICS_DATABASE_URL=dataset.url, ANALYTICS_JWT_SECRET=secret, ANALYTICS_REDIS_URL=REDIS_URL,
+        ANALYTICS_REDIS_PREFIX=redis_prefix, ANALYTICS_LOG_LEVEL="WARNING",
+    )  # fmt: skip
+    run = ReliabilityRun(args, dataset, await start_api(env, work), secret, work, results, out, env)
+    gc.collect()
+    gc.freeze()  # as the usage benchmark: the floor client's collections stay those of a lean client
+    try:
+        results["quiet"] = await wait_quiet(args.quiet_wait, args.quiet_threshold)
+        await run_scenarios(run, set(args.only.split(",")))
+    finally:
+        await finish(run)
+    say(f"results: {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+    for row in results["summary"]["targets"]:
+        say(f"   {'met    ' if row['met'] else 'NOT met'}  {row['what']}: {row['value']} {row['unit']} "
+            f"(target <= {row['target']})")  # fmt: skip
+    return 0
+
+
+async def run_scenarios(run: Run, only: set[str]) -> None:
+    token = token_for(run.secret, run.dataset.largest_org)
+    hour, minute = scenarios.shapes(dt.datetime.now(dt.UTC))
+    for key, shape in (("h", hour), ("m", minute)):
+        if key in only:
+            run.results["single"][shape.key] = await scenarios.scenario_single(run, shape, token)
+            run.save()
+    if "d" in only:
+        for shape in (hour, minute):
+            say(f"== where the time goes: build_report {shape.key} in this process, then EXPLAIN ANALYZE")
+            entry = await scenarios.decompose(run.dataset, shape, runs=run.args.decompose_runs)
+            entry["server_side"] = await scenarios.server_times(run.dataset, shape)
+            run.results["where_the_time_goes"][shape.key] = entry
+            say(f"   build_report p50 {entry['build_report_ms'].get('p50')} ms: floor statements "
+                f"{entry['floor_statements_ms'].get('p50')} ms, attribution ({entry['spikes']} spikes, "
+                f"{entry['attribution_statements_per_run']} statements) {entry['attribution_statements_ms'].get('p50')}"
+                f" ms, Python {entry['python_ms'].get('p50')} ms")  # fmt: skip
+            run.save()
+    if "p" in only:
+        run.results["profile"] = await scenarios.scenario_profile(run, hour, token, round(run.args.profile_seconds))
+        run.save()
+
+
+def new_results(args: argparse.Namespace, name: str, info: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "benchmark": "reliability",
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "git": git_commit(),
+        "command": "python -m bench.reliability_bench " + " ".join(sys.argv[1:]),
+        "environment": environment(),
+        "targets": TARGETS,
+        "dataset": {"database": name} | info,
+        "settings": {
+            "quick": args.quick,
+            "window_s": args.seconds,
+            "warmup_s": args.warmup,
+            "retries": args.retries,
+            "quiet_threshold_cores": args.quiet_threshold,
+            "percentiles": list(scenarios.PERCENTILES),
+            "query": scenarios.RELIABILITY_QUERY,
+        },
+        "definitions": {
+            "gateway": "wrk -t1 -c1 against /graphql (POST, Lua script), latency from wrk's histogram",
+            "floor": "build_report's statements before spike attribution (series of the range, series of the "
+            "history, breakdown) through one asyncpg connection, sequentially, rows to dicts and orjson",
+            "where_the_time_goes": "build_report in the benchmark process on a gateway-configured connection; "
+            "statement times from asyncpg's query logger (client side: send, execute, receive, decode); python = "
+            "wall - statements; server_side = EXPLAIN (ANALYZE, BUFFERS) of each floor statement, median of 5",
+            "cpu": "utime+stime from /proc over the window; foreign = other + postgres_other_db",
+        },
+        "single": {},
+        "where_the_time_goes": {},
+    }
+
+
+async def finish(run: Run) -> None:
+    run.results["api_gateway_exit_code"] = await stop_server(run.api)
+    run.results["api_gateway_log_problems"] = log_problems(run.api.log_path)
+    run.results["finished"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    run.save()
+    shutil.rmtree(run.work, ignore_errors=True)
+    if not run.args.keep_db:
+        say(f"dropping {run.dataset.name} (--keep-db keeps it for the next run)")
+        await admin(f'DROP DATABASE IF EXISTS "{run.dataset.name}" WITH (FORCE)')
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.reliability_bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--events", type=int, default=None, help="events to load (default 10,000,000; quick 200,000)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 200k events, 10 s windows")
+    parser.add_argument("--keep-db", action="store_true", help="keep the bench database for the next run")
+    parser.add_argument("--fresh", action="store_true", help="rebuild the bench database even if complete")
+    parser.add_argument("--only", default="h,m,d,p", help="scenarios to run (default all: h,m,d,p)")
+    parser.add_argument("--seconds", type=float, default=None, help="measurement window (default 30; quick 10)")
+    parser.add_argument("--warmup", type=float, default=None, help="warm-up before each window (default 5; quick 3)")
+    parser.add_argument("--decompose-runs", type=int, default=30, help="build_report runs of scenario d")
+    parser.add_argument("--profile-seconds", type=float, default=None, help="py-spy recording (default 20; quick 5)")
+    parser.add_argument("--load-writers", type=int, default=2, help="concurrent EventWriter batches while loading")
+    parser.add_argument("--retries", type=int, default=2, help="reruns of a window that other work disturbed")
+    parser.add_argument("--quiet-threshold", type=float, default=0.3, help="foreign cores tolerated in a window")
+    parser.add_argument("--quiet-wait", type=float, default=120, help="max seconds to wait for an idle machine")
+    parser.add_argument("--no-wait", action="store_true", help="start even while the ingestion benchmark runs")
+    parser.add_argument("--out", default=None, help="results file (default bench/results/reliability.json)")
+    args = parser.parse_args(argv)
+    args.events = args.events or (200_000 if args.quick else 10_000_000)
+    args.seconds = args.seconds or (10 if args.quick else 30)
+    args.warmup = args.warmup if args.warmup is not None else (3 if args.quick else 5)
+    args.profile_seconds = args.profile_seconds or (5 if args.quick else 20)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cancellable(main_async(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
