@@ -62,7 +62,8 @@ lock: install
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
 
-## Benchmarks: ingestion, then usage/GraphQL/publish-to-visible; writes docs/benchmarks.md (about an hour).
+## Benchmarks: ingestion, then usage/GraphQL/publish-to-visible (writes docs/benchmarks.md), then the
+## reliability query (bench/results/reliability.json; reloads the 10M data set unless BENCH_ARGS has --keep-db).
 .PHONY: bench
 bench: install services
 	command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk)
@@ -71,3 +72,4 @@ bench: install services
 	$(BIN)/python -m bench.ingest_bench
 	$(BIN)/python -m bench.graphql_bench $(BENCH_ARGS)
 	$(BIN)/python -m bench.report
+	$(BIN)/python -m bench.reliability_bench $(BENCH_ARGS)
