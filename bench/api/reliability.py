@@ -301,11 +301,15 @@ AREAS = (
     ("schema/execution", "schema.execution (fast list projection)"),
     ("graphql/", "graphql-core (parse, validate, execute)"),
     ("strawberry/", "Strawberry (view, extensions, execution)"),
+    ("schema/", "schema (scalars, JSON encoding, audit, errors)"),
     ("asyncpg", "asyncpg (protocol, row decoding)"),
     ("json/", "stdlib json (sketch text, request bodies)"),
     ("orjson", "orjson"),
     ("sqlalchemy", "SQLAlchemy (pool, connection checkout)"),
     ("opentelemetry", "OpenTelemetry"),
+    ("metrics/_internal", "OpenTelemetry"),  # py-spy shortens the namespace packages' paths
+    ("instrumentation/", "OpenTelemetry"),
+    ("gateway/", "gateway (middleware, auth, app)"),
     ("starlette", "Starlette"),
     ("uvicorn", "uvicorn (HTTP)"),
     ("zoneinfo", "zoneinfo / datetime"),
@@ -320,6 +324,8 @@ SECTIONS = (
 
 
 def _area(file: str, func: str) -> str:
+    if file == "<string>":  # code made with exec: dataclass __init__s, the compiled list projectors
+        return "schema.execution (fast list projection)" if func == "project" else "dataclass __init__ (exec'd)"
     if file.endswith("asyncio/runners.py") or "uvloop" in file:
         return "event loop (uvloop, native: socket I/O, callbacks)"
     return next((name for needle, name in AREAS if needle in file), f"other ({file.split('/')[0]})")
