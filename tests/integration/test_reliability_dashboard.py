@@ -36,10 +36,10 @@ from ingest.metrics import IngestMetrics
 from ingest.synthetic import Traffic, generate
 from ingest.writer import EventWriter
 from reliability.sketch import exact_percentile
+from tests.integration import test_dashboards as dashboards_tests
 from tests.integration.grafana_sql import interval_seconds
 from tests.integration.test_dashboards import (
     DASHBOARDS,
-    SESSION_TIME_ZONE,
     Seeded,
     load,
     panel_sql,
@@ -93,15 +93,6 @@ def _tail(events: list[UsageEvent], now: dt.datetime, this_hour: dt.datetime, ru
     return tail
 
 
-async def _rolled_up(database_url: str, org: str) -> int:
-    connection = await asyncpg.connect(database_url)
-    try:
-        sql = "SELECT count(*) FROM reliability_hourly_model WHERE org_id = $1"
-        return int(await connection.fetchval(sql, org))
-    finally:
-        await connection.close()
-
-
 @pytest.fixture(scope="module")
 async def seeded(database_url: str) -> AsyncIterator[Seeded]:
     run = uuid.uuid4().hex[:8]
@@ -126,10 +117,10 @@ async def seeded(database_url: str) -> AsyncIterator[Seeded]:
             await writer.write(head[first : first + 300], channel="seed")
         # The app's rollup worker may hold the lock; then its cycle does the work.
         for _ in range(100):
-            if (await run_cycle(engine, now)).ran and await _rolled_up(database_url, org):
+            if (await run_cycle(engine, now)).ran and await dashboards_tests._rolled_up(database_url, org):
                 break
             await asyncio.sleep(0.1)
-        assert await _rolled_up(database_url, org), "no reliability rollups for the dashboard org"
+        assert await dashboards_tests._rolled_up(database_url, org), "no rollups for the dashboard org"
         await writer.write(tail, channel="seed")
     finally:
         await engine.dispose()
@@ -139,14 +130,8 @@ async def seeded(database_url: str) -> AsyncIterator[Seeded]:
     yield Seeded(org, models, head + tail, [], start, now + dt.timedelta(minutes=1), this_hour)
 
 
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    """A connection in a session time zone other than UTC: the SQL must not depend on it."""
-    connection = await asyncpg.connect(database_url, server_settings={"TimeZone": SESSION_TIME_ZONE})
-    try:
-        yield connection
-    finally:
-        await connection.close()
+# The connection fixture of the usage dashboard's tests (a session time zone other than UTC).
+db = dashboards_tests.db
 
 
 # --- what the events say ---------------------------------------------------------------------------------------------
