@@ -235,10 +235,10 @@ async def decompose(dataset: Dataset, shape: Shape, runs: int) -> dict[str, Any]
             await connection.rollback()
     finally:
         await engine.dispose()
-    return _phases(walls, per_run, len(make_floor(dataset.largest_org, shape, mt).statements), len(report.spikes))
+    return phases(walls, per_run, len(make_floor(dataset.largest_org, shape, mt).statements), len(report.spikes))
 
 
-def _phases(walls: Sequence[float], per_run: Sequence[Sequence[tuple[str, float]]], floor_statements: int,
+def phases(walls: Sequence[float], per_run: Sequence[Sequence[tuple[str, float]]], floor_statements: int,
             spikes: int) -> dict[str, Any]:  # fmt: skip
     """Per run: the floor's statements (the first ``floor_statements``), the attribution statements (the rest)
     and the Python work between them (wall time minus all statements); summarised in ms."""

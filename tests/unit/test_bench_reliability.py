@@ -1,0 +1,61 @@
+"""The reliability benchmark's pure parts: its floor's statements, the split of build_report's time, the targets."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from bench.api.reliability import make_floor, phases, shapes
+from bench.reliability_bench import summarize
+from reliability.report import BREAKDOWN_ROWS
+
+NOW = dt.datetime(2026, 11, 30, 8, 21, 23, tzinfo=dt.UTC)
+
+
+def test_shapes_are_whole_hours_and_minutes() -> None:
+    hour, minute = shapes(NOW)
+    assert (hour.start, hour.end, hour.by_model) == (
+        dt.datetime(2026, 10, 31, 9, tzinfo=dt.UTC), dt.datetime(2026, 11, 30, 9, tzinfo=dt.UTC), True
+    )  # fmt: skip
+    assert (minute.end - minute.start, minute.end, minute.by_model) == (
+        dt.timedelta(hours=24), dt.datetime(2026, 11, 30, 8, 22, tzinfo=dt.UTC), False
+    )  # fmt: skip
+    assert hour.variables("org_0000")["groupByModel"] is True
+
+
+def test_floor_runs_the_range_its_history_and_the_breakdown() -> None:
+    hour, minute = shapes(NOW)
+    watermark = dt.datetime(2026, 11, 30, 8, tzinfo=dt.UTC)
+    floor = make_floor("org_0000", hour, watermark)
+    assert [s.label for s in floor.statements] == ["series", "history series", "breakdown"]
+    series, history, breakdown = floor.statements
+    assert series.args[:3] == ("org_0000", hour.start, hour.end)
+    assert history.args[:3] == ("org_0000", hour.start - dt.timedelta(days=7), hour.start)  # 7 seasons of 24 h
+    assert breakdown.args[:3] == ("org_0000", hour.start, hour.end) and breakdown.args[-1] == BREAKDOWN_ROWS
+    minute_history = make_floor("org_0000", minute, watermark).statements[1]
+    assert minute_history.args[1:3] == (minute.start - dt.timedelta(minutes=24), minute.start)
+
+
+def test_phases_split_wall_time_into_floor_attribution_and_python() -> None:
+    runs = [[("s", 0.010), ("h", 0.005), ("b", 0.005), ("a1", 0.020)], [("s", 0.012), ("h", 0.004), ("b", 0.004)]]
+    out = phases([0.050, 0.030], runs, floor_statements=3, spikes=1)
+    assert out["statements_per_run"] == 4 and out["attribution_statements_per_run"] == 1
+    assert out["floor_statements_ms"]["max"] == 20.0
+    assert out["attribution_statements_ms"]["max"] == 20.0
+    assert out["python_ms"]["max"] == 10.0 and out["python_ms"]["count"] == 2
+    assert out["floor_statement_p50_ms"] == [10.0, 4.0, 4.0]
+    assert out["without_attribution_p50_ms"] == 30.0
+
+
+def test_summary_holds_the_issue_targets() -> None:
+    def single(p50: float, p99: float, ratio: float) -> dict[str, object]:
+        return {"gateway": {"latency_ms": {"p50": p50, "p99": p99}}, "ratio_gateway_to_floor": {"p50": ratio}}
+
+    summary = summarize({"single": {"hour_30d": single(39.0, 81.0, 1.5), "minute_24h": single(61.0, 90.0, 9.0)}})
+    met = {row["what"]: row["met"] for row in summary["targets"]}
+    assert met == {
+        "reliability HOUR 30 d, 1 client, p50": True,
+        "reliability HOUR 30 d, 1 client, p99": False,
+        "gateway / floor latency, HOUR 30 d, p50": True,
+        "reliability MINUTE 24 h, 1 client, p50": False,
+    }
+    assert summary["all_met"] is False
