@@ -88,10 +88,11 @@ class Series:
 
 
 def poisson(rng: random.Random, mean: float) -> int:
+    """A Poisson draw: inversion for small means, PTRS (Hormann 1993, as numpy does) for large ones."""
     if mean <= 0:
         return 0
-    if mean >= 30:
-        return max(0, round(rng.gauss(mean, math.sqrt(mean))))
+    if mean >= 10:
+        return _poisson_ptrs(rng, mean)
     u, x, p = rng.random(), 0, math.exp(-mean)
     cumulative = p
     while u > cumulative and x < 1000:
@@ -99,6 +100,21 @@ def poisson(rng: random.Random, mean: float) -> int:
         p *= mean / x
         cumulative += p
     return x
+
+
+def _poisson_ptrs(rng: random.Random, mean: float) -> int:
+    log_mean, b = math.log(mean), 0.931 + 2.53 * math.sqrt(mean)
+    a, inv_alpha, v_r = -0.059 + 0.02483 * b, 1.1239 + 1.1328 / (b - 3.4), 0.9277 - 3.6224 / (b - 2)
+    while True:
+        u, v = rng.random() - 0.5, rng.random()
+        us = 0.5 - abs(u)
+        k = math.floor((2 * a / us + b) * u + mean + 0.43)
+        if us >= 0.07 and v <= v_r:
+            return k
+        if k < 0 or (us < 0.013 and v > us):
+            continue
+        if math.log(v) + math.log(inv_alpha) - math.log(a / (us * us) + b) <= -mean + k * log_mean - math.lgamma(k + 1):
+            return k
 
 
 def latency_quantile(u: float, mu: float, sigma: float, timeout: float, share: float, shift: float) -> float:

@@ -59,10 +59,10 @@ def attribute(spike: Composition, reference: Composition, limit: int = 5) -> lis
     for row in starts:
         if len(chosen) == limit or table.excess[row] < MIN_SHARE * total:
             break
-        if any(_related(row, c) for c in chosen) or table.outshone(row, starts, chosen):
+        if any(table.redundant(row, c) for c in chosen) or table.outshone(row, starts, chosen):
             continue
         best = table.refine(row)
-        if not any(_related(best, c) for c in chosen):
+        if not any(table.redundant(best, c) for c in chosen):
             chosen.append(best)
     chosen.sort(key=lambda r: -table.excess[r])
     return [_contribution(row, counts[row], table.excess[row] / total) for row in chosen]
@@ -101,8 +101,17 @@ class _Table:
         return any(
             self.excess[other] >= REFINE * self.excess[row] and self.distinctive(other, _ROOT)
             for other in starts
-            if other != row and not any(_related(other, c) for c in chosen)
+            if other != row and not any(self.redundant(other, c) for c in chosen)
         )
+
+    def redundant(self, a: _Row, b: _Row) -> bool:
+        """Nearly all hits of one row are hits of the other (an ancestor, a descendant, or a row that names the
+        same hits by another dimension, such as status 503 and error type service_unavailable)."""
+        if any(x is not _OPEN and y is not _OPEN and x != y for x, y in zip(a, b, strict=True)):
+            return False
+        meet = (b[0] if a[0] is _OPEN else a[0], b[1] if a[1] is _OPEN else a[1], b[2] if a[2] is _OPEN else a[2])
+        both = self.counts.get(meet, 0)
+        return both >= REFINE * min(self.counts[a], self.counts[b])
 
     def refine(self, row: _Row) -> _Row:
         """The most specific descendant reached by distinctive steps that each keep >= REFINE of the excess."""

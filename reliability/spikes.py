@@ -67,7 +67,8 @@ MAX_DISPERSION = 50.0
 
 MIN_REQUESTS_P95 = 100  # latency: requests a bucket needs (5 beyond its p95) ...
 MIN_REQUESTS_P99 = 1000  # ... (10 beyond its p99: timeouts and the heavy tail make p99 noisier)
-K_LATENCY = 5.0  # robust z (scaled MAD units) a bucket must exceed
+K_LATENCY = 5.0  # robust z (scaled MAD units) a bucket's p95 must exceed ...
+K_LATENCY_P99 = 6.0  # ... and its p99 (a sample p99 is skewed to the right: few requests beyond it)
 MIN_LATENCY_RATIO = 1.3  # ... and at least this multiple of the baseline
 SCALE_FLOOR = 0.02  # log units: smallest band scale (2 %), so a flat history does not flag jitter
 MAD_TO_SD = 1.4826  # MAD of a normal sample times this estimates its standard deviation
@@ -93,8 +94,11 @@ def detect(points: Sequence[Point], evaluate_from: int, season: int | None) -> l
         Metric.LATENCY_P95: lambda p: p.p95_ms,
         Metric.LATENCY_P99: lambda p: p.p99_ms,
     }
-    for metric, min_requests in ((Metric.LATENCY_P95, MIN_REQUESTS_P95), (Metric.LATENCY_P99, MIN_REQUESTS_P99)):
-        found += _latency(points, evaluate_from, season, metric, quantile_of[metric], min_requests)
+    for metric, min_requests, k in (
+        (Metric.LATENCY_P95, MIN_REQUESTS_P95, K_LATENCY),
+        (Metric.LATENCY_P99, MIN_REQUESTS_P99, K_LATENCY_P99),
+    ):
+        found += _latency(points, evaluate_from, season, metric, quantile_of[metric], (min_requests, k))
     return found
 
 
@@ -246,8 +250,9 @@ def _latency(
     season: int | None,
     metric: Metric,
     quantile: Callable[[Point], float | None],
-    min_requests: int,
+    guards: tuple[int, float],  # (fewest requests, robust z to exceed)
 ) -> list[Detection]:
+    min_requests, k = guards
     nan = math.nan
     logs = [
         math.log(max(v, 1e-3)) if p.requests >= min_requests and (v := quantile(p)) is not None else nan for p in points
@@ -269,7 +274,7 @@ def _latency(
             continue
         spread = MAD_TO_SD * _median_sorted(sorted(abs(r - median) for r in refs))
         scale = max(spread, noise / math.sqrt(counts[t]), SCALE_FLOOR)
-        if x - median >= K_LATENCY * scale:
+        if x - median >= k * scale:
             anomalies[t] = median
     found = []
     for first, last in _runs(iter(anomalies)):
