@@ -43,7 +43,7 @@ WITH firsts AS (
 ), inserted AS (
     INSERT INTO usage_events ({_COLUMNS}, batch_id)
     SELECT {_FIRST_COLUMNS}, $1 FROM firsts f JOIN fresh USING (source, event_id)
-    RETURNING org_id, event_time
+    RETURNING org_id, event_time, model, status_code
 ), dirty AS (
     -- Late events below the dirty watermark: their hours must be re-rolled (db/rollup.py).
     INSERT INTO rollup_dirty (org_id, hour)
@@ -53,8 +53,10 @@ WITH firsts AS (
     ORDER BY 1, 2
     ON CONFLICT (org_id, hour) DO UPDATE SET marked_at = excluded.marked_at
 )
-SELECT org_id, count(*) AS events, min(event_time) AS first_at, max(event_time) AS last_at
-FROM inserted GROUP BY org_id
+-- Per org, model and status class: what the freshness update and the platform's SLO counter need.
+SELECT org_id, model, status_code / 100 AS status_class, count(*) AS events, min(event_time) AS first_at,
+       max(event_time) AS last_at
+FROM inserted GROUP BY 1, 2, 3
 """
 
 UPSERT_FRESHNESS = """
@@ -86,6 +88,14 @@ class OrgIngested:
 Record = tuple[object, ...]
 
 
+@dataclass(frozen=True)
+class Inserted:
+    """What a batch stored: per org (freshness), and per model and status class (the platform SLO counter)."""
+
+    orgs: list[OrgIngested]
+    by_model_and_class: dict[tuple[str, int], int]
+
+
 async def begin_batch(connection: asyncpg.Connection) -> int:
     """Take the shared rollup lock for this transaction (see db/rollup.py) and a batch id."""
     return int(
@@ -101,12 +111,21 @@ async def ensure_partitions(connection: asyncpg.Connection, days: Sequence[dt.da
     await connection.execute("SELECT analytics_ensure_usage_partition(d) FROM unnest($1::date[]) AS d", list(days))
 
 
-async def insert_batch(connection: asyncpg.Connection, batch_id: int, records: Sequence[Record]) -> list[OrgIngested]:
-    """COPY ``records`` (in STAGE_COLUMNS order) and insert the new ones."""
+async def insert_batch(connection: asyncpg.Connection, batch_id: int, records: Sequence[Record]) -> Inserted:
+    """COPY ``records`` (in STAGE_COLUMNS order) and insert the new ones (first write wins)."""
     await connection.execute(CREATE_STAGE)
     await connection.copy_records_to_table("usage_stage", records=records, columns=STAGE_COLUMNS)
-    rows = await connection.fetch(INSERT_NEW, batch_id)
-    return [OrgIngested(r["org_id"], r["events"], r["first_at"], r["last_at"]) for r in rows]
+    orgs: dict[str, OrgIngested] = {}
+    by_model_and_class: dict[tuple[str, int], int] = {}
+    for r in await connection.fetch(INSERT_NEW, batch_id):
+        key = (r["model"], r["status_class"])
+        by_model_and_class[key] = by_model_and_class.get(key, 0) + r["events"]
+        known = orgs.get(r["org_id"])
+        orgs[r["org_id"]] = OrgIngested(r["org_id"], r["events"], r["first_at"], r["last_at"]) if known is None else (
+            OrgIngested(known.org_id, known.events + r["events"], min(known.first_at, r["first_at"]),
+                        max(known.last_at, r["last_at"]))
+        )  # fmt: skip
+    return Inserted(list(orgs.values()), by_model_and_class)
 
 
 async def record_batch(

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
-from operator import itemgetter
+from dataclasses import dataclass, field
 
 import asyncpg
 import asyncpg.exceptions._base as asyncpg_base
@@ -19,7 +17,7 @@ import structlog
 from msgspec import UNSET
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from db.events import OrgIngested, Record, begin_batch, ensure_partitions, insert_batch, record_batch
+from db.events import Inserted, OrgIngested, Record, begin_batch, ensure_partitions, insert_batch, record_batch
 from ingest import freshness
 from ingest.events import UsageEvent, stored
 from ingest.metrics import IngestMetrics
@@ -76,6 +74,7 @@ class WriteResult:
     accepted: int
     duplicates: int
     orgs: list[OrgIngested]
+    by_model_and_class: dict[tuple[str, int], int] = field(default_factory=dict)  # new events, for the SLO counter
 
 
 def to_record(ordinal: int, event: UsageEvent) -> Record:
@@ -114,7 +113,7 @@ class EventWriter:
                 raise
         self._known_days |= days
         self._observe(channel, result, rejected, len(events), time.perf_counter() - clock)
-        self._metrics.platform.add(new_requests(records, result.orgs))
+        self._metrics.platform.add(result.by_model_and_class)
         await freshness.announce(self._cache, self._pubsub, {o.org_id: o.last_at for o in result.orgs})
         return result
 
@@ -130,14 +129,15 @@ class EventWriter:
         if missing := sorted(days - self._known_days):
             await ensure_partitions(raw, missing)
         batch_id = await begin_batch(raw)
-        orgs = await insert_batch(raw, batch_id, records) if records else []
+        inserted = await insert_batch(raw, batch_id, records) if records else Inserted([], {})
+        orgs = inserted.orgs
         accepted = sum(o.events for o in orgs)
         duplicates = len(records) - accepted
         await record_batch(
             raw, batch_id=batch_id, channel=channel, orgs=orgs,
             duplicates=duplicates, rejected=rejected, started_at=started_at,
         )  # fmt: skip
-        return WriteResult(batch_id, accepted, duplicates, orgs)
+        return WriteResult(batch_id, accepted, duplicates, orgs, inserted.by_model_and_class)
 
     async def write_isolating(self, events: Sequence[UsageEvent], *, channel: str, rejected: int = 0) -> Isolated:
         """Commit ``events``; when the database refuses some rows deterministically, split the
@@ -168,55 +168,6 @@ class EventWriter:
         self._metrics.count(channel, accepted=result.accepted, duplicates=result.duplicates, rejected=rejected)
         self._metrics.batch_size.record(size, {"channel": channel})
         self._metrics.flush_seconds.record(seconds, {"channel": channel})
-
-
-_MODEL, _STATUS, _ORG, _KEY = itemgetter(7), itemgetter(13), itemgetter(1), itemgetter(3, 4)  # Record positions
-
-
-def new_requests(records: Sequence[Record], orgs: Sequence[OrgIngested]) -> Counter[tuple[str, int]]:
-    """The newly stored events by (model, status_code // 100), for the platform SLO counter.
-
-    The database tells the writer how many events were new per org. When that settles which ones (all of the
-    batch, none, after dropping repeats inside the batch all of the rest, or per org all or none), the count is
-    exact. An org with both new and already stored events in one batch (a redelivered message among new ones)
-    is apportioned over its events' (model, class) mix: its total stays exact, its split is an estimate."""
-    accepted = sum(o.events for o in orgs)
-    if accepted == len(records):
-        return _by_model_and_class(records)
-    if accepted == 0:
-        return Counter()
-    firsts = list({_KEY(r): r for r in reversed(records)}.values())  # first write wins, as in db/events.py
-    if accepted == len(firsts):
-        return _by_model_and_class(firsts)
-    by_org: defaultdict[object, list[Record]] = defaultdict(list)
-    for record in firsts:
-        by_org[_ORG(record)].append(record)
-    total: Counter[tuple[str, int]] = Counter()
-    for org in orgs:
-        rows = by_org[org.org_id]
-        if rows:  # never empty: the database counted these very rows (a guard, as this runs after the commit)
-            counts = _by_model_and_class(rows)
-            total += counts if org.events == len(rows) else _apportion(counts, org.events)
-    return total
-
-
-def _by_model_and_class(records: Sequence[Record]) -> Counter[tuple[str, int]]:
-    by_code: Counter[tuple[str, int]] = Counter(zip(map(_MODEL, records), map(_STATUS, records), strict=True))
-    by_class: Counter[tuple[str, int]] = Counter()
-    for (model, code), value in by_code.items():
-        by_class[model, code // 100] += value
-    return by_class
-
-
-def _apportion(counts: Counter[tuple[str, int]], total: int) -> Counter[tuple[str, int]]:
-    """``total`` split over ``counts`` in proportion, by largest remainder (the parts sum to ``total``)."""
-    whole = sum(counts.values())
-    shares = {key: value * total / whole for key, value in counts.items()}
-    parts = Counter({key: int(share) for key, share in shares.items()})
-    left = total - sum(parts.values())
-    for key in sorted(shares, key=lambda k: shares[k] - parts[k], reverse=True)[:left]:
-        parts[key] += 1
-    return parts
 
 
 def _reason(exc: BaseException) -> str:
