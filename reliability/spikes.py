@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import enum
 import math
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 class Metric(enum.StrEnum):
@@ -142,77 +141,70 @@ def poisson_sf(k: float, mean: float) -> float:
     return max(0.0, 1.0 - math.exp(log_front) * h)
 
 
-@dataclass(slots=True)
-class _Window:
-    """Trailing sums of the last ``size`` buckets: errors (cleaned of anomalies), requests, Pearson residuals."""
-
-    size: int
-    errors: float = 0.0
-    requests: int = 0
-    pearson: float = 0.0
-    tested: int = 0
-    items: deque[tuple[float, int, float, int]] = field(default_factory=deque)
-
-    def push(self, errors: float, requests: int, pearson: float, tested: int) -> None:
-        self.items.append((errors, requests, pearson, tested))
-        self.errors += errors
-        self.requests += requests
-        self.pearson += pearson
-        self.tested += tested
-        if len(self.items) > self.size:
-            e, n, r, k = self.items.popleft()
-            self.errors -= e
-            self.requests -= n
-            self.pearson -= r
-            self.tested -= k
-
-    def rate(self) -> float:
-        return (self.errors + 1.0) / self.requests  # +1: a window with no errors still has a positive rate
-
-    def dispersion(self) -> float:
-        """Quasi-Poisson dispersion (mean Pearson chi-square per bucket), at least 1."""
-        return min(MAX_DISPERSION, max(1.0, self.pearson / self.tested)) if self.tested >= MIN_REFS else 1.0
-
-
 def _error_rate(points: Sequence[Point], evaluate_from: int, season: int | None) -> list[Detection]:
     size = lookback(season)
-    window = _Window(size)
-    candidates: dict[int, tuple[float, float]] = {}  # index -> (expected errors, dispersion)
-    for t, p in enumerate(points):
-        cleaned: float = p.errors
-        pearson, tested = 0.0, 0
-        if window.requests >= MIN_WINDOW_REQUESTS and len(window.items) >= MIN_WINDOW_BUCKETS and p.requests > 0:
-            expected = p.requests * window.rate()
-            phi = window.dispersion()
-            if p.requests >= MIN_REQUESTS and _is_candidate(p.errors, expected, phi):
-                candidates[t] = (expected, phi)
-                # winsorized: an anomaly barely raises the baseline after it, a lasting level shift is learnt
-                cleaned, pearson = min(p.errors, MIN_RATIO * expected), 1.0
-            else:
-                pearson = (p.errors - expected) ** 2 / expected
-            tested = 1
-        window.push(cleaned, p.requests, pearson, tested)
+    requests = [p.requests for p in points]
+    errors = [p.errors for p in points]
+    candidates = _candidates(requests, errors, size)
     found = []
     for first, last in _runs(t for t in candidates if t >= evaluate_from):
-        detection = _error_run(points, candidates, first, last, size)
+        detection = _error_run(requests, errors, candidates, first, last, size)
         if detection is not None:
             found.append(detection)
     return found
 
 
-def _is_candidate(errors: int, expected: float, phi: float) -> bool:
-    return (
-        errors >= MIN_RATIO * expected
-        and errors > expected
-        and poisson_sf(errors / phi, expected / phi) < ALPHA_CANDIDATE
-    )
+def _candidates(requests: list[int], errors: list[int], size: int) -> dict[int, tuple[float, float]]:
+    """Buckets that pass the lenient test -> (expected errors, dispersion), in one pass over running sums.
+
+    The baseline of bucket t is the pooled rate of the ``size`` buckets before it, (errors + 1) / requests (the +1
+    keeps a window with no errors from expecting none). Its dispersion is the mean Pearson chi-square of those
+    buckets (quasi-Poisson, at least 1). A candidate enters the window winsorized at MIN_RATIO x its expected count:
+    an incident barely raises the baseline after it, and a lasting level shift is still learnt.
+    """
+    n_points = len(requests)
+    cleaned, chi2, tested = [0.0] * n_points, [0.0] * n_points, [0] * n_points
+    e_sum = chi_sum = 0.0
+    n_sum = k_sum = 0
+    found: dict[int, tuple[float, float]] = {}
+    for t in range(n_points):
+        if t >= size:
+            old = t - size
+            e_sum, n_sum, chi_sum, k_sum = (
+                e_sum - cleaned[old],
+                n_sum - requests[old],
+                chi_sum - chi2[old],
+                k_sum - tested[old],
+            )
+        n, e = requests[t], errors[t]
+        kept = float(e)
+        if n and n_sum >= MIN_WINDOW_REQUESTS and t >= MIN_WINDOW_BUCKETS:
+            expected = n * (e_sum + 1.0) / n_sum
+            residual = (e - expected) ** 2 / expected
+            if n >= MIN_REQUESTS and e >= MIN_RATIO * expected and e > expected:
+                phi = min(MAX_DISPERSION, max(1.0, chi_sum / k_sum)) if k_sum >= MIN_REFS else 1.0
+                if poisson_sf(e / phi, expected / phi) < ALPHA_CANDIDATE:
+                    found[t] = (expected, phi)
+                    kept, residual = min(e, MIN_RATIO * expected), 1.0
+            chi2[t], tested[t] = residual, 1
+            chi_sum += residual
+            k_sum += 1
+        cleaned[t] = kept
+        e_sum += kept
+        n_sum += n
+    return found
 
 
 def _error_run(
-    points: Sequence[Point], candidates: dict[int, tuple[float, float]], first: int, last: int, size: int
+    requests_of: list[int],
+    errors_of: list[int],
+    candidates: dict[int, tuple[float, float]],
+    first: int,
+    last: int,
+    size: int,
 ) -> Detection | None:
-    errors = sum(points[t].errors for t in range(first, last + 1))
-    requests = sum(points[t].requests for t in range(first, last + 1))
+    errors = sum(errors_of[first : last + 1])
+    requests = sum(requests_of[first : last + 1])
     expected = sum(candidates[t][0] for t in range(first, last + 1))
     phi = max(candidates[t][1] for t in range(first, last + 1))
     if errors < MIN_ERRORS or errors < MIN_RATIO * expected or poisson_sf(errors / phi, expected / phi) >= ALPHA:
@@ -253,26 +245,26 @@ def _latency(
     guards: tuple[int, float],  # (fewest requests, robust z to exceed)
 ) -> list[Detection]:
     min_requests, k = guards
-    nan = math.nan
-    logs = [
-        math.log(max(v, 1e-3)) if p.requests >= min_requests and (v := quantile(p)) is not None else nan for p in points
-    ]
+    nan, log = math.nan, math.log
     counts = [p.requests for p in points]
-    noise = _sampling_noise(logs, counts, season or 1)
+    values = [quantile(p) for p in points]
+    logs = [log(v) if n >= min_requests and v else nan for n, v in zip(counts, values, strict=True)]
     floor = math.log(MIN_LATENCY_RATIO)
+    noise = -1.0  # computed when first needed
     anomalies: dict[int, float] = {}  # index -> baseline (log)
     for t in range(max(evaluate_from, 1), len(points)):
         x = logs[t]
         if x != x:  # NaN: too few requests in this bucket
             continue
         refs = _references(logs, t, season)
-        if len(refs) < MIN_REFS:
+        if len(refs) < MIN_REFS or x - floor < min(refs):  # the median is at least the smallest reference
             continue
         refs.sort()
         median = _median_sorted(refs)
         if x - median < floor:
             continue
         spread = MAD_TO_SD * _median_sorted(sorted(abs(r - median) for r in refs))
+        noise = _sampling_noise(logs, counts, season or 1) if noise < 0 else noise
         scale = max(spread, noise / math.sqrt(counts[t]), SCALE_FLOOR)
         if x - median >= k * scale:
             anomalies[t] = median
