@@ -229,7 +229,7 @@ async def _explain(
         ref_start = max(ref_start, ref_end - COMPOSITION_SPAN)
         spike = await _slow(connection, window(scope, start, spike_end), detection.baseline, materialized_through)
         reference = await _slow(connection, window(scope, ref_start, ref_end), detection.baseline, materialized_through)
-    causes = [_contribution(c) for c in attribute(spike, reference, limit=CONTRIBUTORS)]
+    causes = [_contribution(c, model) for c in attribute(spike, reference, limit=CONTRIBUTORS)]
     return FoundSpike(
         start, end, detection.metric, detection.observed, detection.baseline, detection.severity, model, causes
     )
@@ -268,8 +268,9 @@ def _hits(rows: Sequence[ErrorRow]) -> dict[tuple[str, int, str | None], int]:
     return {(r.model, r.status_code, r.error_type): r.requests for r in rows}
 
 
-def _contribution(c: Contribution) -> Cause:
-    return Cause(c.model, c.status_code, c.error_type, c.count, c.share)
+def _contribution(c: Contribution, series_model: str | None) -> Cause:
+    """A cause; in a model's own series every hit is that model's, so its rows name it."""
+    return Cause(c.model or series_model, c.status_code, c.error_type, c.count, c.share)
 
 
 def _cause(row: ErrorRow, share: float) -> Cause:
