@@ -15,9 +15,7 @@ import contextlib
 import datetime as dt
 import itertools
 import json
-import os
-import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import msgspec
@@ -25,10 +23,10 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from db.freshness import beat
 from ingest.deadletter import dead_letter
 from ingest.decode import Decoded, UnreadableMessage, decode_body
 from ingest.events import TimeWindow, UsageEvent
+from ingest.heartbeat import Heartbeat
 from ingest.metrics import IngestMetrics
 from ingest.topology import Declared, Topology, declare
 from ingest.writer import EventWriter, Isolated
@@ -36,7 +34,10 @@ from kernel.settings import Settings
 
 log = structlog.get_logger(__name__)
 RETRY_DELAYS_S = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
-STOP_TIMEOUT_S = 30.0
+# Of a stop's grace period, what is kept for the steps after the drain (the heartbeat row, closing the channel).
+STOP_RESERVE_S = 1.0
+# At most this long for each broker step of a stop (cancelling the consumer, closing the channel).
+BROKER_STEP_S = 2.0
 Decode = Callable[[bytes, str | None, TimeWindow], Decoded]
 
 
@@ -84,35 +85,70 @@ class Consumer:
         self._channel: AbstractChannel | None = None
         self._declared: Declared | None = None
         self._consumer_tag: str | None = None
-        self._flushing_since: dt.datetime | None = None
-        self._caught_up_through = dt.datetime.now(dt.UTC)
-        self._instance = f"{socket.gethostname()}/{os.getpid()}/{self._topology.queue}"
+        self._flushing: list[Pending] = []
+        self._last_write_error: str | None = None
+        self._heartbeat = Heartbeat(connection, engine, settings, metrics, self._oldest_in_hand)
 
     async def start(self) -> None:
         self._channel = await self._connection.channel(publisher_confirms=True)
         await self._channel.set_qos(prefetch_count=self._settings.ingest_prefetch)
         self._declared = await declare(self._channel, self._topology, self._settings.amqp_delivery_limit)
-        await self._read_depths(self._channel)
+        await self._heartbeat.start(self._channel)
         self._consumer_tag = await self._declared.queue.consume(self._on_message)
-        self._tasks = [asyncio.create_task(self._flush_loop()), asyncio.create_task(self._heartbeat())]
+        self._tasks = [asyncio.create_task(self._flush_loop()), asyncio.create_task(self._heartbeat.run())]
         log.info("ingest.consuming", queue=self._topology.queue, prefetch=self._settings.ingest_prefetch)
 
-    async def stop(self) -> None:
-        """Stop consuming, flush and acknowledge what is buffered, close."""
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stop consuming; within ``grace_s`` (default ``ANALYTICS_SHUTDOWN_GRACE_S``) commit and acknowledge
+        what is buffered, then leave the heartbeat and close. What cannot be committed in time stays
+        unacknowledged (the broker redelivers it once this connection closes); the last line says so."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self._settings.shutdown_grace_s if grace_s is None else grace_s)
+        reserve = min(STOP_RESERVE_S, (deadline - loop.time()) / 4)
         self._stopping = True
-        if self._declared is not None and self._consumer_tag is not None:
-            await self._declared.queue.cancel(self._consumer_tag)
+        cancelled = await _within(self._cancel_consuming(), min(BROKER_STEP_S, deadline - reserve - loop.time()))
         self._wake.set()
         flusher, *others = self._tasks
-        try:
-            await asyncio.wait_for(asyncio.shield(flusher), STOP_TIMEOUT_S)
-        except TimeoutError:  # the database is away: unacknowledged messages are redelivered later
-            log.warning("ingest.stop_timeout", buffered_messages=len(self._buffer))
+        drained = await _within(_finished(flusher), deadline - reserve - loop.time())
+        left_messages = len(self._buffer) + len(self._flushing)
+        left_events = self._buffered_events + sum(p.events for p in self._flushing)
         for task in [flusher, *others]:
             task.cancel()
+        await _within(asyncio.gather(*self._tasks, return_exceptions=True), reserve / 4)
+        heartbeat = await _within(self._heartbeat.leave(self._channel if cancelled else None), reserve / 2)
         if self._channel is not None:
-            await self._channel.close()
-        log.info("ingest.stopped")
+            await _within(self._channel.close(), max(0.0, deadline - loop.time()))
+        if drained:
+            log.info("ingest.stopped", heartbeat=heartbeat or "unknown (the database did not answer in time)")
+            return
+        log.warning(
+            "ingest.stopped_with_messages_left",
+            unacknowledged_messages=left_messages,
+            events=left_events,
+            reason=self._why_left(cancelled),
+            heartbeat=heartbeat or "unknown (the database did not answer in time)",
+            grace_s=grace_s if grace_s is not None else self._settings.shutdown_grace_s,
+        )
+
+    async def _cancel_consuming(self) -> bool:
+        if self._declared is not None and self._consumer_tag is not None:
+            await self._declared.queue.cancel(self._consumer_tag)
+        return True
+
+    def _why_left(self, cancelled: object) -> str:
+        if self._last_write_error is not None:
+            return (
+                f"not committed within the grace period (the database: {self._last_write_error}); "
+                "the broker redelivers them"
+            )
+        if not cancelled:
+            return "the broker did not answer; unacknowledged messages are redelivered once the connection closes"
+        return "not settled within the grace period; the broker redelivers them"
+
+    def _oldest_in_hand(self) -> dt.datetime | None:
+        """When the oldest message held uncommitted arrived (None: none is held)."""
+        held = [p.received_at for p in (self._flushing[:1] + self._buffer[:1])]
+        return min(held, default=None)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         pending = Pending(message, dt.datetime.now(dt.UTC))
@@ -150,13 +186,11 @@ class Consumer:
                     log.error("ingest.flush_failed", exc_info=True)
 
     async def _flush(self) -> None:
-        batch = self._take_batch()
-        self._flushing_since = batch[0].received_at
+        batch = self._flushing = self._take_batch()
         origins = [(p, i) for p in batch if p.decoded for i in p.decoded.indexes]
         events = [event for pending in batch if pending.decoded for event in pending.decoded.events]
         rejected = sum(len(p.decoded.rejected) for p in batch if p.decoded) + sum(1 for p in batch if p.unreadable)
         outcome = await self._write_until_committed(events, rejected)
-        self._flushing_since = None
         for poisoned in outcome.poisoned:
             pending, index = origins[poisoned.index]
             pending.poisoned = [*(pending.poisoned or []), (index, poisoned.reason)]
@@ -165,8 +199,9 @@ class Consumer:
         except Exception:
             log.warning("ingest.dead_letter_failed", messages=len(batch), exc_info=True)
             await _settle(batch, requeue=True)
-            return
-        await _settle(batch)
+        else:
+            await _settle(batch)
+        self._flushing = []
 
     def _take_batch(self) -> list[Pending]:
         """The oldest messages holding up to ``ingest_batch_events`` events (at least one
@@ -191,11 +226,13 @@ class Consumer:
                 outcome = await self._writer.write_isolating(events, channel="amqp", rejected=rejected)
             except Exception as exc:  # noqa: BLE001 - keep the batch and retry; nothing is acknowledged
                 self._metrics.flush_failed()
+                self._last_write_error = type(exc).__name__
                 delay = RETRY_DELAYS_S[min(attempt, len(RETRY_DELAYS_S) - 1)]
                 log.warning("ingest.write_failed", attempt=attempt + 1, retry_in_s=delay, error=type(exc).__name__)
                 await asyncio.sleep(delay)
             else:
                 self._metrics.flush_succeeded()
+                self._last_write_error = None
                 return outcome
         raise AssertionError("unreachable")
 
@@ -215,39 +252,6 @@ class Consumer:
                 await dead_letter(exchange, _as_json(event), reason,
                                   content_type="application/cloudevents+json", index=index,
                                   message_id=message.message_id)  # fmt: skip
-
-    async def _heartbeat(self) -> None:
-        """Every beat: read queue depths (a passive declare on a side channel) and
-        record how far this ingester is caught up, for freshness."""
-        interval = self._settings.ingest_heartbeat_s
-        while True:
-            try:
-                async with self._connection.channel() as channel:
-                    while True:
-                        await asyncio.sleep(interval)
-                        ready = await self._read_depths(channel)
-                        async with self._engine.connect() as connection:
-                            await beat(connection, self._instance, self._caught_up(ready))
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.info("ingest.heartbeat_failed", exc_info=True)
-                await asyncio.sleep(interval)
-
-    def _caught_up(self, ready: int) -> dt.datetime:
-        """With nothing waiting in the broker, everything is committed up to the
-        oldest message still in hand; with a backlog, the last such instant stands."""
-        if ready == 0:
-            in_hand = [t for t in (self._flushing_since, self._buffer[0].received_at if self._buffer else None) if t]
-            self._caught_up_through = min(in_hand, default=dt.datetime.now(dt.UTC))
-        return self._caught_up_through
-
-    async def _read_depths(self, channel: AbstractChannel) -> int:
-        """Update the depth gauges; returns the ingest queue's ready messages."""
-        for name in (self._topology.queue, self._topology.dead_letter_queue):
-            queue = await channel.declare_queue(name, passive=True)
-            self._metrics.depths[name] = queue.declaration_result.message_count or 0
-        return self._metrics.depths[self._topology.queue]
 
 
 async def _settle(batch: list[Pending], *, requeue: bool | None = None) -> None:
@@ -271,6 +275,20 @@ async def _settle(batch: list[Pending], *, requeue: bool | None = None) -> None:
                 await message.nack(multiple=True, requeue=requeue)
         except Exception:  # noqa: BLE001
             log.info("ingest.settle_skipped", reason="channel closed; the broker redelivers")
+
+
+async def _finished(task: asyncio.Task[None]) -> bool:
+    """True once ``task`` has finished (a timeout around this does not cancel the task)."""
+    await asyncio.shield(task)
+    return True
+
+
+async def _within(work: Awaitable[object], timeout_s: float) -> object | None:
+    """``work``'s result, or None if it failed or did not finish within ``timeout_s`` (then it is cancelled)."""
+    try:
+        return await asyncio.wait_for(work, max(0.0, timeout_s))
+    except Exception:  # noqa: BLE001 - a stop goes on: the caller says what was left
+        return None
 
 
 def _as_json(event: UsageEvent) -> bytes:

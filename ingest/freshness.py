@@ -40,8 +40,9 @@ def key(org_id: str) -> str:
 
 def assess(row: FreshnessRow, settings: Settings, now: dt.datetime) -> tuple[float, Status]:
     """Seconds of lag and the status. Lag is measured to the instant up to which ingested data is queryable:
-    how far the live AMQP ingesters are caught up (their heartbeats); when none beats any more, their last
-    beat (the pipeline stopped reporting); when no ingester ever beat, now (HTTP ingestion answers after its
+    how far the AMQP ingesters are caught up, the oldest of their heartbeat rows. Rows of ingesters that are
+    gone are deleted (``ingest/heartbeat.py``), except the last ones of a queue nobody consumes any more,
+    whose lag therefore grows; with no row at all, now (no AMQP ingester: HTTP ingestion answers after its
     commit)."""
     if row.last_beat_at is None:
         queryable_through = now
@@ -67,7 +68,7 @@ async def read(engine: AsyncEngine, cache: Cache, settings: Settings, org_ids: S
     missing = [org_id for org_id in org_ids if org_id not in found]
     if missing:
         async with engine.connect() as connection:
-            rows = await load_freshness(connection, missing, live_s=settings.freshness_stale_s)
+            rows = await load_freshness(connection, missing)
         for row in rows:
             found[row.org_id] = row
             await cache.set(key(row.org_id), orjson.dumps(row), settings.freshness_cache_ttl_s)

@@ -71,3 +71,22 @@ async def delete_topology(channel: AbstractChannel, topology: Topology) -> None:
         await channel.queue_delete(queue)
     for exchange in (topology.exchange, topology.dead_letter_exchange):
         await channel.exchange_delete(exchange)
+
+
+@dataclass(frozen=True)
+class QueueState:
+    """A queue as the broker reports it now."""
+
+    ready: int
+    consumers: int
+
+
+async def queue_state(channel: AbstractChannel, name: str) -> QueueState:
+    """Ready messages and consumers of ``name``, asked of the broker (a passive declare).
+
+    Through the underlying channel: aio-pika's robust channel answers a passive declare of a queue it has
+    declared before from its own cache, with the counts of that first declaration.
+    """
+    underlay = await channel.get_underlay_channel()
+    declared = await underlay.queue_declare(name, passive=True)
+    return QueueState(ready=declared.message_count or 0, consumers=declared.consumer_count or 0)

@@ -73,6 +73,8 @@ class Settings(BaseSettings):
     ingest_batch_max_age_ms: int = Field(default=100, ge=1)
     amqp_delivery_limit: int = Field(default=20, ge=1)
     ingest_heartbeat_s: float = Field(default=1.0, gt=0)
+    # How long a stop (SIGTERM, Ctrl-C) may take: every role drains what it can within it, then exits.
+    shutdown_grace_s: float = Field(default=10.0, gt=0, le=3600)
 
     # Rollups and freshness.
     rollup_interval_s: float = Field(default=5.0, gt=0)
