@@ -1,6 +1,6 @@
 """Spike detection quality on a labelled synthetic corpus (reliability/spikes.py, reliability/attribution.py).
 
-    python -m bench.detection_quality [--series 1500] [--steady 0.4] [--seed 12] [--no-write]
+    python -m bench.detection_quality [--series 3000] [--steady 0.4] [--seed 12] [--no-write]
 
 Each series is one org's HOUR buckets over 30 days (the first 7 are history, the rest is evaluated) with 1-4
 models, daily and weekly seasonality, day-to-day wobble, Poisson counts, log-normal latency with a few 60 s
@@ -13,9 +13,11 @@ detection quality" of docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import math
 import random
+import subprocess
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -258,12 +260,12 @@ def _describe(inc: Incident, s: Series, expected_base: float, volume: int) -> No
     inc.oracle = oracle_power(expected_base, inc.size * expected_base)
 
 
-def oracle_power(base: float, spiked: float) -> float:
-    """Power of the one-sided Poisson test at ALPHA_ORACLE on the window's pooled count, the true base known."""
+def oracle_power(base: float, spiked: float, alpha: float = ALPHA_ORACLE) -> float:
+    """Power of the one-sided Poisson test at ``alpha`` on the window's pooled count, the true base known."""
     if base <= 0:
         return 0.0
     c = max(1, math.floor(base))
-    while poisson_sf(c, base) >= ALPHA_ORACLE:
+    while poisson_sf(c, base) >= alpha:
         c += max(1, int(math.sqrt(base) / 4))
     return poisson_sf(c, spiked)
 
@@ -446,7 +448,9 @@ def strata(outcomes: list[Outcome]) -> dict[str, Any]:
 
 def _row_order(row: str) -> tuple[str, float]:
     family, size = row.split(" ")
-    return family, float(size[1:]) if size.startswith("x") else float(size.split("-")[0].lstrip("<>=").rstrip("x"))
+    if size.startswith("x"):
+        return family, float(size[1:])
+    return family, float(next(i for i, (_, _, label) in enumerate(RISE_BANDS) if label == size))
 
 
 def misses(outcomes: list[Outcome], limit: int = 40) -> list[dict[str, Any]]:
@@ -483,7 +487,7 @@ def false_spikes(outcomes: list[Outcome], limit: int = 30) -> list[dict[str, Any
 
 @dataclass(frozen=True)
 class Config:
-    series: int = 1500
+    series: int = 3000
     steady: float = 0.4  # the share of series with no incident
     seed: int = 12
 
@@ -515,6 +519,166 @@ def run(config: Config, progress: bool = True) -> dict[str, Any]:
     }
 
 
+# --- the write-up (docs/benchmarks.md) ----------------------------------------------------------------------------
+
+
+def _pct(entry: dict[str, Any]) -> str:
+    recall = entry["recall"]
+    return "-" if recall is None else f"{100 * recall:.1f} % ({entry['detected']}/{entry['incidents']})"
+
+
+def _mark(ok: bool) -> str:
+    return "**met**" if ok else "**not met**"
+
+
+def targets_table(s: dict[str, Any]) -> str:
+    fp, attribution = s["false_per_1000_steady_series_days"], s["attribution_first"]
+    rows = [
+        ("recall: error rate at least doubled, >= 100 requests per bucket (all)", _pct(s["error_target"]), ">= 95 %",
+         _mark(s["error_target"]["recall"] >= 0.95)),
+        ("... of them, those an ideal test can find (oracle power >= 0.95)", _pct(s["error_target_reachable"]),
+         ">= 95 %", _mark(s["error_target_reachable"]["recall"] >= 0.95)),
+        ("... of them, the rest (too few errors to tell from noise)", _pct(s["error_target_unreachable"]),
+         "(unreachable)", ""),
+        ("recall: p95 raised >= 50 %, >= 100 requests per bucket", _pct(s["latency_target"]), ">= 95 %",
+         _mark(s["latency_target"]["recall"] >= 0.95)),
+        ("false spikes per 1,000 steady series-days",
+         f"{fp} ({s['false_spikes_steady']} in {s['steady_series_days']:,})", "<= 1", _mark(fp <= 1)),
+        ("attribution names the injected cause first (detected incidents)", f"{100 * attribution:.1f} %", ">= 95 %",
+         _mark(attribution >= 0.95)),
+        ("precision (detections that overlap an injected incident of their kind)",
+         f"{100 * s['precision']:.1f} % of {s['detections']:,}", "", ""),
+    ]  # fmt: skip
+    lines = ["| what | measured | target |  |", "|---|---|---|---|"]
+    return "\n".join([*lines, *(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows)]) + "\n"
+
+
+def strata_table(table: dict[str, Any], family: str) -> str:
+    bands = [label for _, _, label in VOLUME_BANDS]
+    lines = ["| " + ("error rate x" if family == "error" else "true p95 rise") + " | " + " | ".join(bands) + " |"]
+    lines.append("|---" * (len(bands) + 1) + "|")
+    for row, cells in table.items():
+        if not row.startswith(family):
+            continue
+        out = []
+        for label in bands:
+            cell = cells.get(label)
+            if cell is None:
+                out.append("")
+                continue
+            text = f"{cell['detected']}/{cell['incidents']}"
+            out.append(f"{text} (ideal {cell['oracle_power_mean']:.2f})" if family == "error" else text)
+        lines.append(f"| {row.split(' ', 1)[1]} | " + " | ".join(out) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def reachability_table() -> str:
+    """Power of an ideal test (true base rate known) for doubling a 1 % rate, by volume and incident length, at
+    the detector's alpha and at the loosest alpha the false-spike target leaves (1 in 24,000 hourly tests)."""
+    volumes, lengths = (100, 300, 1000, 3000, 10_000), (1, 3, 6)
+    header = "| requests per bucket (errors expected at 1 %) | " + " | ".join(f"{h} h" for h in lengths) + " |"
+    lines = [header, "|---" * (len(lengths) + 1) + "|"]
+    for n in volumes:
+        pairs = [(0.01 * n * h, 0.02 * n * h) for h in lengths]
+        cells = [f"{oracle_power(b, x):.2f} / {oracle_power(b, x, 1 / 24_000):.2f}" for b, x in pairs]
+        lines.append(f"| {n:,} ({0.01 * n:g}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def section(result: dict[str, Any]) -> str:
+    s, cfg = result["summary"], result["config"]
+    per_series = s["detect_ms_per_series_mean"]
+    return _unwrap(f"""{HEADING}
+
+```sh
+.venv/bin/python -m bench.detection_quality     # -> bench/results/detection_quality.json and this section
+```
+
+Measured {result["measured_at"]} at commit `{result["commit"]}` in {result["seconds"]} s. How the detector works
+and why: [spike detection](spike-detection.md).
+
+**Corpus** (seed {cfg["seed"]}). {s["series"]:,} series of HOUR buckets over {DAYS} days ({HISTORY_DAYS} days of
+history, {DAYS - HISTORY_DAYS} evaluated), each one org with 1-4 models: mean volume log-uniform over 30-30,000
+requests per hour, daily (±60 %) and weekly (weekends −30 %) seasonality, day-to-day wobble of the volume and of
+each model's error rate (10 %), base error rates 0.2-3 % (status 500/502/503/504), Poisson counts, log-normal
+latency (σ 0.4-0.8, slower at peak) with 0-0.2 % of 60 s timeouts; p95 and p99 are drawn as the exact order
+statistics of each bucket's requests. {s["steady_series"]:,} series are steady; each of the others carries one
+incident of 1-6 hours: an error burst on one model with mixed status codes (40 %), one status code on every
+model (20 %), or one model's latency multiplied by 1.5-5 (40 %; stratified by the true rise of the series' p95,
+which depends on the model's share). Error incidents multiply the series' error rate by 1.5, 2, 3, 5 or 10.
+
+**Scoring.** `detect(points, 168, 24)` per series. An incident is found when a detection of its kind (error
+rate; p95 or p99) overlaps its buckets; every other detection is false. Attribution runs on the detection's
+window and `reference`, with errors per (model, status, error type), or for latency the requests slower than the
+detection's baseline; it names the cause when the first row fixes the injected model (status and error type
+open) or the injected status code (model open). *Ideal* is the power of a one-sided Poisson test at α = 1e-6 on
+the incident's pooled errors with the true base rate known.
+
+{targets_table(s)}
+The error-rate target is met where the counts allow it, and no method meets it where they do
+not: doubling a rate means telling 2λ errors from λ. The ideal test's power for doubling a 1 % rate, at the
+detector's α = 1e-6 / at 1 in 24,000 (the loosest α that the false-spike target leaves for hourly error-rate
+tests, before any error in the baseline):
+
+{reachability_table()}
+So "at least double over ≥ 100 requests per bucket" becomes reachable at about 20-60
+expected errors in the incident window. Recall by incident size and volume (found/incidents, and the ideal
+test's mean power):
+
+{strata_table(result["strata"], "error")}
+The gap to the ideal in the 1k-3k and ≥ 3k columns is the price of not
+knowing the base rate (estimated from a week, scaled for over-dispersion) and of the per-bucket screen that
+forms runs (α = 1e-3).
+
+Latency (a p95 or p99 detection; found/incidents), by the true rise of the series' p95:
+
+{strata_table(result["strata"], "latency")}
+Below 100 requests per bucket p95 is not judged
+(`MIN_REQUESTS_P95`); at 100-300 requests a 1.5-2x rise is within about 4 standard errors of a sample p95, so
+some are missed there ({_pct(s["latency_target_by_volume"]["100-300"])} of the target incidents at that volume).
+
+Attribution first, by incident kind: error burst on one model
+{100 * s["attribution_by_kind"]["error_model"]:.1f} %, one status code
+{100 * s["attribution_by_kind"]["error_status"]:.1f} %, latency regression
+{100 * s["attribution_by_kind"]["latency"]:.1f} %. False spikes in steady series by metric:
+{", ".join(f"{k} {v}" for k, v in s["false_steady_by_metric"].items())}. The misses and false spikes are listed
+in the JSON.
+
+**Speed.** `detect` took {per_series:.2f} ms per series (720 buckets, 3 metrics; mean over the run, on a machine
+shared with other work), so 30 days of HOUR × 10 series × 3 metrics takes about {10 * per_series:.0f} ms: more
+than the "well under 10 ms" the brief hopes for. The error-rate pass is one loop over running sums; the latency
+pass sorts up to 7 seasonal references per bucket and metric.
+""")
+
+
+def _unwrap(text: str) -> str:
+    """Paragraphs on one line each (tables and code blocks as they are), as the rest of the page is written."""
+    blocks = text.split("\n\n")
+    return "\n\n".join(b if b.startswith(("|", "```")) else b.replace("\n", " ") for b in blocks)
+
+
+def write_section(text: str) -> None:
+    """Replace (or append) this section of docs/benchmarks.md; every other section stays as it is."""
+    page = DOC.read_text()
+    start = page.find(HEADING + "\n")
+    if start < 0:
+        page = page.rstrip("\n") + "\n\n" + text
+    else:
+        end = page.find("\n## ", start + len(HEADING))
+        rest = "\n" + page[end + 1 :] if end >= 0 else ""
+        page = page[:start] + text.rstrip("\n") + "\n" + rest
+    DOC.write_text(page.rstrip("\n") + "\n")
+
+
+def _commit() -> str:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
+
+    paths = ["reliability/spikes.py", "reliability/attribution.py", "bench/detection_quality.py"]
+    dirty = git("status", "--porcelain", "--", *paths)
+    return git("rev-parse", "--short=12", "HEAD") + (" with uncommitted changes to the detector" if dirty else "")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--series", type=int, default=Config.series)
@@ -525,11 +689,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     started = time.monotonic()
     result = run(Config(args.series, args.steady, args.seed))
     result["seconds"] = round(time.monotonic() - started, 1)
+    result["measured_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    result["commit"] = _commit()
     say(json.dumps(result["summary"], indent=1))
     if args.no_write:
         return
     RESULTS.write_text(json.dumps(result, indent=1) + "\n")
-    say(f"wrote {RESULTS.relative_to(ROOT)}")
+    write_section(section(result))
+    say(f"wrote {RESULTS.relative_to(ROOT)} and the section {HEADING[3:]!r} of {DOC.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":
