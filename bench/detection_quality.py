@@ -628,7 +628,7 @@ test's mean power):
 {strata_table(result["strata"], "error")}
 The gap to the ideal in the 1k-3k and ≥ 3k columns is the price of not
 knowing the base rate (estimated from a week, scaled for over-dispersion) and of the per-bucket screen that
-forms runs (α = 1e-3).
+forms runs (α = 1e-2).
 
 Latency (a p95 or p99 detection; found/incidents), by the true rise of the series' p95:
 
