@@ -654,7 +654,7 @@ pass sorts up to 7 seasonal references per bucket and metric.
 def _unwrap(text: str) -> str:
     """Paragraphs on one line each (tables and code blocks as they are), as the rest of the page is written."""
     blocks = text.split("\n\n")
-    return "\n\n".join(b if b.startswith(("|", "```")) else b.replace("\n", " ") for b in blocks)
+    return "\n\n".join(b if b.startswith(("|", "```")) else b.strip().replace("\n", " ") for b in blocks) + "\n"
 
 
 def write_section(text: str) -> None:
@@ -685,7 +685,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--steady", type=float, default=Config.steady)
     parser.add_argument("--seed", type=int, default=Config.seed)
     parser.add_argument("--no-write", action="store_true", help="print the summary, write nothing")
+    parser.add_argument("--render", action="store_true", help="only rewrite the section from the recorded results")
     args = parser.parse_args(argv)
+    if args.render:
+        write_section(section(json.loads(RESULTS.read_text())))
+        return
     started = time.monotonic()
     result = run(Config(args.series, args.steady, args.seed))
     result["seconds"] = round(time.monotonic() - started, 1)

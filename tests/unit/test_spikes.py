@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -9,7 +10,7 @@ from dataclasses import replace
 
 import pytest
 
-from bench.detection_quality import Config, poisson, run, sample_p95_p99
+from bench.detection_quality import DOC, HEADING, RESULTS, Config, poisson, run, sample_p95_p99, section
 from reliability.spikes import (
     PERIODS,
     TRAILING,
@@ -175,3 +176,12 @@ def test_short_quality_run_meets_the_targets() -> None:
     assert summary["latency_target"]["recall"] >= 0.95
     assert summary["attribution_first"] >= 0.95
     assert summary["precision"] >= 0.95
+
+
+def test_the_benchmark_section_is_rendered_from_the_recorded_results() -> None:
+    """docs/benchmarks.md's section is what ``python -m bench.detection_quality --render`` makes of the JSON."""
+    recorded = json.loads(RESULTS.read_text())
+    page = DOC.read_text()
+    start = page.index(HEADING + "\n")
+    end = page.find("\n## ", start)
+    assert page[start : end + 1 if end >= 0 else len(page)] == section(recorded) + ("\n" if end >= 0 else "")
