@@ -19,6 +19,7 @@ from gateway.logging import configure_logging
 from gateway.metrics import Metrics
 from gateway.middleware import CallerLimitsMiddleware, RequestIdMiddleware, StartupErrorMiddleware
 from gateway.resources import State, open_resources
+from gateway.shutdown import ShutdownClock
 from gateway.workers import run_workers
 from kernel.ratelimit import CallerLimiter
 from kernel.settings import ALL_ROLES, ProcessRole, Settings, load_settings
@@ -27,9 +28,14 @@ from resolvers.root import build_schema
 log = structlog.get_logger(__name__)
 
 
-def create_app(settings: Settings | None = None, roles: frozenset[ProcessRole] | None = None) -> Starlette:
+def create_app(
+    settings: Settings | None = None, roles: frozenset[ProcessRole] | None = None, *, own_signals: bool = False
+) -> Starlette:
     """The gateway as an ASGI app; clients open and close with its lifespan. Every process answers the health
-    and metrics endpoints; the ``api`` role adds GraphQL, the ``ingest`` role ``POST /v1/events``."""
+    and metrics endpoints; the ``api`` role adds GraphQL, the ``ingest`` role ``POST /v1/events``.
+
+    ``own_signals`` (``serve``): the process's SIGINT/SIGTERM bound its shutdown to
+    ``ANALYTICS_SHUTDOWN_GRACE_S`` and a second one exits at once (``gateway/shutdown.py``)."""
     settings = settings or load_settings()
     roles = roles if roles is not None else ALL_ROLES
     metrics = Metrics.create()
@@ -38,10 +44,16 @@ def create_app(settings: Settings | None = None, roles: frozenset[ProcessRole] |
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
-        async with open_resources(settings, roles, metrics) as resources, run_workers(resources):
-            settle_heap(settings.gc_gen0_threshold)
-            log.info("gateway.started", roles=sorted(roles), embedded_database=resources.embedded)
-            yield {"resources": resources}
+        clock = ShutdownClock(settings.shutdown_grace_s)
+        if own_signals:
+            clock.watch_signals()
+        async with open_resources(settings, roles, metrics) as resources:
+            async with run_workers(resources, clock):
+                settle_heap(settings.gc_gen0_threshold)
+                log.info("gateway.started", roles=sorted(roles), embedded_database=resources.embedded)
+                yield {"resources": resources}
+                clock.begin()
+            clock.stage = "closing the clients (audit trail, broker, Redis, database pools)"
         log.info("gateway.stopped")
 
     routes: list[BaseRoute] = [
@@ -73,4 +85,4 @@ def app_from_environment() -> Starlette:
     prepared (uvicorn imports this factory in every worker process)."""
     settings = load_settings()
     configure_logging(settings.log_level)
-    return create_app(settings, settings.role_set)
+    return create_app(settings, settings.role_set, own_signals=True)

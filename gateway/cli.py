@@ -71,8 +71,9 @@ def serve(
     if settings.database_url is None:
         _print_embedded_banner(bind_host, bind_port)
     config = uvicorn.Config(
-        create_app(settings, roles), host=bind_host, port=bind_port, log_config=None, access_log=False
-    )
+        create_app(settings, roles, own_signals=True), host=bind_host, port=bind_port, log_config=None,
+        access_log=False, timeout_graceful_shutdown=_connections_grace(settings),
+    )  # fmt: skip
     server = uvicorn.Server(config)
     try:
         server.run()
@@ -90,12 +91,18 @@ def _serve_workers(settings: Settings, roles: frozenset[ProcessRole], processes:
     os.environ[f"{ENV_PREFIX}ROLES"] = ",".join(sorted(roles))  # the workers read their settings from it
     config = uvicorn.Config(
         "gateway.app:app_from_environment", factory=True, workers=processes, host=host, port=port,
-        log_config=None, access_log=False,
+        log_config=None, access_log=False, timeout_graceful_shutdown=_connections_grace(settings),
     )  # fmt: skip
     supervisor = Multiprocess(config, sockets=[config.bind_socket()])
     supervisor.run()
     if any(worker.exitcode == STARTUP_FAILURE for worker in supervisor.processes):
         raise typer.Exit(1)
+
+
+def _connections_grace(settings: Settings) -> int:
+    """Seconds uvicorn waits for open connections at shutdown (then cancels them): a third of the grace
+    period, so that the workers' drain and closing the clients fit in the rest."""
+    return max(1, int(settings.shutdown_grace_s / 3))
 
 
 def _print_embedded_banner(host: str, port: int) -> None:

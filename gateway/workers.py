@@ -12,10 +12,12 @@ import structlog
 
 from db.rollup import run_cycle
 from gateway.resources import Resources
+from gateway.shutdown import ShutdownClock
 from ingest.consumer import Consumer
 from kernel.settings import ProcessRole
 
 log = structlog.get_logger(__name__)
+CANCEL_WAIT_S = 1.0  # for a cancelled cycle to unwind (its connection is closed, not reused)
 
 
 class Periodic:
@@ -31,10 +33,23 @@ class Periodic:
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name=self._name)
 
-    async def stop(self) -> None:
+    async def stop(self, grace_s: float) -> None:
+        """Let the cycle in progress finish within ``grace_s``; past that it is cancelled, and its transaction
+        rolls back (the next process's cycle does that work again)."""
         self._stopping.set()
-        if self._task is not None:
-            await self._task
+        if self._task is None:
+            return
+        cancel_wait = min(CANCEL_WAIT_S, grace_s / 2)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), grace_s - cancel_wait)
+        except TimeoutError:
+            log.warning(
+                "worker.stopped_unfinished", worker=self._name, grace_s=round(grace_s, 1),
+                left="the cycle in progress is cancelled; its transaction rolls back and the next cycle redoes it",
+            )  # fmt: skip
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(self._task, cancel_wait)
 
     async def _loop(self) -> None:
         while not self._stopping.is_set():
@@ -47,15 +62,16 @@ class Periodic:
 
 
 @asynccontextmanager
-async def run_workers(resources: Resources) -> AsyncIterator[None]:
-    """Start the workers the roles ask for; on exit stop them, newest first."""
+async def run_workers(resources: Resources, clock: ShutdownClock) -> AsyncIterator[None]:
+    """Start the workers the roles ask for; on exit stop them, newest first, each within what is left of
+    the grace period (``clock``)."""
     async with AsyncExitStack() as stack:
         if ProcessRole.INGEST in resources.roles and resources.amqp is not None:
             consumer = Consumer(
                 resources.amqp, resources.engine, resources.writer, resources.settings, resources.ingest_metrics
             )
             await consumer.start()
-            stack.push_async_callback(consumer.stop)
+            stack.push_async_callback(lambda: consumer.stop(clock.left("stopping the AMQP consumer")))
         if ProcessRole.ROLLUP in resources.roles:
             rollup = Periodic(
                 "rollup",
@@ -63,5 +79,5 @@ async def run_workers(resources: Resources) -> AsyncIterator[None]:
                 resources.settings.rollup_interval_s,
             )
             await rollup.start()
-            stack.push_async_callback(rollup.stop)
+            stack.push_async_callback(lambda: rollup.stop(clock.left("stopping the rollup worker")))
         yield

@@ -106,10 +106,11 @@ class Consumer:
         deadline = loop.time() + (self._settings.shutdown_grace_s if grace_s is None else grace_s)
         reserve = min(STOP_RESERVE_S, (deadline - loop.time()) / 4)
         self._stopping = True
-        cancelled = await _within(self._cancel_consuming(), min(BROKER_STEP_S, deadline - reserve - loop.time()))
+        budget = deadline - reserve - loop.time()
+        cancelled = await _within(self._cancel_consuming(), min(BROKER_STEP_S, budget / 2))
         self._wake.set()
         flusher, *others = self._tasks
-        drained = await _within(_finished(flusher), deadline - reserve - loop.time())
+        await _within(_finished(flusher), deadline - reserve - loop.time())
         left_messages = len(self._buffer) + len(self._flushing)
         left_events = self._buffered_events + sum(p.events for p in self._flushing)
         for task in [flusher, *others]:
@@ -118,16 +119,17 @@ class Consumer:
         heartbeat = await _within(self._heartbeat.leave(self._channel if cancelled else None), reserve / 2)
         if self._channel is not None:
             await _within(self._channel.close(), max(0.0, deadline - loop.time()))
-        if drained:
-            log.info("ingest.stopped", heartbeat=heartbeat or "unknown (the database did not answer in time)")
+        heartbeat = heartbeat or "unknown (the database did not answer in time)"
+        if not left_messages:
+            log.info("ingest.stopped", heartbeat=heartbeat, broker_answered=bool(cancelled))
             return
         log.warning(
             "ingest.stopped_with_messages_left",
             unacknowledged_messages=left_messages,
             events=left_events,
             reason=self._why_left(cancelled),
-            heartbeat=heartbeat or "unknown (the database did not answer in time)",
-            grace_s=grace_s if grace_s is not None else self._settings.shutdown_grace_s,
+            heartbeat=heartbeat,
+            grace_s=round(grace_s if grace_s is not None else self._settings.shutdown_grace_s, 1),
         )
 
     async def _cancel_consuming(self) -> bool:
