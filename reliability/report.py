@@ -46,6 +46,7 @@ class Bucket:
     client_errors: int = 0
     sketch: sketches.Sketch = field(default_factory=dict)
     latency: list[float] = field(default_factory=list)  # the requested percentiles, in their order
+    detection: tuple[float, float] | None = None  # p95 and p99 (ms), for spike detection; None with no requests
 
 
 @dataclass(frozen=True)
@@ -108,12 +109,9 @@ async def build_report(
         history_rows = await series_rows(connection, earlier, materialized_through)
     breakdown = await error_rows(connection, query, materialized_through, limit=BREAKDOWN_ROWS)
 
-    wanted = [*percentiles, *DETECTION_PERCENTILES]
-    series = _buckets(rows, by_model, query.granularity, zone, wanted)
-    past = _buckets(history_rows, by_model, query.granularity, zone, wanted)
+    series = _buckets(rows, by_model, query.granularity, zone, percentiles)
+    past = _buckets(history_rows, by_model, query.granularity, zone, percentiles)
     totals = _totals(series, percentiles)
-    for bucket in series:
-        bucket.latency = bucket.latency[: len(percentiles)]
 
     spikes = _detect(history + grid, len(history), past + series, by_model, SEASON[query.granularity])
     spikes.sort(key=lambda s: (s[1].severity != Severity.CRITICAL, -_relative(s[1])))
@@ -164,8 +162,11 @@ def _buckets(
         current.errors += row.errors
         current.client_errors += row.client_errors
         sketches.merge_into(current.sketch, sketches.parse(row.sketch))
+    count = len(wanted)
     for bucket in buckets:
-        bucket.latency = sketches.quantiles(bucket.sketch, wanted) or []
+        values = sketches.quantiles(bucket.sketch, [*wanted, *DETECTION_PERCENTILES])
+        if values:
+            bucket.latency, bucket.detection = values[:count], (values[count], values[count + 1])
     return buckets
 
 
@@ -190,7 +191,7 @@ def _detect(
         index = position.get(bucket.start)
         if index is None:  # pragma: no cover - every bucket start is on the grid
             continue
-        p95, p99 = bucket.latency[-2:] if bucket.latency else (None, None)
+        p95, p99 = bucket.detection or (None, None)
         points[index] = Point(requests=bucket.requests, errors=bucket.errors, p95_ms=p95, p99_ms=p99)
     found: list[tuple[str | None, Detection]] = []
     for model, points in sorted(series.items(), key=lambda item: item[0] or ""):

@@ -204,6 +204,11 @@ async def test_the_burst_is_found_in_its_hours_and_explained_by_its_model(
         assert first["model"] == BURST_MODEL, spike["topContributors"]
         assert first["share"] >= 0.8, spike["topContributors"]
         assert all(0 <= c["share"] <= 1 for c in spike["topContributors"])
+    # Detection works on p95 and p99 whatever percentiles the caller asks for.
+    for asked in ([0.5], [0.99, 0.01], [0.95, 0.99, 0.5, 0.1]):
+        other = await _report(client, token, org.org_id, start, end, by_model=True, percentiles=asked)
+        assert other["spikes"] == report["spikes"], asked
+        assert [p["percentile"] for p in other["totals"]["latency"]] == asked
     top = report["breakdown"][0]
     assert (top["model"], top["statusCode"], top["errorType"]) == (BURST_MODEL, 503, "overloaded")
     counts = [row["errors"] for row in report["breakdown"]]
