@@ -144,6 +144,9 @@ async def reroll_dirty(connection: AsyncConnection) -> int:
     """Recompute every dirty hour below M; drop marks at or above M (not rolled yet)."""
     total = 0
     while True:
+        # Lock order: usage_events before the marks. A writer creating a partition holds usage_events exclusively
+        # and then marks hours; claiming marks first and reading events second would deadlock with it.
+        await connection.execute(text("LOCK TABLE usage_events IN ACCESS SHARE MODE"))
         claimed = (await connection.execute(text(CLAIM_DIRTY), {"limit": DIRTY_CLAIM})).all()
         if not claimed:
             await connection.commit()
