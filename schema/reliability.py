@@ -69,7 +69,9 @@ class Spike:
     )
     top_contributors: list[Attribution] = strawberry.field(
         default_factory=list,
-        description="What explains the spike, ranked by excess over what the baseline predicts (docs/spike-detection.md).",
+        description=(
+            "What explains the spike, ranked by excess over what the baseline predicts (docs/spike-detection.md)."
+        ),
     )
 
 
