@@ -58,6 +58,7 @@ class Proxy:
         self._writers: set[asyncio.StreamWriter] = set()
         self._flowing = asyncio.Event()
         self._flowing.set()
+        self._refusing = False
         self.held = asyncio.Event()  # set once data arrived while blackholed (a statement hangs)
 
     async def start(self) -> None:
@@ -72,6 +73,7 @@ class Proxy:
             self._flowing.clear()
             return
         assert self._server is not None
+        self._refusing = True
         self._server.close()
         for writer in list(self._writers):
             writer.transport.abort()
@@ -79,6 +81,7 @@ class Proxy:
 
     async def restore(self) -> None:
         self._flowing.set()
+        self._refusing = False
         if self._server is None or not self._server.is_serving():
             await self.start()
 
@@ -90,12 +93,17 @@ class Proxy:
             writer.transport.abort()
 
     async def _pair(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        self._writers.add(client_writer)
         try:
             server_reader, server_writer = await asyncio.open_connection(*self.target)
         except OSError:
             client_writer.transport.abort()
             return
-        self._writers |= {client_writer, server_writer}
+        self._writers.add(server_writer)
+        if self._refusing:  # cut while this pair was being accepted or connected
+            for writer in (client_writer, server_writer):
+                writer.transport.abort()
+            return
         await asyncio.gather(
             self._pump(client_reader, server_writer), self._pump(server_reader, client_writer), return_exceptions=True
         )
