@@ -1,10 +1,11 @@
 """Spike detection on one series of contiguous buckets (one org, or one model of it).
 
 Error rate: each bucket's error count is tested against a trailing pooled rate (a one-sided Poisson tail, scaled
-for over-dispersion), buckets that pass a lenient test join adjacent ones into runs, and a run is a spike when its
+for over-dispersion); buckets that pass a lenient screen join adjacent ones into runs, and a run is a spike when its
 pooled counts pass the strict test. Latency percentiles: on log scale, each bucket against the median of the same
 bucket a day (or period) before, up to a week back, with a band from the MAD of those references and the series'
-sampling noise (a Hampel filter per bucket, seasonal where history allows, a trailing window where it does not).
+sampling noise (a Hampel filter per bucket, seasonal where history allows, a trailing window where it does not);
+screened buckets form runs, and a run is a spike when its pooled robust z and its rise are large enough.
 
 The method, every parameter and why: docs/spike-detection.md.
 """
@@ -69,6 +70,8 @@ MIN_REQUESTS_P99 = 1000  # ... (10 beyond its p99: timeouts and the heavy tail m
 K_LATENCY = 5.0  # robust z (scaled MAD units) a bucket's p95 must exceed ...
 K_LATENCY_P99 = 6.0  # ... and its p99 (a sample p99 is skewed to the right: few requests beyond it)
 MIN_LATENCY_RATIO = 1.3  # ... and at least this multiple of the baseline
+Z_SCREEN = 2.0  # a bucket above this robust z ...
+LATENCY_SCREEN_RATIO = 1.1  # ... and this multiple joins a run, which must pass the two above pooled
 SCALE_FLOOR = 0.02  # log units: smallest band scale (2 %), so a flat history does not flag jitter
 MAD_TO_SD = 1.4826  # MAD of a normal sample times this estimates its standard deviation
 
@@ -249,29 +252,33 @@ def _latency(
     counts = [p.requests for p in points]
     values = [quantile(p) for p in points]
     logs = [log(v) if n >= min_requests and v else nan for n, v in zip(counts, values, strict=True)]
-    floor = math.log(MIN_LATENCY_RATIO)
+    floor, screen = math.log(MIN_LATENCY_RATIO), math.log(LATENCY_SCREEN_RATIO)
     noise = -1.0  # computed when first needed
-    anomalies: dict[int, float] = {}  # index -> baseline (log)
+    candidates: dict[int, tuple[float, float]] = {}  # index -> (baseline (log), robust z)
     for t in range(max(evaluate_from, 1), len(points)):
         x = logs[t]
         if x != x:  # NaN: too few requests in this bucket
             continue
         refs = _references(logs, t, season)
-        if len(refs) < MIN_REFS or x - floor < min(refs):  # the median is at least the smallest reference
+        if len(refs) < MIN_REFS or x - screen < min(refs):  # the median is at least the smallest reference
             continue
         refs.sort()
         median = _median_sorted(refs)
-        if x - median < floor:
+        if x - median < screen:
             continue
         spread = MAD_TO_SD * _median_sorted(sorted(abs(r - median) for r in refs))
         noise = _sampling_noise(logs, counts, season or 1) if noise < 0 else noise
-        scale = max(spread, noise / math.sqrt(counts[t]), SCALE_FLOOR)
-        if x - median >= k * scale:
-            anomalies[t] = median
+        z = (x - median) / max(spread, noise / math.sqrt(counts[t]), SCALE_FLOOR)
+        if z >= Z_SCREEN:
+            candidates[t] = (median, z)
     found = []
-    for first, last in _runs(iter(anomalies)):
-        worst = max(range(first, last + 1), key=lambda i: logs[i] - anomalies[i])
-        observed, baseline = math.exp(logs[worst]), math.exp(anomalies[worst])
+    for first, last in _runs(iter(candidates)):
+        run = range(first, last + 1)
+        pooled_z = sum(candidates[i][1] for i in run) / math.sqrt(len(run))
+        if pooled_z < k or sum(logs[i] - candidates[i][0] for i in run) / len(run) < floor:
+            continue
+        worst = max(run, key=lambda i: logs[i] - candidates[i][0])
+        observed, baseline = math.exp(logs[worst]), math.exp(candidates[worst][0])
         found.append(
             Detection(
                 metric=metric,

@@ -138,6 +138,15 @@ def test_a_latency_regression_is_found_on_p95_and_p99() -> None:
     assert p95.severity == Severity.WARNING
 
 
+@pytest.mark.parametrize("seed", [20, 21])
+def test_a_run_of_weaker_latency_buckets_pools(seed: int) -> None:
+    """p95 x1.5 for 4 hours at about 130 requests an hour: no single hour passes z 5, the run does."""
+    points = steady(seed, volume=250)
+    for t in range(400, 404):
+        points[t] = replace(points[t], p95_ms=(points[t].p95_ms or 0) * 1.5)
+    assert [(d.metric, d.first, d.last) for d in detect(points, HISTORY, DAY)] == [(Metric.LATENCY_P95, 400, 403)]
+
+
 @pytest.mark.parametrize(("factor", "days"), [(2, 3), (3, 8)])
 def test_a_lasting_level_shift_stops_being_a_spike(factor: float, days: int) -> None:
     """After a deploy that raises the error rate for good, the baseline learns the new level (anomalous buckets
