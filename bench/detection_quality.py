@@ -634,8 +634,9 @@ Latency (a p95 or p99 detection; found/incidents), by the true rise of the serie
 
 {strata_table(result["strata"], "latency")}
 Below 100 requests per bucket p95 is not judged
-(`MIN_REQUESTS_P95`); at 100-300 requests a 1.5-2x rise is within about 4 standard errors of a sample p95, so
-some are missed there ({_pct(s["latency_target_by_volume"]["100-300"])} of the target incidents at that volume).
+(`MIN_REQUESTS_P95`); at 100-300 requests a 1.5-2x rise is
+within about 4 standard errors of a sample p95, so single hours are inconclusive and only runs of them are
+found; some are missed there ({_pct(s["latency_target_by_volume"]["100-300"])} of the target incidents at that volume).
 
 Attribution first, by incident kind: error burst on one model
 {100 * s["attribution_by_kind"]["error_model"]:.1f} %, one status code
