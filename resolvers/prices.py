@@ -11,7 +11,7 @@ from db.audit import record
 from db.prices import Price, list_prices, upsert_price
 from kernel.errors import BadUserInput
 from kernel.hours import is_whole_hour
-from resolvers.validation import check_model
+from resolvers.validation import EARLIEST, LATEST, check_model
 from schema.context import Context
 from schema.inputs import ModelPriceInput
 from schema.usage import ModelPrice
@@ -38,6 +38,10 @@ async def resolve_model_prices(info: strawberry.Info[Context, Any], model: str |
 
 def validated_price(data: ModelPriceInput) -> Price:
     check_model(data.model, "model")
+    if not EARLIEST <= data.effective_from <= LATEST:  # (compared before any conversion, which could overflow)
+        # Year 1 at 00:00 UTC would be stored as -infinity by the driver; year 9999 late in a zone west of UTC
+        # does not fit a Python datetime once in UTC.
+        raise BadUserInput(f"effectiveFrom must lie between {EARLIEST:%Y-%m-%d} and {LATEST:%Y-%m-%d} (UTC)")
     start = data.effective_from.astimezone(dt.UTC)
     if not is_whole_hour(start):
         raise BadUserInput("effectiveFrom must fall on a whole UTC hour")

@@ -202,6 +202,11 @@ async def test_upsert_model_price_validates_audits_and_corrects(
 
     for bad, words in (
         ({"effectiveFrom": "2026-11-01T03:30:00Z"}, "whole UTC hour"),
+        # Found by the GraphQL fuzzer: year 1 at midnight UTC was stored as -infinity (the driver's sentinel) and
+        # every read of the prices failed.
+        ({"effectiveFrom": "0001-01-01T00:00:00Z"}, "effectiveFrom must lie between"),
+        ({"effectiveFrom": "0001-01-01T01:00:00+01:00"}, "effectiveFrom must lie between"),
+        ({"effectiveFrom": "9999-12-31T23:00:00-01:00"}, "out of range in UTC"),
         ({"inputPerMillion": "-1"}, "must not be negative"),
         ({"model": "bad model!"}, "does not match"),
     ):
