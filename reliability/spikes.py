@@ -255,11 +255,12 @@ def _latency(
     floor, screen = math.log(MIN_LATENCY_RATIO), math.log(LATENCY_SCREEN_RATIO)
     noise = -1.0  # computed when first needed
     candidates: dict[int, tuple[float, float]] = {}  # index -> (baseline (log), robust z)
+    references = _References(logs, season)
     for t in range(max(evaluate_from, 1), len(points)):
         x = logs[t]
         if x != x:  # NaN: too few requests in this bucket
             continue
-        refs = _references(logs, t, season)
+        refs = references(t)
         if len(refs) < MIN_REFS or x - screen < min(refs):  # the median is at least the smallest reference
             continue
         refs.sort()
@@ -293,13 +294,26 @@ def _latency(
     return found
 
 
-def _references(logs: list[float], t: int, season: int | None) -> list[float]:
-    """The same bucket 1..PERIODS seasons back; else (too few) the last TRAILING buckets. NaNs left out."""
-    if season:
-        refs = [v for v in logs[max(t - PERIODS * season, t % season) : t : season] if v == v]
-        if len(refs) >= MIN_REFS:
-            return refs
-    return [v for v in logs[max(0, t - TRAILING) : t] if v == v]
+class _References:
+    """The same bucket 1..PERIODS seasons back; else (fewer than MIN_REFS) the last TRAILING buckets. NaNs left out.
+
+    Each phase of the season is sliced out once, so a bucket's seasonal references are one contiguous slice.
+    """
+
+    def __init__(self, logs: list[float], season: int | None) -> None:
+        self.logs, self.season = logs, season
+        self.phases = [logs[phase::season] for phase in range(season)] if season else []
+        self.clean = all(v == v for v in logs)
+
+    def __call__(self, t: int) -> list[float]:
+        if self.season:
+            j, phase = divmod(t, self.season)
+            refs = self.phases[phase][max(0, j - PERIODS) : j]
+            refs = refs if self.clean else [v for v in refs if v == v]
+            if len(refs) >= MIN_REFS:
+                return refs
+        trailing = self.logs[max(0, t - TRAILING) : t]
+        return trailing if self.clean else [v for v in trailing if v == v]
 
 
 def _sampling_noise(logs: list[float], counts: list[int], lag: int) -> float:
