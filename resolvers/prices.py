@@ -41,7 +41,9 @@ def validated_price(data: ModelPriceInput) -> Price:
     if not EARLIEST <= data.effective_from <= LATEST:  # (compared before any conversion, which could overflow)
         # Year 1 at 00:00 UTC would be stored as -infinity by the driver; year 9999 late in a zone west of UTC
         # does not fit a Python datetime once in UTC.
-        raise BadUserInput(f"effectiveFrom must lie between {EARLIEST:%Y-%m-%d} and {LATEST:%Y-%m-%d} (UTC)")
+        raise BadUserInput(
+            f"effectiveFrom must lie between {EARLIEST.date().isoformat()} and {LATEST.date().isoformat()} (UTC)"
+        )
     start = data.effective_from.astimezone(dt.UTC)
     if not is_whole_hour(start):
         raise BadUserInput("effectiveFrom must fall on a whole UTC hour")

@@ -60,7 +60,9 @@ def org_argument(caller: Caller, org_id: str, name: str = "orgId") -> str:
 
 def check_range(start: dt.datetime, end: dt.datetime, limit: dt.timedelta, what: str) -> None:
     if not (start >= EARLIEST and end <= LATEST):
-        raise BadUserInput(f"range must lie between {EARLIEST:%Y-%m-%d} and {LATEST:%Y-%m-%d} (UTC)")
+        raise BadUserInput(
+            f"range must lie between {EARLIEST.date().isoformat()} and {LATEST.date().isoformat()} (UTC)"
+        )
     if start >= end:
         raise BadUserInput("range.from must be before range.to")
     if end - start > limit:

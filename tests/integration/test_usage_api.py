@@ -204,8 +204,8 @@ async def test_upsert_model_price_validates_audits_and_corrects(
         ({"effectiveFrom": "2026-11-01T03:30:00Z"}, "whole UTC hour"),
         # Found by the GraphQL fuzzer: year 1 at midnight UTC was stored as -infinity (the driver's sentinel) and
         # every read of the prices failed.
-        ({"effectiveFrom": "0001-01-01T00:00:00Z"}, "effectiveFrom must lie between"),
-        ({"effectiveFrom": "0001-01-01T01:00:00+01:00"}, "effectiveFrom must lie between"),
+        ({"effectiveFrom": "0001-01-01T00:00:00Z"}, "effectiveFrom must lie between 0002-01-01"),
+        ({"effectiveFrom": "0001-01-01T01:00:00+01:00"}, "effectiveFrom must lie between 0002-01-01"),
         ({"effectiveFrom": "9999-12-31T23:00:00-01:00"}, "out of range in UTC"),
         ({"inputPerMillion": "-1"}, "must not be negative"),
         ({"model": "bad model!"}, "does not match"),
@@ -220,5 +220,5 @@ async def test_upsert_model_price_validates_audits_and_corrects(
             "SELECT outcome FROM audit_log WHERE action = 'upsertModelPrice' AND actor = 'price-admin' "
             "AND detail->>'model' = :m ORDER BY id"), {"m": model})).all()  # fmt: skip
     outcomes = [r.outcome for r in rows]
-    assert outcomes[:2] == ["ok", "ok"] and len(outcomes) == 4
+    assert outcomes[:2] == ["ok", "ok"] and len(outcomes) == 6
     assert all(o.startswith("rejected:") for o in outcomes[2:])
