@@ -81,8 +81,13 @@ WITH params AS (
       {filters_e}
     UNION ALL
     SELECT e.* FROM raw_hours r
-    JOIN usage_events e ON e.org_id = $1 AND e.event_time >= r.hour AND e.event_time < r.hour + interval '1 hour'
-    WHERE true {filters_e}
+    -- One index range per raw hour: LATERAL, and OFFSET 0 so that the planner cannot flatten it into a join
+    -- (which it did, scanning all of the org's events against an empty list of raw hours).
+    CROSS JOIN LATERAL (
+        SELECT * FROM usage_events e
+        WHERE e.org_id = $1 AND e.event_time >= r.hour AND e.event_time < r.hour + interval '1 hour' {filters_e}
+        OFFSET 0
+    ) AS e
 )"""
 
 _SERIES = (

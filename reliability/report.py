@@ -155,13 +155,15 @@ def _buckets(
     for row in rows:
         assert row.bucket is not None
         model = row.model if by_model else None
+        sketch = sketches.parse(row.sketch)
         if current is None or current.start != row.bucket or current.model != model:
-            current = Bucket(row.bucket, bucket_end(row.bucket, granularity, zone), model)
+            current = Bucket(row.bucket, bucket_end(row.bucket, granularity, zone), model, sketch=sketch)
             buckets.append(current)
+        else:  # a second row of the bucket: merge (the first row's sketch is the bucket's own, not shared)
+            sketches.merge_into(current.sketch, sketch)
         current.requests += row.requests
         current.errors += row.errors
         current.client_errors += row.client_errors
-        sketches.merge_into(current.sketch, sketches.parse(row.sketch))
     count = len(wanted)
     for bucket in buckets:
         values = sketches.quantiles(bucket.sketch, [*wanted, *DETECTION_PERCENTILES])

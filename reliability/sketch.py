@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import decimal
+import functools
 import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -32,7 +33,7 @@ _REPRESENTATIVE = 2 / (GAMMA + 1)
 def parse(text: str | bytes) -> Sketch:
     """A sketch as stored (jsonb text: bucket index as a string key, count)."""
     loaded: dict[str, int] = orjson.loads(text)
-    return {int(key): count for key, count in loaded.items()}
+    return dict(zip(map(int, loaded), loaded.values(), strict=True))  # (C loops: twice as fast as a comprehension)
 
 
 def merge_into(target: Sketch, other: Mapping[int, int]) -> Sketch:
@@ -58,7 +59,12 @@ def value_of(index: int) -> float:
 def rank(q: float, n: int) -> int:
     """The nearest rank of the q-percentile among n values: ``max(1, ceil(q * n))``, in exact decimal
     arithmetic on the q the caller wrote."""
-    return max(1, math.ceil(decimal.Decimal(repr(q)) * n))
+    return max(1, math.ceil(_as_written(q) * n))
+
+
+@functools.lru_cache(maxsize=256)
+def _as_written(q: float) -> decimal.Decimal:
+    return decimal.Decimal(repr(q))
 
 
 def quantiles(sketch: Mapping[int, int], qs: Sequence[float]) -> list[float] | None:
@@ -66,7 +72,7 @@ def quantiles(sketch: Mapping[int, int], qs: Sequence[float]) -> list[float] | N
     if not sketch:
         return None
     indexes = sorted(sketch)
-    cumulative = list(itertools.accumulate(sketch[i] for i in indexes))
+    cumulative = list(itertools.accumulate(map(sketch.__getitem__, indexes)))
     n = cumulative[-1]
     if n <= 0:
         return None
