@@ -73,11 +73,10 @@ async def run_workers(resources: Resources, clock: ShutdownClock) -> AsyncIterat
             await consumer.start()
             stack.push_async_callback(lambda: consumer.stop(clock.left("stopping the AMQP consumer")))
         if ProcessRole.ROLLUP in resources.roles:
-            rollup = Periodic(
-                "rollup",
-                lambda: run_cycle(resources.engine, dt.datetime.now(dt.UTC)),
-                resources.settings.rollup_interval_s,
-            )
+            async def cycle() -> None:  # each outcome feeds analytics_rollup_watermark_timestamp_seconds
+                resources.metrics.rollup.observe(await run_cycle(resources.engine, dt.datetime.now(dt.UTC)))
+
+            rollup = Periodic("rollup", cycle, resources.settings.rollup_interval_s)
             await rollup.start()
             stack.push_async_callback(lambda: rollup.stop(clock.left("stopping the rollup worker")))
         yield

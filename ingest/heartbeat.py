@@ -120,10 +120,11 @@ class Heartbeat:
 
     def caught_up(self, ready: int) -> dt.datetime:
         """With nothing waiting in the broker, everything is committed up to the oldest message still in hand
-        (or now); with a backlog, the last such instant stands."""
+        (or now); with a backlog, the last such instant stands. Feeds ``analytics_ingest_lag_seconds``."""
         if ready == 0:
             in_hand = self._in_hand()
             self._caught_up_through = in_hand if in_hand is not None else dt.datetime.now(dt.UTC)
+        self._metrics.caught_up_through = self._caught_up_through.timestamp()
         return self._caught_up_through
 
     async def read_depths(self, channel: AbstractChannel) -> QueueState:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import gc
 
 import httpx
@@ -10,9 +11,11 @@ from asgi_lifespan import LifespanManager
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import create_app
+from kernel.hours import floor_hour
 from kernel.settings import ProcessRole, Settings
 from tests.conftest import TokenFactory
 from tests.helpers import graphql
+from tests.integration.ingest_support import eventually
 
 
 async def test_healthz(client: httpx.AsyncClient) -> None:
@@ -112,3 +115,26 @@ async def test_roles_decide_the_routes(
             events = await client.post("/v1/events", content=b"[]")
     assert (graphql.status_code != 404) is graphql_served  # served: 401 without a token
     assert (events.status_code != 404) is events_served
+
+
+async def test_the_alert_gauges_are_fed_by_the_running_workers(client: httpx.AsyncClient) -> None:
+    """FreshnessPromiseBroken and RollupWatermarkBehind read these: the consumer's heartbeat and the rollup
+    worker's cycles must feed them in a serving process, not only in unit tests."""
+
+    async def gauges() -> dict[str, float]:
+        text = (await client.get("/metrics")).text
+        return {
+            s.name: s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name in ("analytics_ingest_lag_seconds", "analytics_rollup_watermark_timestamp_seconds")
+        }
+
+    async def both() -> bool:
+        return len(await gauges()) == 2
+
+    await eventually(both, timeout=30, what="both alert gauges on /metrics")
+    values = await gauges()
+    assert 0 <= values["analytics_ingest_lag_seconds"] < 300
+    watermark = dt.datetime.fromtimestamp(values["analytics_rollup_watermark_timestamp_seconds"], dt.UTC)
+    assert watermark == floor_hour(watermark) and watermark <= dt.datetime.now(dt.UTC)
