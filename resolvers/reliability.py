@@ -13,10 +13,10 @@ from db.usage import UsageQuery
 from kernel.errors import BadUserInput
 from reliability.report import Bucket, Cause, FoundSpike, Report, build_report, error_rate
 from resolvers.freshness import to_freshness
-from resolvers.validation import check_ids, check_range, check_time_zone, org_argument
+from resolvers.usage import usage_query
+from resolvers.validation import org_argument
 from schema.context import Context
-from schema.cost import MAX_RANGE
-from schema.enums import Granularity, Severity, SpikeMetric
+from schema.enums import Granularity, Severity, SpikeMetric, UsageDimension
 from schema.inputs import TimeRange, UsageFilter
 from schema.reliability import (
     Attribution,
@@ -45,19 +45,8 @@ def reliability_query(
     org_id: str, range: TimeRange, granularity: Granularity, filter: UsageFilter | None, group_by_model: bool,
     time_zone: str,
 ) -> UsageQuery:  # fmt: skip
-    check_range(range.from_, range.to, MAX_RANGE[granularity.value], f"granularity {granularity.value}")
-    check_time_zone(time_zone)
-    return UsageQuery(
-        org_id=org_id,
-        start=range.from_,
-        end=range.to,
-        granularity=granularity.value,
-        time_zone=time_zone,
-        group_by=frozenset({"model"}) if group_by_model else frozenset(),
-        models=check_ids(filter.models, "filter.models", model=True) if filter else None,
-        project_ids=check_ids(filter.project_ids, "filter.projectIds") if filter else None,
-        api_key_ids=check_ids(filter.api_key_ids, "filter.apiKeyIds") if filter else None,
-    )
+    """The same rules as ``usage`` (range limits, zone, filters), grouped by model or not at all."""
+    return usage_query(org_id, range, granularity, filter, [UsageDimension.MODEL] if group_by_model else [], time_zone)
 
 
 async def resolve_reliability(
