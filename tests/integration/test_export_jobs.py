@@ -184,7 +184,8 @@ async def test_two_workers_racing_for_one_job_one_claims_it(clean: AsyncEngine) 
     async with clean.begin() as first:
         claimed, _ = await claim(first, "worker-a", LEASE, NO_WAIT)  # locked, not yet committed
         assert claimed is not None and claimed.id == created.id
-        assert await _claim(clean, "worker-b") is None  # skips the locked row
+        # Skips the locked row (a claim that waited for the lock would time out here).
+        assert await asyncio.wait_for(_claim(clean, "worker-b"), 5) is None
     # And with both claims really concurrent: one job, one winner.
     created, _ = await _create(clean)
     results = await asyncio.gather(*(_claim(clean, f"worker-{i}") for i in range(6)))
@@ -212,8 +213,23 @@ async def test_an_expired_lease_is_reclaimed_as_attempt_two_and_the_old_owner_is
         assert not await queries.renew_lease(connection, old, LEASE)
         assert await queries.succeed_job(connection, old, _outcome(), dt.timedelta(days=1)) is None
         assert await queries.renew_lease(connection, lease_of(second), LEASE)
-    # The same owner claiming again is a new attempt: its older lease is fenced too.
-    assert Lease(created.id, "worker-b", 1) != lease_of(second)
+
+
+async def test_the_same_owner_claiming_again_fences_its_own_older_attempt(clean: AsyncEngine) -> None:
+    created, _ = await _create(clean)
+    first = await _claim(clean, "worker-a")
+    assert first is not None
+    async with clean.begin() as connection:
+        await connection.execute(
+            text("UPDATE export_jobs SET lease_expires_at = now() - interval '1 second' WHERE id = :id"),
+            {"id": created.id},
+        )
+    second = await _claim(clean, "worker-a")
+    assert second is not None and second.attempts == 2
+    async with clean.begin() as connection:
+        assert not await queries.renew_lease(connection, Lease(created.id, "worker-a", 1), LEASE)
+        assert await queries.fail_attempt(connection, Lease(created.id, "worker-a", 1), "stale", None) is None
+    assert (await _job(clean, created.id)).status == "RUNNING"
 
 
 async def test_renew_after_cancel_returns_false_and_cancel_is_idempotent(clean: AsyncEngine) -> None:
@@ -356,7 +372,7 @@ async def test_the_keeper_renews_the_lease_and_stops_the_work_when_the_job_is_ca
             await _until(lambda: _renewed_after(clean, created.id, first_expiry))
             async with clean.begin() as connection:
                 await cancel_job(connection, created.id, lambda _org: True)
-            await never.wait()  # the work: cancelled by the keeper
+            await asyncio.wait_for(never.wait(), 5)  # the work, cancelled by the keeper (else: TimeoutError)
     assert keeper.lost.is_set()
 
 
