@@ -326,6 +326,8 @@ async def test_a_job_whose_last_worker_died_is_failed_not_claimed(clean: AsyncEn
             ),
             {"id": created.id},
         )
+    async with clean.begin() as connection:  # a claim alone never takes a job that has no attempts left
+        assert await queries.claim_job(connection, "worker-a", LEASE, NO_WAIT.max_attempts) is None
     async with clean.begin() as connection:
         claimed, abandoned = await claim(connection, "worker-a", LEASE, NO_WAIT)
     assert claimed is None
@@ -367,13 +369,18 @@ async def test_the_keeper_renews_the_lease_and_stops_the_work_when_the_job_is_ca
     assert claimed is not None and claimed.lease_expires_at is not None
     first_expiry = claimed.lease_expires_at
     never = asyncio.Event()
+    stopped: list[str] = []
     with pytest.raises(LeaseLost, match="cancelled or taken over"):
         async with LeaseKeeper(clean, lease_of(claimed), LEASE, every=dt.timedelta(milliseconds=20)) as keeper:
             await _until(lambda: _renewed_after(clean, created.id, first_expiry))
             async with clean.begin() as connection:
                 await cancel_job(connection, created.id, lambda _org: True)
-            await asyncio.wait_for(never.wait(), 5)  # the work, cancelled by the keeper (else: TimeoutError)
-    assert keeper.lost.is_set()
+            try:
+                await asyncio.wait_for(never.wait(), 5)  # the work
+            except asyncio.CancelledError:
+                stopped.append("cancelled by the keeper")
+                raise
+    assert keeper.lost.is_set() and stopped == ["cancelled by the keeper"]
 
 
 async def test_the_keeper_leaves_a_body_that_ends_normally_alone(clean: AsyncEngine) -> None:
@@ -385,6 +392,23 @@ async def test_the_keeper_leaves_a_body_that_ends_normally_alone(clean: AsyncEng
     assert not keeper.lost.is_set()
     await asyncio.sleep(0.05)  # a renewal due now would have found nothing: the keeper has stopped
     keeper.check()
+
+
+async def test_the_keeper_gives_up_when_it_cannot_renew_before_the_lease_expires(clean: AsyncEngine) -> None:
+    await _create(clean)
+    claimed = await _claim(clean, "worker-a")
+    assert claimed is not None
+    unreachable = create_engine("postgresql://postgres@127.0.0.1:1/nowhere", pool_size=1, connect_timeout=1)
+    never = asyncio.Event()
+    started = time.monotonic()
+    try:
+        with pytest.raises(LeaseLost, match="expired before it could be renewed"):
+            async with LeaseKeeper(unreachable, lease_of(claimed), dt.timedelta(milliseconds=300),
+                                   every=dt.timedelta(milliseconds=50)):  # fmt: skip
+                await asyncio.wait_for(never.wait(), 5)
+    finally:
+        await unreachable.dispose()
+    assert time.monotonic() - started < 3
 
 
 async def _renewed_after(engine: AsyncEngine, job_id: uuid.UUID, expiry: dt.datetime) -> bool:
