@@ -356,7 +356,8 @@ INCIDENT_ROWS = (
 
 
 async def count_incident_rows(connection: AsyncConnection, selection: IncidentSelection) -> int:
-    """How many rows the INCIDENT export of ``selection`` holds (in this connection's snapshot)."""
+    """How many rows the INCIDENT export of ``selection`` holds. One statement on the driver's connection: in
+    the connection's transaction once a statement has begun it (SQLAlchemy begins lazily), else on its own."""
     raw = await driver_connection(connection)
     count = await raw.fetchval(f"SELECT count(*) FROM usage_events e WHERE {INCIDENT_WHERE}", *selection.args())
     return int(count)

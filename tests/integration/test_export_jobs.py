@@ -176,6 +176,29 @@ async def test_concurrent_creates_with_one_key_make_one_job(engine: AsyncEngine)
     assert count == 1
 
 
+async def test_a_create_that_meets_an_uncommitted_one_returns_its_job_once_committed(engine: AsyncEngine) -> None:
+    org = _org()
+    job = cost_job(org_id=org, month=None, requested_by="fin", key="close-nov", now=NOW)
+    async with engine.begin() as first:
+        mine, created = await create_job(first, job)
+        assert created
+        second = asyncio.create_task(_create(engine, org_id=org, month=None, key="close-nov"))
+        await _until(lambda: _waiting_for_a_lock(engine))  # the second insert waits at the unique index
+    theirs, created_again = await asyncio.wait_for(second, 5)
+    assert theirs.id == mine.id and not created_again
+
+
+async def _waiting_for_a_lock(engine: AsyncEngine) -> bool:
+    async with engine.connect() as connection:
+        waiting = await connection.scalar(
+            text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock' AND query LIKE 'INSERT INTO export_jobs%'"
+            )
+        )
+    return bool(waiting)
+
+
 # Claims and leases
 
 
@@ -390,8 +413,8 @@ async def test_the_keeper_leaves_a_body_that_ends_normally_alone(clean: AsyncEng
     async with LeaseKeeper(clean, lease_of(claimed), LEASE, every=dt.timedelta(milliseconds=10)) as keeper:
         await asyncio.sleep(0)
     assert not keeper.lost.is_set()
-    await asyncio.sleep(0.05)  # a renewal due now would have found nothing: the keeper has stopped
     keeper.check()
+    assert [task for task in asyncio.all_tasks() if task.get_name().startswith("lease ")] == []  # stopped
 
 
 async def test_the_keeper_gives_up_when_it_cannot_renew_before_the_lease_expires(clean: AsyncEngine) -> None:
