@@ -106,6 +106,7 @@ async def test_s3_multipart_upload_stores_exactly_the_bytes_whose_sha256_it_repo
     assert response.status_code == 200
     assert hashlib.sha256(response.content).hexdigest() == sha256
     assert response.headers["content-disposition"] == f'attachment; filename="{key.rsplit("/", 1)[1]}"'
+    assert response.headers["content-type"] == "text/csv; charset=utf-8"
     assert hashlib.sha256(await read_all(s3_storage, key)).hexdigest() == sha256
     assert await open_uploads(s3, bucket, key) == []
 
