@@ -70,17 +70,29 @@ async def _clean_broker_and_redis() -> AsyncIterator[None]:
             await redis.delete(*keys)
 
 
-@pytest.fixture(scope="session")
-async def database_url() -> AsyncIterator[str]:
-    """A migrated database of this run's own, dropped afterwards."""
-    name = f"analytics_test_{RUN_ID}"
+async def create_migrated_database(name: str) -> str:
     url = await create_database(name)
     engine = create_engine(url, pool_size=1)
     try:
         await migrate(engine)
     finally:
         await engine.dispose()
-    yield url
+    return url
+
+
+@pytest.fixture(scope="session")
+async def database_url() -> AsyncIterator[str]:
+    """A migrated database of this run's own, dropped afterwards."""
+    name = f"analytics_test_{RUN_ID}"
+    yield await create_migrated_database(name)
+    await drop_database(name)
+
+
+@pytest.fixture
+async def migrated_database() -> AsyncIterator[str]:
+    """A migrated database of one test's own (for tests that move global state: watermarks, heartbeats)."""
+    name = f"analytics_test_{RUN_ID}_{uuid.uuid4().hex[:6]}"
+    yield await create_migrated_database(name)
     await drop_database(name)
 
 

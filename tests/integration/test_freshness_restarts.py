@@ -24,14 +24,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from db.engine import create_engine
 from db.freshness import load_freshness
-from db.migrate import migrate
 from ingest.freshness import Status, assess
 from ingest.publisher import EventPublisher
 from ingest.synthetic import Traffic, generate
 from ingest.topology import Topology
 from kernel.settings import Settings
-from tests.conftest import RUN_ID, create_database, drop_database
-from tests.integration.ingest_support import POLL_S, delete_topology, drained, eventually, publisher
+from tests.integration.ingest_support import POLL_S, drained, eventually, publisher
 from tests.integration.test_ingest_faults import Ingester, Ingesters
 
 pytestmark = pytest.mark.slow
@@ -41,28 +39,8 @@ STALE_S = 20.0
 
 
 @pytest.fixture
-async def own_database() -> AsyncIterator[str]:
-    name = f"analytics_test_{RUN_ID}_{uuid.uuid4().hex[:6]}"
-    url = await create_database(name)
-    engine = create_engine(url, pool_size=1)
-    try:
-        await migrate(engine)
-    finally:
-        await engine.dispose()
-    yield url
-    await drop_database(name)
-
-
-@pytest.fixture
-async def prefix() -> AsyncIterator[str]:
-    name = f"test_{RUN_ID}_{uuid.uuid4().hex[:8]}."
-    yield name
-    await delete_topology(name)
-
-
-@pytest.fixture
-async def pool(prefix: str, own_database: str, tmp_path: Path) -> AsyncIterator[Ingesters]:
-    ingesters = Ingesters(prefix, own_database, tmp_path)
+async def pool(prefix: str, migrated_database: str, tmp_path: Path) -> AsyncIterator[Ingesters]:
+    ingesters = Ingesters(prefix, migrated_database, tmp_path)
     try:
         yield ingesters
     finally:
@@ -207,15 +185,17 @@ async def only_rows_of(database_url: str, *live: Ingester) -> bool:
 # --- the tests ----------------------------------------------------------------------------------------------
 
 
-async def test_a_clean_restart_stays_fresh_and_leaves_no_row(pool: Ingesters, prefix: str, own_database: str) -> None:
+async def test_a_clean_restart_stays_fresh_and_leaves_no_row(
+    pool: Ingesters, prefix: str, migrated_database: str
+) -> None:
     source = f"//test/fresh-restart/{uuid.uuid4().hex[:8]}"
     first = await start(pool)
-    async with steady_load(prefix, source) as load, watching(own_database) as watch:
-        await eventually(lambda: only_rows_of(own_database, first), 10, "the first ingester's heartbeat")
+    async with steady_load(prefix, source) as load, watching(migrated_database) as watch:
+        await eventually(lambda: only_rows_of(migrated_database, first), 10, "the first ingester's heartbeat")
         await stop(first)
         stopped_at = time.monotonic()
         second = await start(pool)
-        await eventually(lambda: only_rows_of(own_database, second), 10, "only the successor's row")
+        await eventually(lambda: only_rows_of(migrated_database, second), 10, "only the successor's row")
         # Long enough for a leftover row of the first to have turned freshness DELAYED.
         await observe(watch, FRESH_S + 2 - (time.monotonic() - stopped_at))
         assert load.sent > 0
@@ -225,36 +205,38 @@ async def test_a_clean_restart_stays_fresh_and_leaves_no_row(pool: Ingesters, pr
 
 
 async def test_a_rolling_restart_of_two_ingesters_under_load_never_reports_delayed(
-    pool: Ingesters, prefix: str, own_database: str
+    pool: Ingesters, prefix: str, migrated_database: str
 ) -> None:
     source = f"//test/fresh-rolling/{uuid.uuid4().hex[:8]}"
     running = [await start(pool), await start(pool)]
-    async with steady_load(prefix, source) as load, watching(own_database) as watch:
-        await eventually(lambda: only_rows_of(own_database, *running), 10, "both heartbeats")
+    async with steady_load(prefix, source) as load, watching(migrated_database) as watch:
+        await eventually(lambda: only_rows_of(migrated_database, *running), 10, "both heartbeats")
         first_stop = time.monotonic()
         for index in range(2):
             await stop(running[index])
             running[index] = await start(pool)
-            await eventually(lambda: only_rows_of(own_database, *running), 10, "rows of the running ingesters only")
+            await eventually(
+                lambda: only_rows_of(migrated_database, *running), 10, "rows of the running ingesters only"
+            )
         # Long enough for a leftover row of the first one stopped to have turned freshness DELAYED.
         await observe(watch, FRESH_S + 1 - (time.monotonic() - first_stop))
     await drained(Topology.named(prefix).queue, running[0].name, 30)  # the load stopped: all of it committed
     worst = watch.worst()
     assert worst.status == Status.FRESH and worst.lag < FRESH_S, worst
-    assert load.sent > 0 and await stored(own_database, source) == load.sent
+    assert load.sent > 0 and await stored(migrated_database, source) == load.sent
 
 
 async def test_a_killed_ingester_stops_counting_once_the_survivor_has_caught_up(
-    pool: Ingesters, prefix: str, own_database: str
+    pool: Ingesters, prefix: str, migrated_database: str
 ) -> None:
     source = f"//test/fresh-kill/{uuid.uuid4().hex[:8]}"
     doomed, survivor = await start(pool), await start(pool)
-    async with steady_load(prefix, source), watching(own_database) as watch:
-        await eventually(lambda: only_rows_of(own_database, doomed, survivor), 10, "both heartbeats")
+    async with steady_load(prefix, source), watching(migrated_database) as watch:
+        await eventually(lambda: only_rows_of(migrated_database, doomed, survivor), 10, "both heartbeats")
         doomed.process.kill()
         assert await asyncio.wait_for(doomed.process.wait(), 10) == -signal.SIGKILL
         killed_at = time.monotonic()
-        await eventually(lambda: only_rows_of(own_database, survivor), 10, "the killed ingester's row to go")
+        await eventually(lambda: only_rows_of(migrated_database, survivor), 10, "the killed ingester's row to go")
         pruned_after = time.monotonic() - killed_at
         await observe(watch, FRESH_S + 2 - (time.monotonic() - killed_at))
     assert pruned_after < 6, f"the dead row counted for {pruned_after:.1f} s"
@@ -266,28 +248,28 @@ async def test_a_killed_ingester_stops_counting_once_the_survivor_has_caught_up(
 
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["killed", "stopped"])
 async def test_with_no_ingester_and_messages_waiting_freshness_goes_delayed_then_stale_on_schedule(
-    how: signal.Signals, pool: Ingesters, prefix: str, own_database: str
+    how: signal.Signals, pool: Ingesters, prefix: str, migrated_database: str
 ) -> None:
     only = await start(pool, fresh_s=3, stale_s=6)
     source = f"//test/fresh-none/{uuid.uuid4().hex[:8]}"
-    async with watching(own_database) as watch:
+    async with watching(migrated_database) as watch:
         watch.settings = Settings(freshness_fresh_s=3, freshness_stale_s=6)
         async with steady_load(prefix, source) as load:
-            await eventually(lambda: only_rows_of(own_database, only), 10, "the heartbeat")
+            await eventually(lambda: only_rows_of(migrated_database, only), 10, "the heartbeat")
             only.process.send_signal(how)
             await asyncio.wait_for(only.process.wait(), 30)
             gone_at = time.monotonic()
             await observe(watch, 7)
         successor = await start(pool, fresh_s=3, stale_s=6)
         await drained(Topology.named(prefix).queue, successor.name, 30)
-        await eventually(lambda: only_rows_of(own_database, successor), 10, "only the successor's row")
+        await eventually(lambda: only_rows_of(migrated_database, successor), 10, "only the successor's row")
 
         async def fresh_again() -> bool:
             sample = await watch.sample()
             return sample.status == Status.FRESH and sample.lag < 3
 
         await eventually(fresh_again, 5, "FRESH once the successor has caught up")
-    assert load.sent > 0 and await stored(own_database, source) == load.sent
+    assert load.sent > 0 and await stored(migrated_database, source) == load.sent
     delayed, stale = watch.first(Status.DELAYED, gone_at), watch.first(Status.STALE, gone_at)
     assert delayed is not None and stale is not None, watch.worst(gone_at)
     # Lag runs from how far the last ingester had got, at most a beat (1 s) before it went.

@@ -31,7 +31,6 @@ from tests.conftest import AMQP_URL, POSTGRES_ADMIN_URL, REDIS_URL, RUN_ID, TEST
 from tests.integration.ingest_support import (
     POLL_S,
     amqp_connections,
-    delete_topology,
     drained,
     eventually,
     publish_mixed,
@@ -134,14 +133,6 @@ async def _wait_ready(ingester: Ingester) -> None:
                     return
             await asyncio.sleep(POLL_S)  # polling a server that is starting: there is no event to await
     raise AssertionError(f"serve did not become ready:\n{ingester.log_tail()}")
-
-
-@pytest.fixture
-async def prefix() -> AsyncIterator[str]:
-    """This test's own AMQP names, deleted afterwards."""
-    name = f"test_{RUN_ID}_{uuid.uuid4().hex[:8]}."
-    yield name
-    await delete_topology(name)
 
 
 @pytest.fixture

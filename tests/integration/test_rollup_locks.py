@@ -18,24 +18,12 @@ import pytest
 from sqlalchemy import text
 
 from db.engine import create_engine
-from db.migrate import migrate
 from db.rollup import floor_hour, reroll_dirty
 
 
 @pytest.fixture
-async def migrated(empty_database: str) -> str:
-    """A database of this test's own: it moves the global rollup watermarks."""
-    engine = create_engine(empty_database, pool_size=1)
-    try:
-        await migrate(engine)
-    finally:
-        await engine.dispose()
-    return empty_database
-
-
-@pytest.fixture
-async def writer(migrated: str) -> AsyncIterator[asyncpg.Connection]:
-    connection = await asyncpg.connect(migrated)
+async def writer(migrated_database: str) -> AsyncIterator[asyncpg.Connection]:
+    connection = await asyncpg.connect(migrated_database)
     try:
         yield connection
     finally:
@@ -43,7 +31,7 @@ async def writer(migrated: str) -> AsyncIterator[asyncpg.Connection]:
 
 
 async def test_a_reroll_waits_for_a_writer_creating_a_partition_instead_of_deadlocking(
-    migrated: str, writer: asyncpg.Connection
+    migrated_database: str, writer: asyncpg.Connection
 ) -> None:
     org = f"org_locks_{uuid.uuid4().hex[:6]}"
     hour = floor_hour(dt.datetime.now(dt.UTC)) - dt.timedelta(days=3)
@@ -57,7 +45,7 @@ async def test_a_reroll_waits_for_a_writer_creating_a_partition_instead_of_deadl
     await transaction.start()
     await writer.execute("SELECT analytics_ensure_usage_partition($1::date)", dt.date(2031, 1, 1))
 
-    engine = create_engine(migrated, pool_size=1)
+    engine = create_engine(migrated_database, pool_size=1)
     try:
         async with engine.connect() as connection:
             await connection.execute(text("SET deadlock_timeout = '100ms'"))

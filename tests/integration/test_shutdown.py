@@ -29,7 +29,6 @@ from ingest.topology import Topology
 from tests.conftest import AMQP_URL, POSTGRES_ADMIN_URL, RUN_ID
 from tests.integration.ingest_support import (
     amqp_connections,
-    delete_topology,
     drained,
     eventually,
     publish_mixed,
@@ -145,13 +144,6 @@ async def vhost() -> AsyncIterator[str]:
     yield name
     with contextlib.suppress(subprocess.CalledProcessError):
         await asyncio.to_thread(_rabbitmqctl, "delete_vhost", name)
-
-
-@pytest.fixture
-async def prefix() -> AsyncIterator[str]:
-    name = f"test_{RUN_ID}_{uuid.uuid4().hex[:8]}."
-    yield name
-    await delete_topology(name)
 
 
 @pytest.fixture
