@@ -37,6 +37,7 @@ from typing import Any
 
 PART_SIZE = 8 * 1024 * 1024
 S3_MIN_PART_SIZE = 5 * 1024 * 1024
+_TEXT_CHUNK = 64 * 1024
 
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
@@ -179,34 +180,39 @@ class PartEncoder:
         self.format = fmt
         self.part_size = part_size
         self.rows = 0
-        self._buffer = io.StringIO()
-        self._writer = csv.writer(self._buffer, lineterminator="\r\n", quoting=csv.QUOTE_MINIMAL)
+        # Text goes to a small StringIO and moves to the part's bytes every _TEXT_CHUNK characters: memory
+        # stays near one part (plus its copy when handed out), not the several copies of one large StringIO.
+        self._text = io.StringIO()
+        self._writer = csv.writer(self._text, lineterminator="\r\n", quoting=csv.QUOTE_MINIMAL)
         self._chars = self._writer.writerow(fmt.header)
+        self._part = bytearray()
         self._finished = False
 
     def add(self, row: Sequence[Any]) -> bytes | None:
         if self._finished:
             raise RuntimeError("rows added after finish()")
-        # writerow returns the characters written; a character is at least one UTF-8 byte, so once the
-        # characters reach part_size the encoded part does too.
         self._chars += self._writer.writerow(self.format.cells(row))
         self.rows += 1
-        if self._chars < self.part_size:
+        if self._chars < _TEXT_CHUNK:
             return None
-        part = self._buffer.getvalue().encode("utf-8")
-        self._reset()
-        return part
+        self._move_text()
+        return self._take_part() if len(self._part) >= self.part_size else None
 
     def finish(self) -> bytes:
         self._finished = True
-        part = self._buffer.getvalue().encode("utf-8")
-        self._reset()
-        return part
+        self._move_text()
+        return self._take_part()
 
-    def _reset(self) -> None:
-        self._buffer.seek(0)
-        self._buffer.truncate()
+    def _move_text(self) -> None:
+        self._part += self._text.getvalue().encode("utf-8")
+        self._text.seek(0)
+        self._text.truncate()
         self._chars = 0
+
+    def _take_part(self) -> bytes:
+        part = bytes(self._part)
+        self._part = bytearray()
+        return part
 
 
 def encode_parts(fmt: CsvFormat, rows: Iterable[Sequence[Any]], part_size: int = PART_SIZE) -> Iterator[bytes]:
