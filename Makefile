@@ -70,6 +70,6 @@ bench: install services
 	$(BIN)/python -c 'import shutil, sys; sys.exit(shutil.which("py-spy", path="$(BIN)") is None)' \
 		|| $(BIN)/python -m pip install --quiet --disable-pip-version-check py-spy
 	$(BIN)/python -m bench.ingest_bench
-	$(BIN)/python -m bench.graphql_bench $(BENCH_ARGS)
+	$(BIN)/python -m bench.graphql_bench --keep-db $(BENCH_ARGS)
 	$(BIN)/python -m bench.report
-	$(BIN)/python -m bench.reliability_bench $(BENCH_ARGS)
+	$(BIN)/python -m bench.reliability_bench $(BENCH_ARGS)  # reuses graphql_bench's data set, then drops it
