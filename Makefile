@@ -73,3 +73,4 @@ bench: install services
 	$(BIN)/python -m bench.graphql_bench --keep-db $(BENCH_ARGS)
 	$(BIN)/python -m bench.report
 	$(BIN)/python -m bench.reliability_bench $(BENCH_ARGS)  # reuses graphql_bench's data set, then drops it
+	$(BIN)/python -m bench.detection_quality  # spike detection quality on its labelled corpus (about 1 min)
