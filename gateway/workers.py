@@ -73,6 +73,7 @@ async def run_workers(resources: Resources, clock: ShutdownClock) -> AsyncIterat
             await consumer.start()
             stack.push_async_callback(lambda: consumer.stop(clock.left("stopping the AMQP consumer")))
         if ProcessRole.ROLLUP in resources.roles:
+
             async def cycle() -> None:  # each outcome feeds analytics_rollup_watermark_timestamp_seconds
                 resources.metrics.rollup.observe(await run_cycle(resources.engine, dt.datetime.now(dt.UTC)))
 
