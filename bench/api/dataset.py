@@ -8,6 +8,7 @@ import dataclasses
 import datetime as dt
 import json
 import multiprocessing
+import queue
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -34,6 +35,7 @@ SEED = 7
 ORGS = 1000
 MODELS = 20
 LOAD_BATCH = 10_000
+PRODUCER_CHECK_S = 5.0  # how often a wait for the next batch checks that the producer still runs
 DATA_DAYS = 30
 DATA_END_BEFORE_NOW = dt.timedelta(minutes=5)
 MARKER_TABLE = "bench_graphql_load"
@@ -183,7 +185,7 @@ async def _write_events(engine: AsyncEngine, traffic: Traffic, writers: int) -> 
     writer = EventWriter(engine, None, None, IngestMetrics(Metrics.create().meter("bench")))
     started = time.monotonic()
     try:
-        accepted = await _drain(handoff, writer, writers, traffic.events)
+        accepted = await _drain(handoff, writer, writers, traffic.events, producer)
     finally:
         producer.join(timeout=10)
         if producer.is_alive():
@@ -193,16 +195,27 @@ async def _write_events(engine: AsyncEngine, traffic: Traffic, writers: int) -> 
     return {"events_loaded": accepted, "load_s": round(load_s, 1), "load_events_per_s": round(accepted / load_s)}
 
 
-async def _drain(handoff: Any, writer: EventWriter, writers: int, total: int) -> int:
-    """Write the bodies the producer hands over with ``writers`` concurrent batches; the events accepted."""
+async def _drain(handoff: Any, writer: EventWriter, writers: int, total: int, producer: Any) -> int:
+    """Write the bodies the producer hands over with ``writers`` concurrent batches; the events accepted.
+    A producer that dies before its last batch is an error naming its exit code (a negative one is the signal
+    that ended it), not a wait forever."""
     window = TimeWindow.around(dt.datetime.now(dt.UTC), 90)
     decoder = msgspec.json.Decoder(list[UsageEvent])
     bodies: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=writers)
     progress = Progress("loading events", total)
     accepted = 0
 
+    def take() -> bytes | None:
+        while True:
+            try:
+                body: bytes | None = handoff.get(timeout=PRODUCER_CHECK_S)
+                return body
+            except queue.Empty:
+                if not producer.is_alive():
+                    raise RuntimeError(f"the event producer died (exit code {producer.exitcode})") from None
+
     async def read() -> None:
-        while (body := await asyncio.to_thread(handoff.get)) is not None:
+        while (body := await asyncio.to_thread(take)) is not None:
             await bodies.put(body)
         for _ in range(writers):
             await bodies.put(None)
@@ -217,7 +230,10 @@ async def _drain(handoff: Any, writer: EventWriter, writers: int, total: int) ->
             accepted += written.accepted  # after the await: the writers share the counter
             progress.advance(len(events))
 
-    await asyncio.gather(read(), *(write() for _ in range(writers)))
+    async with asyncio.TaskGroup() as tasks:  # a failure in one cancels the others
+        tasks.create_task(read())
+        for _ in range(writers):
+            tasks.create_task(write())
     return accepted
 
 
