@@ -59,10 +59,13 @@ SELECT org_id, model, status_code / 100 AS status_class, count(*) AS events, min
 FROM inserted GROUP BY 1, 2, 3
 """
 
+# In org order, as every batch does: concurrent batches sharing orgs lock their rows in one order (in any other
+# they deadlock; tests/integration/test_concurrent_writers.py).
 UPSERT_FRESHNESS = """
 INSERT INTO freshness_status AS f (org_id, last_event_at, last_ingested_at, updated_at)
 SELECT org_id, last_at, clock_timestamp(), clock_timestamp()
 FROM unnest($1::text[], $2::timestamptz[]) AS t(org_id, last_at)
+ORDER BY org_id COLLATE "C"
 ON CONFLICT (org_id) DO UPDATE SET
     last_event_at = greatest(f.last_event_at, excluded.last_event_at),
     last_ingested_at = excluded.last_ingested_at,
@@ -125,7 +128,7 @@ async def insert_batch(connection: asyncpg.Connection, batch_id: int, records: S
             OrgIngested(known.org_id, known.events + r["events"], min(known.first_at, r["first_at"]),
                         max(known.last_at, r["last_at"]))
         )  # fmt: skip
-    return Inserted(list(orgs.values()), by_model_and_class)
+    return Inserted(sorted(orgs.values(), key=lambda o: o.org_id), by_model_and_class)
 
 
 async def record_batch(
