@@ -52,13 +52,12 @@ from bench.api.queries import token_for
 from bench.api.results import environment
 from bench.api.run import Run
 from bench.api.server import gateway_env, start_api
-from bench.graphql_bench import materialize, wait_for_other_benchmarks
+from bench.graphql_bench import finish, materialize, wait_for_other_benchmarks
 from bench.harness.cpu import wait_quiet
 from bench.harness.entry import run_cancellable
 from bench.harness.output import say
 from bench.harness.runinfo import ROOT, git_commit
-from bench.harness.servers import log_problems, stop_server
-from bench.harness.services import REDIS_URL, admin
+from bench.harness.services import REDIS_URL
 
 RESULTS = ROOT / "bench" / "results"
 TARGETS = {
@@ -187,17 +186,6 @@ def new_results(args: argparse.Namespace, name: str, info: dict[str, Any]) -> di
         "single": {},
         "where_the_time_goes": {},
     }
-
-
-async def finish(run: Run) -> None:
-    run.results["api_gateway_exit_code"] = await stop_server(run.api)
-    run.results["api_gateway_log_problems"] = log_problems(run.api.log_path)
-    run.results["finished"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    run.save()
-    shutil.rmtree(run.work, ignore_errors=True)
-    if not run.args.keep_db:
-        say(f"dropping {run.dataset.name} (--keep-db keeps it for the next run)")
-        await admin(f'DROP DATABASE IF EXISTS "{run.dataset.name}" WITH (FORCE)')
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

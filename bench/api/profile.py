@@ -57,17 +57,20 @@ SECTIONS = (
 )  # fmt: skip
 
 
-def _area(file: str, func: str) -> str:
+def area_of(file: str, func: str, areas: tuple[tuple[str, str], ...] = AREAS) -> str:
+    """The area a frame belongs to: the first of ``areas`` whose needle is in its file."""
     if file == "<string>":  # code made with exec: dataclass __init__s, the compiled list projectors
         return "schema.execution (fast list projection)" if func == "project" else "dataclass __init__ (exec'd)"
     if file.endswith("asyncio/runners.py") or "uvloop" in file:
         return "event loop (uvloop, native: socket I/O, callbacks)"
-    return next((name for needle, name in AREAS if needle in file), f"other ({file.split('/')[0]})")
+    return next((name for needle, name in areas if needle in file), f"other ({file.split('/')[0]})")
 
 
-def summarize_profile(collapsed: Path, duration_s: float, rate_hz: int) -> dict[str, Any]:
+def summarize_profile(
+    collapsed: Path, duration_s: float, rate_hz: int, areas: tuple[tuple[str, str], ...] = AREAS
+) -> dict[str, Any]:
     """Self and total samples per function, and self samples per area, from py-spy's collapsed stacks."""
-    counts = count_stacks(collapsed, _area, NOT_AREAS)
+    counts = count_stacks(collapsed, lambda file, func: area_of(file, func, areas), NOT_AREAS)
     return {
         "samples": counts.samples,
         "busy_share_of_one_core": counts.busy_share(duration_s, rate_hz),

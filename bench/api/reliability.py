@@ -18,13 +18,14 @@ import orjson
 
 from bench.api.dataset import Dataset
 from bench.api.floor import FLOOR_SESSION
+from bench.api.profile import SECTIONS, summarize_profile
 from bench.api.queries import iso
 from bench.api.run import Run
 from bench.harness.output import say
 from bench.harness.runinfo import shown
 from bench.harness.stats import latency_summary_ms, pct
 from bench.harness.wrk import graphql_target, run_wrk
-from bench.profiles import count_stacks, profile_text, py_spy, start_py_spy
+from bench.profiles import profile_text, py_spy, start_py_spy
 from db.engine import create_engine
 from db.reliability import errors_statement, series_statement
 from db.rollup import watermarks
@@ -318,19 +319,6 @@ AREAS = (
     ("datetime", "zoneinfo / datetime"),
     ("asyncio", "asyncio (Python side)"),
 )
-NOT_AREAS = ("<frozen runpy>", "bench/", "uvicorn/server.py", "uvicorn/main.py", "uvicorn/_compat.py")
-SECTIONS = (
-    ("self time by area", "by_area_self"), ("time by area, inclusive", "by_area_total"),
-    ("self time by function", "top_self"), ("total (inclusive) time by function", "top_total"),
-)  # fmt: skip
-
-
-def _area(file: str, func: str) -> str:
-    if file == "<string>":  # code made with exec: dataclass __init__s, the compiled list projectors
-        return "schema.execution (fast list projection)" if func == "project" else "dataclass __init__ (exec'd)"
-    if file.endswith("asyncio/runners.py") or "uvloop" in file:
-        return "event loop (uvloop, native: socket I/O, callbacks)"
-    return next((name for needle, name in AREAS if needle in file), f"other ({file.split('/')[0]})")
 
 
 async def scenario_profile(run: Run, shape: Shape, token: str, seconds: int) -> dict[str, Any]:
@@ -349,19 +337,11 @@ async def scenario_profile(run: Run, shape: Shape, token: str, seconds: int) -> 
     if spy.returncode != 0 or not raw_path.exists():
         say(f"!! py-spy failed: {err.decode()[-500:]}")
         return {"error": err.decode()[-500:]}
-    counts = count_stacks(raw_path, _area, NOT_AREAS)
-    summary: dict[str, Any] = {
-        "samples": counts.samples,
-        "busy_share_of_one_core": counts.busy_share(seconds, 100),
-        "by_area_self": counts.top(counts.area_self, 20),
-        "by_area_total": counts.top(counts.area_total, 20),
-        "top_self": counts.top(counts.self_samples, 25),
-        "top_total": counts.top(counts.total_samples, 40),
-    }
+    summary = summarize_profile(raw_path, seconds, 100, AREAS)
     title = (f"py-spy record --rate 100 of the API process for {seconds} s while wrk -c1 sent the reliability "
              f"query ({shape.key}); {load['rps']} req/s under the profiler")  # fmt: skip
     text_path.write_text(profile_text(summary, SECTIONS, title))
-    top = counts.top(counts.area_self, 6)
+    top = summary["by_area_self"][:6]
     say("   top areas (self): " + ", ".join(f"{r['function']} {r['share']:.0%}" for r in top))
     return summary | {"under": shape.key, "duration_s": seconds, "rate_hz": 100, "rps_under_profiler": load["rps"],
                       "files": [shown(text_path), shown(raw_path)]}  # fmt: skip
