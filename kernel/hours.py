@@ -5,6 +5,10 @@ from __future__ import annotations
 import datetime as dt
 
 HOUR = dt.timedelta(hours=1)
+# The instants the API accepts: a year inside datetime's own limits (years 1 and 9999), so that bucket starts and
+# ends computed in any time zone (up to a day away) and rounded to a month stay representable.
+EARLIEST = dt.datetime(2, 1, 1, tzinfo=dt.UTC)
+LATEST = dt.datetime(9999, 1, 1, tzinfo=dt.UTC)
 
 
 def floor_hour(moment: dt.datetime) -> dt.datetime:

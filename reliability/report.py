@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from db.reliability import ErrorRow, SeriesRow, error_rows, series_rows, slow_rows, window
 from db.usage import UsageQuery, bucket_end, bucket_start
+from kernel.hours import EARLIEST
 from reliability import sketch as sketches
 from reliability.attribution import Composition, Contribution, attribute
 from reliability.spikes import Detection, Metric, Point, Severity, detect, lookback
@@ -33,7 +34,6 @@ BREAKDOWN_ROWS = 50
 MAX_SPIKES = 20
 CONTRIBUTORS = 5
 COMPOSITION_SPAN = dt.timedelta(hours=24)
-EARLIEST = dt.datetime(2, 1, 1, tzinfo=dt.UTC)
 
 
 @dataclass

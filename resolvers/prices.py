@@ -10,8 +10,8 @@ import strawberry
 from db.audit import record
 from db.prices import Price, list_prices, upsert_price
 from kernel.errors import BadUserInput
-from kernel.hours import is_whole_hour
-from resolvers.validation import EARLIEST, LATEST, check_model
+from kernel.hours import EARLIEST, LATEST, is_whole_hour
+from resolvers.validation import check_model
 from schema.context import Context
 from schema.inputs import ModelPriceInput
 from schema.usage import ModelPrice

@@ -16,13 +16,10 @@ from collections.abc import Sequence
 from ingest.events import ID_PATTERN, MODEL_PATTERN
 from kernel.auth import Caller, ensure_org_access
 from kernel.errors import BadUserInput
+from kernel.hours import EARLIEST, LATEST
 
 MAX_SPEND_RANGE = dt.timedelta(days=400)
 MAX_FILTER_VALUES = 100
-# A year inside datetime's own limits (years 1 and 9999): bucket starts and ends computed in a time zone
-# (up to a day away) and rounded to a month stay representable, so no range can overflow.
-EARLIEST = dt.datetime(2, 1, 1, tzinfo=dt.UTC)
-LATEST = dt.datetime(9999, 1, 1, tzinfo=dt.UTC)
 _ZONE_NAME = re.compile(r"[A-Za-z0-9_+\-/]{1,64}")
 _QUOTED = 40  # characters of a refused value quoted in the message
 
