@@ -10,6 +10,7 @@ model, and the steady org show no spike.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
 import random
 import uuid
@@ -278,3 +279,37 @@ async def test_bad_percentiles_are_refused_by_name(
     error = body["errors"][0]
     assert error["extensions"]["code"] == "BAD_USER_INPUT"
     assert message in error["message"]
+
+
+async def test_hostile_arguments_get_clear_errors_never_internal(
+    client: httpx.AsyncClient, make_token: TokenFactory, world: World
+) -> None:
+    org = world.incident.org_id
+    token = make_token("engineer", org=org)
+    r = {"from": (world.now - 3 * HOUR).isoformat(), "to": world.now.isoformat()}
+    base = {"org": org, "r": r, "g": "HOUR", "m": False, "p": PERCENTILES}
+
+    async def code_of(variables: dict[str, object], bearer: str = token, raw: bytes | None = None) -> str | None:
+        headers = {"Authorization": f"Bearer {bearer}", "Content-Type": "application/json"}
+        body = raw if raw is not None else json.dumps({"query": RELIABILITY, "variables": variables}).encode()
+        answer = (await client.post("/graphql", content=body, headers=headers)).json()
+        errors = answer.get("errors") or []
+        return errors[0]["extensions"]["code"] if errors else None
+
+    # Extreme but valid percentiles answer (rank 1 and rank n).
+    assert await code_of(base | {"p": [1e-320, 0.9999999999999999]}) is None
+    # NaN and Infinity are not JSON numbers a GraphQL Float accepts; Python's json would read them.
+    nan = json.dumps({"query": RELIABILITY, "variables": base | {"p": [float("nan")]}}).encode()
+    assert await code_of({}, raw=nan) in {"BAD_USER_INPUT", "GRAPHQL_VALIDATION_FAILED", "BAD_REQUEST"}
+    assert await code_of(base | {"org": org + "\x00"}) == "BAD_USER_INPUT"
+    assert await code_of(base | {"org": "x" * 10_000}) == "BAD_USER_INPUT"
+    models = {"models": [f"m{i}" for i in range(101)]}
+    query = RELIABILITY.replace("percentiles: $p,", "percentiles: $p, filter: $f,").replace(
+        '$tz: String! = "UTC")', '$tz: String! = "UTC", $f: UsageFilter)'
+    )
+    body = json.dumps({"query": query, "variables": base | {"f": models}}).encode()
+    assert await code_of({}, raw=body) == "BAD_USER_INPUT"
+    assert await code_of(base | {"tz": "../../etc/passwd"}) == "BAD_USER_INPUT"
+    assert await code_of(base | {"r": {"from": r["to"], "to": r["from"]}}) == "BAD_USER_INPUT"
+    expired = make_token("engineer", org=org, ttl=-60)
+    assert await code_of(base, bearer=expired) == "UNAUTHENTICATED"
