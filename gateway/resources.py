@@ -19,6 +19,8 @@ from starlette.types import Scope
 from db.audit_trail import AuditTrail
 from db.engine import create_engine
 from db.migrate import current_head, migrate
+from exports.storage.configured import open_storage
+from exports.storage.protocol import Storage
 from gateway.embedded import EmbeddedPostgres
 from gateway.metrics import Metrics
 from ingest.metrics import IngestMetrics
@@ -54,6 +56,7 @@ class Resources:
     audit: AuditTrail
     ingest_metrics: IngestMetrics
     writer: EventWriter
+    storage: Storage
     redis: Redis | None = None
     amqp: AbstractRobustConnection | None = None
     embedded: bool = False
@@ -91,6 +94,7 @@ async def open_resources(
         audit = AuditTrail(engine, metrics.meter("analytics.audit"))
         await audit.start()
         stack.push_async_callback(audit.stop)
+        storage = await stack.enter_async_context(open_storage(settings))
         yield Resources(
             settings=settings,
             roles=roles,
@@ -104,6 +108,7 @@ async def open_resources(
             audit=audit,
             ingest_metrics=ingest_metrics,
             writer=EventWriter(engine, pubsub, cache, ingest_metrics),
+            storage=storage,
             redis=redis,
             amqp=amqp,
             embedded=embedded,

@@ -65,6 +65,20 @@ class Settings(BaseSettings):
 
     export_retention_days: int = Field(default=30, ge=1)
     raw_retention_days: int = Field(default=90, ge=1)
+    # The export worker (docs/finance-exports.md): a job's lease (renewed every third of it), attempts and
+    # their backoff, how often an idle worker looks for work, the largest INCIDENT export, the lifetime of a
+    # download link (SigV4's limit is 7 days), and the key of the gateway's own links for the local folder
+    # (unset: generated once into the data dir).
+    export_lease_s: float = Field(default=60.0, ge=1, le=3600)
+    export_max_attempts: int = Field(default=5, ge=1, le=100)
+    export_retry_base_s: float = Field(default=10.0, ge=0, le=86400)
+    export_retry_max_s: float = Field(default=600.0, ge=0, le=86400)
+    export_poll_s: float = Field(default=1.0, gt=0, le=3600)
+    export_incident_max_rows: int = Field(default=5_000_000, ge=1)
+    export_link_ttl_s: int = Field(default=900, ge=1, le=604_800)
+    export_link_secret: SecretStr | None = None
+    # The retention sweeper: how often it runs (expired exports, raw partitions, event receipts).
+    retention_interval_s: float = Field(default=3600.0, gt=0)
 
     # Ingestion from RabbitMQ: prefetch bounds what is in memory (backpressure);
     # a batch is flushed when it holds batch_events events or is batch_max_age_ms old.
@@ -156,6 +170,13 @@ class Settings(BaseSettings):
                 f"{ENV_PREFIX}JWT_SECRET or {ENV_PREFIX}JWT_JWKS_URL must be set "
                 "when a database is configured (only the embedded default has a development secret)"
             )
+        if self.export_retry_max_s < self.export_retry_base_s:
+            raise ConfigError(
+                f"{ENV_PREFIX}EXPORT_RETRY_MAX_S must be at least {ENV_PREFIX}EXPORT_RETRY_BASE_S "
+                f"({self.export_retry_base_s:g} s)"
+            )
+        if self.export_link_secret is not None and len(self.export_link_secret.get_secret_value()) < 32:
+            raise ConfigError(f"{ENV_PREFIX}EXPORT_LINK_SECRET must be at least 32 characters")
         if self.s3_endpoint_url is not None and self.s3_bucket is None:
             raise ConfigError(f"{ENV_PREFIX}S3_BUCKET must be set when {ENV_PREFIX}S3_ENDPOINT_URL is")
 

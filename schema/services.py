@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from db.audit_trail import AuditTrail
+from exports.storage.protocol import Storage
 from kernel.auth import TokenVerifier
 from kernel.cache import Cache
 from kernel.pubsub import PubSub
@@ -40,3 +41,7 @@ class Services(Protocol):
 
     @property
     def redis(self) -> Redis | None: ...
+
+    @property
+    def storage(self) -> Storage:
+        """Where export files live (download links)."""
