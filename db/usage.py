@@ -197,6 +197,7 @@ GROUP BY 1, 2, 3, 4, 5
 -- bucket and group are consecutive, so the report is built in one pass.
 ORDER BY org_id COLLATE "C", bucket, {order_group}
 """
+_ORDER_BY = "-- The API's order"
 BUCKET_SQL = {
     "MINUTE": "date_trunc('minute', t, 'UTC')",
     "HOUR": "date_trunc('hour', t, 'UTC')",
@@ -217,10 +218,13 @@ async def usage_rows(
     return [make(record) for record in await raw.fetch(sql, *args)]
 
 
-def usage_statement(query: UsageQuery, materialized_through: dt.datetime | None) -> tuple[str, tuple[object, ...]]:
-    """The SQL and arguments of :func:`usage_rows` (benchmarks run it bare, as the floor)."""
+def usage_statement(
+    query: UsageQuery, materialized_through: dt.datetime | None, *, ordered: bool = True
+) -> tuple[str, tuple[object, ...]]:
+    """The SQL and arguments of :func:`usage_rows` (benchmarks run it bare, as the floor). ``ordered=False``:
+    without the API's ORDER BY, for a caller that wraps the statement and sorts it its own way."""
     steps = plan(query, materialized_through)
-    sql = _sql(_Shape.of(query))
+    sql = _sql(_Shape.of(query), ordered)
     args = (
         query.org_id, query.start, query.end, steps.rollup_from, steps.rollup_to,
         steps.split_hours if query.org_id is not None else [], query.time_zone,
@@ -230,10 +234,11 @@ def usage_statement(query: UsageQuery, materialized_through: dt.datetime | None)
 
 
 @functools.lru_cache(maxsize=256)
-def _sql(shape: _Shape) -> str:
+def _sql(shape: _Shape, ordered: bool = True) -> str:
     # Grouping and filtering by model at most: the per-model rollup has far fewer rows.
     by_model_only = shape.group_by <= {"model"} and not shape.by_projects and not shape.by_api_keys
-    return _ROWS.format(
+    sql = _ROWS if ordered else _ROWS[: _ROWS.index(_ORDER_BY)]
+    return sql.format(
         org_filter_d="AND d.org_id = $1" if shape.by_org else "",
         filters_h=shape.filters("h"),
         rollup="usage_hourly_model" if by_model_only else "usage_hourly",

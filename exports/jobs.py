@@ -175,10 +175,10 @@ def _describe(kind: str, params: dict[str, Any] | None) -> str:
     return f"range {params.get('from')} to {params.get('to')}" + (", errors only" if params.get("errors_only") else "")
 
 
-def incident_selection(row: ExportJobRow) -> IncidentSelection:
-    """The events an INCIDENT job exports, from its stored input."""
+def incident_selection(row: ExportJobRow | NewJob) -> IncidentSelection:
+    """The events an INCIDENT job (or a job about to be created) exports, from its canonical input."""
     if row.kind != INCIDENT or row.org_id is None:
-        raise ValueError(f"export job {row.id} is not an INCIDENT export")
+        raise ValueError(f"{row} is not an INCIDENT export")
     params = row.params or {}
     return IncidentSelection(
         org_id=row.org_id, start=row.range_from, end=row.range_to, models=params.get("models"),
@@ -223,13 +223,16 @@ async def cancel_job(
 
 @dataclass(frozen=True)
 class Totals:
-    """The column sums of an export's file; ``spend`` None when the export has no spend column."""
+    """The column sums of an export's file; ``spend`` None when the export has no spend column.
+    ``unpriced_models``: models with rows in hours that had no price (their spend counts as 0, as in
+    ``usage``'s ``unpricedModels``)."""
 
     requests: int
     input_tokens: int
     cached_input_tokens: int
     output_tokens: int
     spend: decimal.Decimal | None
+    unpriced_models: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         """As stored in ``totals``: counts as JSON integers (jsonb numbers are exact), spend as a decimal
@@ -237,13 +240,14 @@ class Totals:
         spend = None if self.spend is None else format(self.spend, "f")
         return {"requests": self.requests, "input_tokens": self.input_tokens,
                 "cached_input_tokens": self.cached_input_tokens, "output_tokens": self.output_tokens,
-                "spend": spend}  # fmt: skip
+                "spend": spend, "unpriced_models": list(self.unpriced_models)}  # fmt: skip
 
     @classmethod
     def from_json(cls, totals: dict[str, Any]) -> Totals:
         spend = totals.get("spend")
         return cls(int(totals["requests"]), int(totals["input_tokens"]), int(totals["cached_input_tokens"]),
-                   int(totals["output_tokens"]), decimal.Decimal(spend) if spend is not None else None)  # fmt: skip
+                   int(totals["output_tokens"]), decimal.Decimal(spend) if spend is not None else None,
+                   tuple(totals.get("unpriced_models") or ()))  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 
-from gateway import health
+from gateway import export_download, health
 from gateway.events_endpoint import post_events
 from gateway.gc_policy import settle_heap
 from gateway.graphql_view import AuthenticatedGraphQL, GraphQLView
@@ -66,6 +66,7 @@ def create_app(
             # Every method reaches the view, which answers those it does not serve with a GraphQL-shaped 405.
             Route("/graphql", AuthenticatedGraphQL(view), methods=None),
             WebSocketRoute("/graphql", view),
+            Route(export_download.PATH, export_download.download_export, methods=["GET", "HEAD"]),
         ]
     if ProcessRole.INGEST in roles:
         routes.append(Route("/v1/events", post_events, methods=["POST"]))

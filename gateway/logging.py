@@ -15,7 +15,7 @@ _URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]+)
 # A secret-looking query parameter, e.g. a token a client put in the WebSocket URL (uvicorn logs the path with
 # its query string when it accepts a WebSocket): its value goes, its name stays so the log still says what came.
 _SECRET_PARAM = re.compile(
-    r"(?P<name>[?&;](?:[a-z0-9_.-]*(?:token|secret|password|authorization|api[_-]?key|jwt|signature)[a-z0-9_.-]*)=)"
+    r"(?P<name>[?&;](?:[a-z0-9_.-]*(?:token|secret|password|authorization|api[_-]?key|jwt|signature|sig)[a-z0-9_.-]*)=)"
     r"[^&;#\s\"']*",
     re.I,
 )

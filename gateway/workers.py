@@ -11,6 +11,8 @@ from contextlib import AsyncExitStack, asynccontextmanager
 import structlog
 
 from db.rollup import run_cycle
+from exports.metrics import ExportMetrics
+from exports.worker import ExportWorker
 from gateway.resources import Resources
 from gateway.shutdown import ShutdownClock
 from ingest.consumer import Consumer
@@ -80,4 +82,11 @@ async def run_workers(resources: Resources, clock: ShutdownClock) -> AsyncIterat
             rollup = Periodic("rollup", cycle, resources.settings.rollup_interval_s)
             await rollup.start()
             stack.push_async_callback(lambda: rollup.stop(clock.left("stopping the rollup worker")))
+        if ProcessRole.EXPORT in resources.roles:
+            exporter = ExportWorker(
+                resources.engine, resources.storage, resources.pubsub, resources.settings,
+                ExportMetrics(resources.metrics.meter("analytics.exports")),
+            )  # fmt: skip
+            await exporter.start()
+            stack.push_async_callback(lambda: exporter.stop(clock.left("stopping the export worker")))
         yield

@@ -11,14 +11,21 @@ import strawberry
 from kernel.ratelimit import CallerLimiter
 from kernel.scopes import Scope
 from kernel.settings import Settings
-from resolvers.exports import resolve_export_job
+from resolvers.exports import (
+    resolve_cancel_export_job,
+    resolve_export_job,
+    resolve_export_jobs,
+    resolve_request_cost_export,
+    resolve_request_incident_export,
+    subscribe_export_job,
+)
 from resolvers.freshness import resolve_freshness, subscribe_freshness
 from resolvers.prices import resolve_model_prices, resolve_upsert_model_price
 from resolvers.reliability import resolve_reliability
 from resolvers.spend import resolve_spend_by_org
 from resolvers.usage import resolve_usage
 from resolvers.viewer import resolve_viewer
-from schema.exports import ExportJob
+from schema.exports import ExportJob, ExportJobConnection
 from schema.gateway_schema import GatewaySchema, gateway_schema
 from schema.permissions import requires
 from schema.reliability import ReliabilityReport
@@ -42,11 +49,23 @@ class Query:
     export_job: ExportJob | None = strawberry.field(
         resolver=resolve_export_job, extensions=requires(Scope.EXPORTS_READ)
     )
+    export_jobs: ExportJobConnection = strawberry.field(
+        resolver=resolve_export_jobs, extensions=requires(Scope.EXPORTS_READ)
+    )
     model_prices: list[ModelPrice] = strawberry.field(resolver=resolve_model_prices)
 
 
 @strawberry.type
 class Mutation:
+    request_cost_export: ExportJob = strawberry.mutation(
+        resolver=resolve_request_cost_export, extensions=requires(Scope.COST_EXPORT_WRITE)
+    )
+    request_incident_export: ExportJob = strawberry.mutation(
+        resolver=resolve_request_incident_export, extensions=requires(Scope.INCIDENT_EXPORT_WRITE)
+    )
+    cancel_export_job: ExportJob = strawberry.mutation(
+        resolver=resolve_cancel_export_job, extensions=requires(Scope.EXPORTS_READ)
+    )
     upsert_model_price: ModelPrice = strawberry.mutation(
         resolver=resolve_upsert_model_price, extensions=requires(Scope.PRICES_WRITE)
     )
@@ -60,6 +79,11 @@ class Subscription:
         description=(
             "Pushes the org's freshness each time new data for it becomes queryable (and at least every 30 s)."
         ),
+    )
+    export_job: AsyncGenerator[ExportJob, None] = strawberry.subscription(
+        resolver=subscribe_export_job,
+        extensions=requires(Scope.EXPORTS_READ),
+        description="Pushes the job on every status change until it reaches a final status.",
     )
 
 

@@ -28,6 +28,10 @@ from gateway.resources import Resources
 from kernel.auth import issue_token
 from kernel.settings import Settings
 
+# The moto S3 server accepts any credentials; the gateway's S3 client (and subprocesses the tests start) read
+# them from the environment, as in production.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "test")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "test")
 RUN_ID = uuid.uuid4().hex[:10]
 TEST_JWT_SECRET = "test-secret-" + "x" * 32
 POSTGRES_ADMIN_URL = os.environ.get("ANALYTICS_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
