@@ -54,15 +54,16 @@ async def export_env(settings: Settings, s3_endpoint: str, bucket: str) -> Async
     """A gateway on a database of its own, storing exports in S3, and its app."""
     name = f"analytics_test_{RUN_ID}_exp{uuid.uuid4().hex[:6]}"
     url = await create_migrated_database(name)
+    assert settings.database_url is not None
     own = settings.model_copy(
         update={
             "database_url": settings.database_url.__class__(url),
-            "s3_bucket": bucket,  # type: ignore[union-attr]
+            "s3_bucket": bucket,
             "s3_endpoint_url": s3_endpoint,
             "export_incident_max_rows": INCIDENT_CAP,
             "export_lease_s": 5.0,
             "export_retry_base_s": 0.0,
-        }  # fmt: skip
+        }
     )
     app = create_app(own, frozenset({ProcessRole.API, ProcessRole.INGEST}))
     async with LifespanManager(app, startup_timeout=60) as manager:
@@ -155,7 +156,7 @@ async def month_orgs(export_env: tuple[Resources, Any], make_token: TokenFactory
     traffic = Traffic(seed=41, events=600, orgs=2, models=4, span=(NOW - start) * 0.9, start=start,
                       org_prefix=f"fin{tag}", source=f"//exports-e2e/{tag}", duplicate_share=0.05,
                       late_share=0.05)  # fmt: skip
-    events = list(generate(traffic))
+    events: list[dict[str, Any]] = list(generate(traffic))
     models = sorted({e["data"]["model"] for e in events})
     middle = (start + (NOW - start) / 2).replace(minute=0, second=0, microsecond=0)
     transport = httpx.ASGITransport(app=app)
