@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import os
+import uuid
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Annotated, NoReturn
 
 import asyncpg
 import typer
 import uvicorn
+from botocore.exceptions import BotoCoreError, ClientError  # type: ignore[import-untyped]
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors.multiprocess import Multiprocess
 
 from db.engine import create_engine
 from db.migrate import migrate as run_migrations
+from exports.jobs import ExportJobNotFound
+from exports.storage.configured import open_storage
+from exports.verify import NotVerifiable, Verification, verify_export
 from gateway.logging import configure_logging
 from ingest.publish_file import publish_file
 from kernel.auth import issue_token, signing_secret
@@ -204,6 +210,38 @@ def seed_demo_command(
         f"{done.prices} price versions",
         err=True,
     )
+
+
+@app.command("verify-export")
+def verify_export_command(
+    job_id: Annotated[str, typer.Argument(help="The export job's id (a UUID).")],
+) -> None:
+    """Check a finished export: the stored file's sha256, row count, header and column sums against the job,
+    and the sums against a fresh usage answer (exit 0: all agree; 1: findings; 2: bad input)."""
+    from gateway.resources import open_database
+
+    try:
+        parsed = uuid.UUID(job_id)
+    except ValueError:
+        _fail(f"{job_id[:80]!r} is not an export job id (a UUID)")
+    settings = _settings()
+    configure_logging("WARNING")
+
+    async def run() -> Verification:
+        async with AsyncExitStack() as stack:
+            engine, _, _ = await open_database(settings, stack)
+            storage = await stack.enter_async_context(open_storage(settings))
+            return await verify_export(engine, storage, parsed)
+
+    try:
+        result = asyncio.run(run())
+    except (ExportJobNotFound, NotVerifiable) as exc:
+        _fail(exc.message)
+    except (OSError, asyncpg.PostgresError, BotoCoreError, ClientError) as exc:
+        _fail(f"cannot read the database or the export store ({type(exc).__name__}: {exc})")
+    typer.echo(result.render())
+    if not result.ok:
+        raise typer.Exit(1)
 
 
 def main() -> None:
