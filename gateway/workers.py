@@ -11,7 +11,9 @@ from contextlib import AsyncExitStack, asynccontextmanager
 import structlog
 
 from db.rollup import run_cycle
+from exports import retention
 from exports.metrics import ExportMetrics
+from exports.storage.local import LocalStorage
 from exports.worker import ExportWorker
 from gateway.resources import Resources
 from gateway.shutdown import ShutdownClock
@@ -89,4 +91,24 @@ async def run_workers(resources: Resources, clock: ShutdownClock) -> AsyncIterat
             )  # fmt: skip
             await exporter.start()
             stack.push_async_callback(lambda: exporter.stop(clock.left("stopping the export worker")))
+            await _set_lifecycle(resources)
+
+            async def sweep() -> None:  # expired exports, covered raw partitions, old receipts (docs/retention.md)
+                await retention.sweep(resources.engine, resources.storage, resources.settings,
+                                      dt.datetime.now(dt.UTC), resources.pubsub)  # fmt: skip
+                if isinstance(resources.storage, LocalStorage):  # its "lifecycle rule" is a sweep of its own
+                    await _set_lifecycle(resources)
+
+            sweeper = Periodic("retention", sweep, resources.settings.retention_interval_s)
+            await sweeper.start()
+            stack.push_async_callback(lambda: sweeper.stop(clock.left("stopping the retention sweeper")))
         yield
+
+
+async def _set_lifecycle(resources: Resources) -> None:
+    """The store's lifecycle rule, the safety net under the sweeper (a store that refuses it, e.g. for lack of
+    permission, is logged: exports still work, and the sweeper still deletes expired files)."""
+    try:
+        await retention.on_start(resources.storage, resources.settings)
+    except Exception:
+        log.warning("exports.lifecycle_not_set", exc_info=True)
