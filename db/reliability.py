@@ -5,8 +5,9 @@ The plan is usage's (db/usage.py: rollups for whole hours below the watermark th
 by a bucket boundary, raw events for everything else, in one statement and so one snapshot): an error counts
 as soon as its batch commits, and late events are exact at once. Rollup rows come from
 ``reliability_hourly_model`` and ``errors_hourly``, or from ``usage_hourly`` when a project or API key filter
-needs its dimensions. Sketches are returned as jsonb text, one per row, and merged by the caller
-(reliability/sketch.py): a bucket's rows are consecutive.
+needs its dimensions. Sketches are returned packed (db/sketch.py's layout: bytes that the client reads with numpy
+as they are, no parsing; migration 0008 stores them so in ``reliability_hourly_model.latency_sketch_packed``),
+one per row, and merged by the caller (reliability/sketch.py): a bucket's rows are consecutive.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import NamedTuple
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from db.sketch import index_sql
+from db.sketch import index_sql, packed_agg_sql
 from db.usage import BUCKET_SQL, UsageQuery, driver_connection, plan
 
 
@@ -29,7 +30,7 @@ class SeriesRow(NamedTuple):
     requests: int
     errors: int
     client_errors: int
-    sketch: str  # jsonb text: bucket index -> count
+    sketch: bytes  # packed: (bucket index, count) entries, db/sketch.py
 
 
 class ErrorRow(NamedTuple):
@@ -94,12 +95,12 @@ _SERIES = (
     _COMMON
     + """
 SELECT * FROM (
-SELECT {bucket_h} AS bucket, h.model, h.requests, {errors_h}, {client_h}, h.latency_sketch::text
+SELECT {bucket_h} AS bucket, h.model, h.requests, {errors_h}, {client_h}, {sketch_h}
 FROM {rollup} h
 WHERE h.org_id = $1 AND h.hour >= $4 AND h.hour < $5 {filters_h}
   AND NOT EXISTS (SELECT 1 FROM raw_hours r WHERE r.hour = h.hour)
 UNION ALL
-SELECT bucket, model, sum(n)::bigint, sum(e)::bigint, sum(c)::bigint, jsonb_object_agg(idx::text, n)::text
+SELECT bucket, model, sum(n)::bigint, sum(e)::bigint, sum(c)::bigint, {packed_agg}
 FROM (
     SELECT {bucket_e} AS bucket, ev.model, {index} AS idx, count(*) AS n,
            count(*) FILTER (WHERE ev.status_code >= 500) AS e,
@@ -154,6 +155,8 @@ def _series_sql(shape: _Shape) -> str:
         bucket_h=bucket.replace("t,", "h.hour,"),
         bucket_e=bucket.replace("t,", "ev.event_time,"),
         index=index_sql("ev.latency_ms"),
+        sketch_h="sketch_pack(h.latency_sketch)" if per_key else "h.latency_sketch_packed",
+        packed_agg=packed_agg_sql("idx", "n"),
     )
 
 

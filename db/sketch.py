@@ -16,9 +16,18 @@ LN_GAMMA = math.log(GAMMA)
 MIN_VALUE_MS = 0.001
 ZERO_INDEX = -32768  # values under MIN_VALUE_MS
 
+# A packed sketch (what the API reads: ``reliability_hourly_model.latency_sketch_packed``, migration 0008): entries
+# of a 4-byte bucket index and an 8-byte count, big-endian, as ``int4send(index) || int8send(count)`` makes them.
+PACKED_ENTRY_BYTES = 12
+
 
 def index_sql(column: str) -> str:
     """The bucket index of ``column`` as a SQL expression: ``ceil(ln(v) / ln(GAMMA))``, or ZERO_INDEX below
     MIN_VALUE_MS (the value of bucket i is ``2 * GAMMA**i / (GAMMA + 1)``, within RELATIVE_ACCURACY of every value
     in it)."""
     return f"(CASE WHEN {column} < {MIN_VALUE_MS} THEN {ZERO_INDEX} ELSE ceil(ln({column}) / {LN_GAMMA!r})::int END)"
+
+
+def packed_agg_sql(index: str, count: str) -> str:
+    """An aggregate that packs (index, count) rows into one packed sketch (PACKED_ENTRY_BYTES a row, ascending)."""
+    return f"string_agg(int4send({index}) || int8send({count}), ''::bytea ORDER BY {index})"

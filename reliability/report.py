@@ -1,7 +1,8 @@
 """The reliability report of one org and range: series, totals, breakdown and spikes with their causes.
 
-Rows come from db/reliability.py (rollups where complete, raw events elsewhere). Each bucket's sketches are
-merged (reliability/sketch.py) into its percentiles. Spike detection (reliability/spikes.py) runs on every
+Rows come from db/reliability.py (rollups where complete, raw events elsewhere). The packed sketches of all
+buckets are merged per bucket and read in one batch (reliability/sketch.py ``Batch``), and once more all together
+for the totals. Spike detection (reliability/spikes.py) runs on every
 series over a contiguous grid of buckets that reaches ``lookback`` buckets before the range, so the first
 buckets of the range have a baseline too; each spike found is explained (reliability/attribution.py) by the
 composition of its window against its baseline's window.
@@ -18,6 +19,7 @@ import datetime as dt
 import zoneinfo
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -44,7 +46,6 @@ class Bucket:
     requests: int = 0
     errors: int = 0
     client_errors: int = 0
-    sketch: sketches.Sketch = field(default_factory=dict)
     latency: list[float] = field(default_factory=list)  # the requested percentiles, in their order
     detection: tuple[float, float] | None = None  # p95 and p99 (ms), for spike detection; None with no requests
 
@@ -109,11 +110,13 @@ async def build_report(
         history_rows = await series_rows(connection, earlier, materialized_through)
     breakdown = await error_rows(connection, query, materialized_through, limit=BREAKDOWN_ROWS)
 
-    series = _buckets(rows, by_model, query.granularity, zone, percentiles)
-    past = _buckets(history_rows, by_model, query.granularity, zone, percentiles)
+    series = _buckets(rows, by_model, query.granularity, zone)
+    past = _buckets(history_rows, by_model, query.granularity, zone)
+    _read_latency(series, percentiles)
+    _read_latency(past, percentiles)
     totals = _totals(series, percentiles)
 
-    spikes = _detect(history + grid, len(history), past + series, by_model, SEASON[query.granularity])
+    spikes = _detect(history + grid, len(history), past.buckets + series.buckets, by_model, SEASON[query.granularity])
     spikes.sort(key=lambda s: (s[1].severity != Severity.CRITICAL, -_relative(s[1])))
     found = [
         await _explain(connection, query, materialized_through, history + grid, model, detection, zone)
@@ -121,7 +124,7 @@ async def build_report(
     ]
     found.sort(key=lambda s: (s.start, s.metric, s.model or ""))
     total_errors = sum(r.requests for r in breakdown) or 1
-    return Report(totals, series, found, [_cause(r, r.requests / total_errors) for r in breakdown])
+    return Report(totals, series.buckets, found, [_cause(r, r.requests / total_errors) for r in breakdown])
 
 
 def _grid(query: UsageQuery, zone: zoneinfo.ZoneInfo) -> list[dt.datetime]:
@@ -145,40 +148,48 @@ def _history(first: dt.datetime, granularity: str, zone: zoneinfo.ZoneInfo, coun
     return starts[::-1]
 
 
-def _buckets(
-    rows: Sequence[SeriesRow], by_model: bool, granularity: str, zone: zoneinfo.ZoneInfo, wanted: Sequence[float]
-) -> list[Bucket]:
-    """One bucket per start (and model), rows merged; ordered by start, then model. Rows come ordered by bucket
+class Collected(NamedTuple):
+    """A series' buckets and their packed sketches, each tagged with its bucket's position."""
+
+    buckets: list[Bucket]
+    batch: sketches.Batch
+
+
+def _buckets(rows: Sequence[SeriesRow], by_model: bool, granularity: str, zone: zoneinfo.ZoneInfo) -> Collected:
+    """One bucket per start (and model), rows added up; ordered by start, then model. Rows come ordered by bucket
     and model, so the rows of one bucket (and model) are consecutive."""
     buckets: list[Bucket] = []
+    group_of: list[int] = []
     current: Bucket | None = None
     for row in rows:
         assert row.bucket is not None
         model = row.model if by_model else None
-        sketch = sketches.parse(row.sketch)
         if current is None or current.start != row.bucket or current.model != model:
-            current = Bucket(row.bucket, bucket_end(row.bucket, granularity, zone), model, sketch=sketch)
+            current = Bucket(row.bucket, bucket_end(row.bucket, granularity, zone), model)
             buckets.append(current)
-        else:  # a second row of the bucket: merge (the first row's sketch is the bucket's own, not shared)
-            sketches.merge_into(current.sketch, sketch)
+        group_of.append(len(buckets) - 1)
         current.requests += row.requests
         current.errors += row.errors
         current.client_errors += row.client_errors
+    return Collected(buckets, sketches.Batch([row.sketch for row in rows], group_of, len(buckets)))
+
+
+def _read_latency(collected: Collected, wanted: Sequence[float]) -> None:
+    """Each bucket's requested percentiles and its p95 and p99 for detection, from its merged sketches."""
     count = len(wanted)
-    for bucket in buckets:
-        values = sketches.quantiles(bucket.sketch, [*wanted, *DETECTION_PERCENTILES])
+    for bucket, values in zip(collected.buckets, collected.batch.quantiles([*wanted, *DETECTION_PERCENTILES]),
+                              strict=True):  # fmt: skip
         if values:
             bucket.latency, bucket.detection = values[:count], (values[count], values[count + 1])
-    return buckets
 
 
-def _totals(series: Sequence[Bucket], percentiles: Sequence[float]) -> Totals:
-    merged = sketches.merged(b.sketch for b in series)
+def _totals(series: Collected, percentiles: Sequence[float]) -> Totals:
+    buckets = series.buckets
     return Totals(
-        requests=sum(b.requests for b in series),
-        errors=sum(b.errors for b in series),
-        client_errors=sum(b.client_errors for b in series),
-        latency=sketches.quantiles(merged, percentiles) or [],
+        requests=sum(b.requests for b in buckets),
+        errors=sum(b.errors for b in buckets),
+        client_errors=sum(b.client_errors for b in buckets),
+        latency=series.batch.merged_quantiles(percentiles) or [],
     )
 
 

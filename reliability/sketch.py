@@ -10,20 +10,29 @@ double 0.94999...). The sketch finds the bucket holding rank k and reports its r
 ``2 * gamma**i / (gamma + 1)``, which is within ``a`` of every value in the bucket, so of ``x_k``: the answer
 is within 1 % of the exact percentile. Latencies under MIN_VALUE_MS (1 microsecond) share one bucket reported
 as 0 (an absolute error under 0.001 ms). ``sketch_quantile`` in SQL (migration 0006) applies the same rule.
+
+Two ways in, one rule: ``parse``/``merged``/``quantiles`` take jsonb sketches one at a time (dicts; tests and
+small callers), and :class:`Batch` takes many packed sketches (db/sketch.py's layout) at once, each tagged with
+the group it belongs to (a series bucket), and answers every group's percentiles in a few numpy passes: one stable
+sort by (group, index), one cumulative sum, one binary search per (group, percentile). A 30-day HOUR report has
+thousands of sketches of hundreds of entries; merging them as dicts cost a third of a second.
 """
 
 from __future__ import annotations
 
 import bisect
 import decimal
+import fractions
 import functools
 import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 
+import numpy as np
+import numpy.typing as npt
 import orjson
 
-from db.sketch import GAMMA, ZERO_INDEX
+from db.sketch import GAMMA, PACKED_ENTRY_BYTES, ZERO_INDEX
 
 Sketch = dict[int, int]
 
@@ -83,3 +92,112 @@ def exact_percentile(values: Sequence[float], q: float) -> float:
     """The exact q-percentile by the rank rule above (for tests and documentation)."""
     ordered = sorted(values)
     return ordered[rank(q, len(ordered)) - 1]
+
+
+# --- many packed sketches at once --------------------------------------------------------------------------------
+
+PACKED = np.dtype([("index", ">i4"), ("count", ">i8")])
+assert PACKED.itemsize == PACKED_ENTRY_BYTES
+_INDEX_SHIFT = 2**31  # index + this is in [0, 2**32): the low half of the (group, index) sort key
+_DENSE_SPAN = 1 << 20  # a merge of all sketches is a histogram over at most this many indexes (else a sort)
+_SAFE = 2**62  # rank arithmetic stays in int64 while numerator * n is below this
+
+Ints = npt.NDArray[np.int64]
+
+
+def pack(sketch: Mapping[int, int]) -> bytes:
+    """A sketch in the packed layout (ascending by index), as ``sketch_pack`` in SQL makes it."""
+    entries = np.array(sorted(sketch.items()), dtype=np.int64).reshape(-1, 2)
+    out = np.empty(len(entries), dtype=PACKED)
+    out["index"], out["count"] = entries[:, 0], entries[:, 1]
+    return out.tobytes()
+
+
+def unpack(packed: bytes) -> Sketch:
+    """A packed sketch as a dict (repeated indexes add up)."""
+    entries = np.frombuffer(packed, dtype=PACKED)
+    return merged({i: c} for i, c in zip(entries["index"].tolist(), entries["count"].tolist(), strict=True))
+
+
+class Batch:
+    """Packed sketches, each tagged with a group (0 .. ``groups - 1``); the percentiles of each group's merge.
+
+    A group may have any number of sketches, in any order, and sketches may repeat an index: entries are sorted
+    by (group, index) and counted cumulatively, so a group's rank r is at the first entry whose running count
+    (from the group's start) reaches r, as in :func:`quantiles`.
+    """
+
+    def __init__(self, packed: Sequence[bytes], group_of: Sequence[int], groups: int) -> None:
+        if len(packed) != len(group_of):
+            raise ValueError(f"{len(packed)} sketches but {len(group_of)} group ids")
+        self.groups = groups
+        blob = b"".join(packed)
+        if len(blob) % PACKED.itemsize:
+            raise ValueError(f"packed sketches of {len(blob)} bytes: not whole {PACKED.itemsize}-byte entries")
+        entries = np.frombuffer(blob, dtype=PACKED)
+        sizes = np.fromiter(map(len, packed), dtype=np.int64, count=len(packed)) // PACKED.itemsize
+        self.index: Ints = entries["index"].astype(np.int64)
+        self.count: Ints = entries["count"].astype(np.int64)
+        self.group: Ints = np.repeat(np.asarray(group_of, dtype=np.int64), sizes)
+
+    def quantiles(self, qs: Sequence[float]) -> list[list[float] | None]:
+        """Per group (by group id), the q-percentiles (ms) in the order of ``qs``; None for an empty group."""
+        out: list[list[float] | None] = [None] * self.groups
+        if not len(self.index):
+            return out
+        key = (self.group << 32) + (self.index + _INDEX_SHIFT)
+        order = np.argsort(key, kind="stable")  # timsort: the sketches come as sorted runs
+        groups, values = _group_quantiles(self.index[order], self.count[order], self.group[order], qs)
+        for group, row in zip(groups, values, strict=True):
+            out[group] = row
+        return out
+
+    def merged_quantiles(self, qs: Sequence[float]) -> list[float] | None:
+        """The q-percentiles (ms) of all sketches merged, whatever their groups; None when there are none."""
+        if not len(self.index):
+            return None
+        index, count = self.index, self.count
+        low = int(index.min())
+        span = int(index.max()) - low + 1
+        if span <= _DENSE_SPAN and int(count.sum()) < 2**53:  # float64 sums are exact: one histogram pass
+            histogram = np.bincount(index - low, weights=count, minlength=span)
+            present = np.flatnonzero(histogram)
+            index, count = present + low, histogram[present].astype(np.int64)
+        else:
+            order = np.argsort(index, kind="stable")
+            index, count = index[order], count[order]
+        _, values = _group_quantiles(index, count, np.zeros(len(index), dtype=np.int64), qs)
+        return values[0] if values else None
+
+
+def _group_quantiles(index: Ints, count: Ints, group: Ints, qs: Sequence[float]) -> tuple[list[int], list[list[float]]]:
+    """Entries sorted by (group, index): the groups with requests and, for each, its q-percentiles."""
+    first = np.flatnonzero(np.concatenate(([True], group[1:] != group[:-1])))
+    last = np.concatenate((first[1:], [len(group)])) - 1
+    cumulative = np.cumsum(count)
+    before = cumulative[first] - count[first]
+    totals = cumulative[last] - before
+    kept = totals > 0
+    first, before, totals = first[kept], before[kept], totals[kept]
+    if not len(first):
+        return [], []
+    targets = np.stack([before + _ranks(q, totals) for q in qs], axis=1)
+    at = index[np.searchsorted(cumulative, targets, side="left")]
+    values = _values(at)
+    return group[first].tolist(), values.tolist()
+
+
+def _ranks(q: float, totals: Ints) -> Ints:
+    """``rank(q, n)`` for every n in ``totals``: ``max(1, ceil(q * n))`` on the q as written, in exact integers."""
+    exact = fractions.Fraction(_as_written(q))
+    numerator, denominator = exact.numerator, exact.denominator
+    if numerator * int(totals.max()) < _SAFE and denominator < _SAFE:
+        return np.maximum(1, -((-numerator * totals) // denominator))
+    return np.array([rank(q, n) for n in totals.tolist()], dtype=np.int64)
+
+
+def _values(indexes: Ints) -> npt.NDArray[np.float64]:
+    """``value_of`` of each index (computed once per distinct index, in Python's own arithmetic)."""
+    distinct, position = np.unique(indexes, return_inverse=True)
+    table = np.array([value_of(i) for i in distinct.tolist()], dtype=np.float64)
+    return table[position.reshape(indexes.shape)]

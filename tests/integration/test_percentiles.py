@@ -1,8 +1,10 @@
 """Every percentile is within 1 % of the exact one (hypothesis), through PostgreSQL's own bucket indexes.
 
 Latencies go through the SQL that the rollups use (``db.sketch.index_sql``), are split into "hours" the way
-rollups are, and come back as per-hour sketches; then both the API's path (merge in Python,
-``reliability.sketch.quantiles``) and the dashboards' path (``sketch_merge`` and ``sketch_quantile`` in SQL)
+rollups are, and come back as per-hour sketches; then the API's path (packed sketches as the query reads them:
+``sketch_pack`` of the stored jsonb, as the generated column of migration 0008 makes them, and the raw-event
+aggregate ``packed_agg_sql``; merged and read by ``reliability.sketch.Batch``), the dict path
+(``reliability.sketch.quantiles``) and the dashboards' path (``sketch_merge`` and ``sketch_quantile`` in SQL)
 must be within 1 % of the exact nearest-rank percentile of the raw values (``exact_percentile``).
 Distributions: log-normal bodies with heavy tails, a few 60 s timeouts, sub-millisecond values, exact
 bucket boundaries, single-request buckets, and merges of many hours.
@@ -18,13 +20,15 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from db.sketch import GAMMA, MIN_VALUE_MS, index_sql
-from reliability.sketch import exact_percentile, merged, parse, quantiles
+from db.sketch import GAMMA, MIN_VALUE_MS, index_sql, packed_agg_sql
+from reliability.sketch import Batch, exact_percentile, merged, parse, quantiles
 
 PERCENTILES = (0.001, 0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999)
 
 SKETCHES = f"""
-SELECT hour, jsonb_object_agg(idx::text, n)::text AS sketch FROM (
+SELECT hour, jsonb_object_agg(idx::text, n)::text AS sketch, sketch_pack(jsonb_object_agg(idx::text, n)) AS packed,
+       {packed_agg_sql("idx", "n")} AS raw_packed
+FROM (
     SELECT hour, {index_sql("v")} AS idx, count(*) AS n
     FROM unnest($1::double precision[], $2::int[]) AS t(v, hour) GROUP BY 1, 2
 ) AS per_index GROUP BY hour ORDER BY hour
@@ -59,7 +63,7 @@ def within_bound(estimate: float, exact: float) -> bool:
     return abs(estimate - exact) <= 0.01 * exact * (1 + 1e-12)
 
 
-async def sketches_of(database_url: str, per_hour: list[list[float]]) -> list[str]:
+async def sketches_of(database_url: str, per_hour: list[list[float]]) -> tuple[list[str], list[bytes], list[bytes]]:
     values = [v for hour in per_hour for v in hour]
     labels = [h for h, hour in enumerate(per_hour) for _ in hour]
     connection = await asyncpg.connect(database_url)
@@ -67,7 +71,8 @@ async def sketches_of(database_url: str, per_hour: list[list[float]]) -> list[st
         rows = await connection.fetch(SKETCHES, values, labels)
         assert len(rows) == len(per_hour)
         sql = await connection.fetch(SQL_QUANTILES, [r["sketch"] for r in rows], list(PERCENTILES))
-        return [r["sketch"] for r in rows] + [orjson.dumps([r[0] for r in sql]).decode()]
+        texts = [r["sketch"] for r in rows] + [orjson.dumps([r[0] for r in sql]).decode()]
+        return texts, [r["packed"] for r in rows], [r["raw_packed"] for r in rows]
     finally:
         await connection.close()
 
@@ -75,20 +80,29 @@ async def sketches_of(database_url: str, per_hour: list[list[float]]) -> list[st
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(per_hour=hours)
 def test_percentiles_of_merged_hours_are_within_one_percent(database_url: str, per_hour: list[list[float]]) -> None:
-    *texts, from_sql = asyncio.run(sketches_of(database_url, per_hour))
+    (*texts, from_sql), packed, raw_packed = asyncio.run(sketches_of(database_url, per_hour))
     values = [v for hour in per_hour for v in hour]
     exact = [exact_percentile(values, q) for q in PERCENTILES]
-    api = quantiles(merged(parse(t) for t in texts), PERCENTILES)
-    assert api is not None
+    by_dict = quantiles(merged(parse(t) for t in texts), PERCENTILES)
+    assert by_dict is not None
     dashboards = orjson.loads(from_sql)
-    for q, e, a, d in zip(PERCENTILES, exact, api, dashboards, strict=True):
-        assert within_bound(a, e), (q, e, a)
-        assert within_bound(d, e), (q, e, d)
-    for hour, text in zip(per_hour, texts, strict=True):  # every single hour too (single-request hours included)
-        one = quantiles(parse(text), PERCENTILES)
-        assert one is not None
-        for q, estimate in zip(PERCENTILES, one, strict=True):
-            assert within_bound(estimate, exact_percentile(hour, q)), (q, hour)
+    hours = len(per_hour)
+    for blobs in (packed, raw_packed, packed[: hours // 2] + raw_packed[hours // 2 :]):  # rollup and raw rows mixed
+        batch = Batch(blobs, list(range(hours)), hours)
+        assert batch.merged_quantiles(PERCENTILES) == by_dict
+        for q, e, a, d in zip(PERCENTILES, exact, by_dict, dashboards, strict=True):
+            assert within_bound(a, e), (q, e, a)
+            assert within_bound(d, e), (q, e, d)
+        for hour, one in zip(per_hour, batch.quantiles(PERCENTILES), strict=True):  # single-request hours too
+            assert one is not None
+            for q, estimate in zip(PERCENTILES, one, strict=True):
+                assert within_bound(estimate, exact_percentile(hour, q)), (q, hour)
+        pairs = Batch(blobs, [h // 2 for h in range(hours)], (hours + 1) // 2).quantiles(PERCENTILES)
+        for start, two in zip(range(0, hours, 2), pairs, strict=True):  # merged ranges of two hours
+            assert two is not None
+            span = [v for hour in per_hour[start : start + 2] for v in hour]
+            for q, estimate in zip(PERCENTILES, two, strict=True):
+                assert within_bound(estimate, exact_percentile(span, q)), (q, span)
 
 
 def test_the_rank_rule_takes_the_percentile_as_written() -> None:

@@ -1,0 +1,67 @@
+"""The batch path of reliability/sketch.py (packed sketches, numpy) answers exactly what the dict path answers.
+
+``quantiles(merged(...))`` is the reference: its rank rule is the documented one and the percentile property test
+(tests/integration/test_percentiles.py) holds it to the 1 % bound. Here every group of a :class:`Batch`, however
+its sketches are spread, ordered or repeated, must give the same floats, and so must the merge of all of them.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from db.sketch import PACKED_ENTRY_BYTES, ZERO_INDEX
+from reliability.sketch import Batch, merged, pack, quantiles, rank, unpack
+
+PERCENTILES = (0.001, 0.1, 0.5, 0.95, 0.99, 0.999)
+
+index = st.one_of(st.integers(-400, 700), st.just(ZERO_INDEX))
+sketch = st.dictionaries(index, st.integers(1, 10**6), min_size=1, max_size=40)
+percentile = st.one_of(st.sampled_from(PERCENTILES), st.floats(1e-9, 1 - 1e-9), st.just(1e-320))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    sketches=st.lists(sketch, min_size=1, max_size=30),
+    groups=st.integers(1, 8),
+    data=st.data(),
+    qs=st.lists(percentile, min_size=1, max_size=5),
+)
+def test_every_group_and_the_total_match_the_dict_merge(
+    sketches: list[dict[int, int]], groups: int, data: st.DataObject, qs: list[float]
+) -> None:
+    group_of = data.draw(st.lists(st.integers(0, groups - 1), min_size=len(sketches), max_size=len(sketches)))
+    batch = Batch([pack(s) for s in sketches], group_of, groups)
+    got = batch.quantiles(qs)
+    for group in range(groups):
+        members = [s for s, g in zip(sketches, group_of, strict=True) if g == group]
+        assert got[group] == (quantiles(merged(members), qs) if members else None), group
+    assert batch.merged_quantiles(qs) == quantiles(merged(sketches), qs)
+
+
+def test_repeated_indexes_and_unsorted_entries_merge() -> None:
+    first, second = pack({5: 2, 9: 1}), pack({9: 3})
+    reversed_entries = b"".join(reversed([first[i : i + PACKED_ENTRY_BYTES] for i in range(0, len(first), 12)]))
+    batch = Batch([reversed_entries, second, pack({1: 100})], [0, 0, 1], 3)
+    assert batch.quantiles([0.5])[0] == quantiles({5: 2, 9: 4}, [0.5])
+    assert batch.quantiles([0.5])[2] is None
+    assert unpack(reversed_entries + second) == {5: 2, 9: 4}
+
+
+def test_ranks_are_exact_for_the_percentile_as_written() -> None:
+    # 0.1 * 10 is 1 exactly (the double 0.1 is above 0.1, so float arithmetic would take rank 2).
+    sketch = {i: 1 for i in range(10)}
+    assert Batch([pack(sketch)], [0], 1).quantiles([0.1, 0.95]) == [quantiles(sketch, [0.1, 0.95])]
+    assert rank(0.1, 10) == 1
+    huge = {0: 3 * 10**15, 1: 10**15}  # numerator * n beyond int64: exact Python integers
+    assert Batch([pack(huge)], [0], 1).quantiles([0.123456789012345678]) == [quantiles(huge, [0.123456789012345678])]
+
+
+def test_no_sketches_and_malformed_input() -> None:
+    assert Batch([], [], 2).quantiles([0.5]) == [None, None]
+    assert Batch([], [], 0).merged_quantiles([0.5]) is None
+    with pytest.raises(ValueError, match="whole 12-byte entries"):
+        Batch([b"\x00" * 13], [0], 1)
+    with pytest.raises(ValueError, match="group ids"):
+        Batch([pack({1: 1})], [], 1)
