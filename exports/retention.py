@@ -34,6 +34,7 @@ log = structlog.get_logger(__name__)
 
 # How far behind the ingest window the cut stays (see the module docstring).
 INGEST_GRACE = dt.timedelta(days=1)
+LIFECYCLE_MARGIN_DAYS = 1
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,9 @@ def raw_cut(settings: Settings, now: dt.datetime) -> dt.datetime:
 async def on_start(storage: Storage, settings: Settings) -> None:
     """Set the store's lifecycle rule: export objects expire after the retention, incomplete uploads after a
     day (the safety net under the sweeper's own deletes and a killed worker's uploads)."""
-    await storage.ensure_lifecycle(settings.export_retention_days)
+    # A day beyond the retention: S3 counts lifecycle days from the object's creation rounded to midnight UTC,
+    # so the rule alone could remove a file shortly before its job's expires_at; the sweeper deletes on time.
+    await storage.ensure_lifecycle(settings.export_retention_days + LIFECYCLE_MARGIN_DAYS)
 
 
 async def sweep(

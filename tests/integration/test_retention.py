@@ -182,7 +182,7 @@ async def test_on_start_sets_the_lifecycle_rule(s3: Any, storage: S3Storage) -> 
     await on_start(storage, SETTINGS)
     rules = (await s3.get_bucket_lifecycle_configuration(Bucket=storage.bucket))["Rules"]
     (ours,) = [rule for rule in rules if rule["ID"] == LIFECYCLE_RULE_ID]
-    assert ours["Expiration"] == {"Days": 7}
+    assert ours["Expiration"] == {"Days": 8}  # a day beyond the retention: the sweeper deletes on time
     assert ours["AbortIncompleteMultipartUpload"] == {"DaysAfterInitiation": 1}
 
 
