@@ -206,6 +206,32 @@ async def test_finance_month_to_date_one_org_reconciles_exactly_with_usage(
     assert done["rowCount"] == data.count(b"\r\n") - 1
 
 
+async def audit_rows(resources: Resources, target: str) -> list[tuple[str, str, str | None, str]]:
+    async with resources.engine.connect() as connection:
+        result = await connection.exec_driver_sql(
+            "SELECT action, actor, org_id, outcome FROM audit_log WHERE target = $1 ORDER BY id", (target,)
+        )
+        return [tuple(row) for row in result]
+
+
+async def test_requests_and_each_download_link_are_audited(
+    client: httpx.AsyncClient, make_token: TokenFactory, worker: ExportWorker, month_orgs: list[str],
+    export_env: tuple[Resources, Any],
+) -> None:  # fmt: skip
+    org = month_orgs[0]
+    token = make_token("finance", org=org, sub="fin-alice")
+    job = (await gql(client, token, COST, {"i": {"orgId": org}}))["data"]["requestCostExport"]
+    await finished(client, token, worker, job["id"])  # one link issued (JOB selects downloadUrl)
+    again = await gql(client, token, JOB, {"id": job["id"]})
+    assert again["data"]["exportJob"]["downloadUrl"] != ""  # a second, fresh link
+    rows = await audit_rows(export_env[0], job["id"])
+    assert rows == [("requestCostExport", "fin-alice", org, "created"), ("exportDownloadUrl", "fin-alice", org, "ok"),
+                    ("exportDownloadUrl", "fin-alice", org, "ok")]  # fmt: skip
+    refused = await gql(client, token, INCIDENT, {"i": {"orgId": org, "range": {"from": NOW.isoformat(),
+                                                                                 "to": NOW.isoformat()}}})  # fmt: skip
+    assert refused["errors"][0]["extensions"]["code"] == "FORBIDDEN"  # finance may not export incidents
+
+
 async def test_platform_finance_exports_every_org_and_org_finance_may_not(
     client: httpx.AsyncClient, make_token: TokenFactory, worker: ExportWorker, month_orgs: list[str]
 ) -> None:
@@ -287,8 +313,9 @@ async def test_viewers_and_other_orgs_are_refused(
 
 
 async def test_idempotency_cap_cancel_and_listing(
-    client: httpx.AsyncClient, make_token: TokenFactory, worker: ExportWorker, month_orgs: list[str]
-) -> None:
+    client: httpx.AsyncClient, make_token: TokenFactory, worker: ExportWorker, month_orgs: list[str],
+    export_env: tuple[Resources, Any],
+) -> None:  # fmt: skip
     org = month_orgs[0]
     token = make_token("org_admin", org=org)
     key = f"key-{uuid.uuid4().hex}"
@@ -304,6 +331,13 @@ async def test_idempotency_cap_cancel_and_listing(
     big = await gql(client, token, INCIDENT, {"i": {"orgId": org, "range": wide}})
     message = big["errors"][0]["message"]
     assert big["errors"][0]["extensions"]["code"] == "BAD_USER_INPUT" and f"{INCIDENT_CAP:,}" in message, message
+    async with export_env[0].engine.connect() as connection:
+        refusals = await connection.exec_driver_sql(
+            "SELECT outcome FROM audit_log WHERE action = 'requestIncidentExport' AND org_id = $1 "
+            "AND outcome LIKE 'refused:%' ORDER BY id", (org,)
+        )  # fmt: skip
+        outcomes = [row[0] for row in refusals]
+    assert any(key in o for o in outcomes) and any(f"{INCIDENT_CAP:,}" in o for o in outcomes)  # refusals audited
     # Cancel a queued job: idempotent; the worker then has nothing of it to run.
     job_id = first["data"]["requestIncidentExport"]["id"]
     cancel = "mutation($id: ID!) { cancelExportJob(id: $id) { id status } }"
