@@ -104,9 +104,9 @@ def cost_job(*, org_id: str | None, month: str | None, requested_by: str, key: s
         match = _MONTH.fullmatch(month)
         if match is None:
             raise BadUserInput(f"month {month[:20]!r} is not YYYY-MM")
-        start = month_start(int(match[1]), int(match[2]))
-        if start < EARLIEST:
+        if int(match[1]) < EARLIEST.year:  # (checked before building a date: year 0 has none)
             raise BadUserInput(f"month {month!r} is before {EARLIEST:%Y-%m}")
+        start = month_start(int(match[1]), int(match[2]))
         if start > current:
             raise BadUserInput(f"month {month!r} has not started yet (now {now.astimezone(dt.UTC):%Y-%m-%d} UTC)")
     to_date = start == current
