@@ -43,7 +43,16 @@ from db.exports import ExportJobRow
 from db.prices import EXACT
 from db.rollup import watermarks
 from db.usage import UsageQuery, driver_connection, usage_rows
-from exports.csv_format import COST, FORMULA_PREFIXES, INCIDENT, CsvFormat, Kind, neutralize
+from exports.csv_format import (
+    COST,
+    FORMULA_PREFIXES,
+    INCIDENT,
+    CsvFormat,
+    Kind,
+    format_date,
+    format_timestamp,
+    neutralize,
+)
 from exports.jobs import ExportJobNotFound, Totals
 from exports.storage.protocol import ObjectMissing, Storage
 from kernel.errors import BadUserInput
@@ -52,6 +61,8 @@ SUM_FIELDS = ("requests", "input_tokens", "cached_input_tokens", "output_tokens"
 MAX_EXAMPLES = 5  # rows named per kind of row problem, and days per difference
 _INTEGER = re.compile(r"[0-9]+")
 _DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]+)?")  # contract §5: exact, no exponent (and never negative)
+_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+_TIMESTAMP = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}Z")  # csv_format's one width
 
 
 class NotVerifiable(BadUserInput):
@@ -131,11 +142,14 @@ class _Sums:
     spend: decimal.Decimal = decimal.Decimal(0)
 
     def add(self, requests: int, input_tokens: int, cached: int, output: int, spend: decimal.Decimal) -> None:
+        self.add_counts(requests, input_tokens, cached, output)
+        self.spend = EXACT.add(self.spend, spend)  # exact whatever the digits (Inexact traps)
+
+    def add_counts(self, requests: int, input_tokens: int, cached: int, output: int) -> None:
         self.requests += requests
         self.input_tokens += input_tokens
         self.cached_input_tokens += cached
         self.output_tokens += output
-        self.spend = EXACT.add(self.spend, spend)  # exact whatever the digits (Inexact traps)
 
     def totals(self, with_spend: bool) -> Totals:
         return Totals(
@@ -167,7 +181,6 @@ class ColumnSums:
     def __init__(self, fmt: CsvFormat, job: ExportJobRow) -> None:
         self.format = fmt
         self.rows = 0
-        self.total = _Sums()
         self.by_day: dict[str, _Sums] = {}
         self.problems: dict[str, _RowProblems] = {}
         index = {column.name: n for n, column in enumerate(fmt.columns)}
@@ -177,10 +190,15 @@ class ColumnSums:
         self._org = index["org_id"]
         self._when = index["day"] if "day" in index else index["time"]
         self._org_cell = neutralize(job.org_id) if job.org_id is not None else None
-        self._from, self._to = job.range_from, job.range_to
-        # COST rows are UTC days: the days the window touches.
-        self._first_day = job.range_from.astimezone(dt.UTC).date().isoformat()
-        self._last_day = (job.range_to.astimezone(dt.UTC) - dt.timedelta(microseconds=1)).date().isoformat()
+        # The window as text of the column's one fixed width (COST: the UTC days it touches; INCIDENT: its
+        # instants), so that a row is checked by comparing strings.
+        if fmt is COST:
+            self._when_shape = _DAY
+            self._first = format_date(job.range_from.astimezone(dt.UTC).date())
+            self._end = format_date((job.range_to.astimezone(dt.UTC) - dt.timedelta(microseconds=1)).date()) + "~"
+        else:
+            self._when_shape = _TIMESTAMP
+            self._first, self._end = format_timestamp(job.range_from), format_timestamp(job.range_to)
         self._kinds = tuple(column.kind for column in fmt.columns)
         self._numbers = tuple(
             (n, column.name, column.kind.value, _INTEGER if column.kind is Kind.INTEGER else _DECIMAL)
@@ -190,52 +208,50 @@ class ColumnSums:
 
     def add(self, cells: Sequence[str]) -> None:
         self.rows += 1
-        where = f"row {self.rows:,}"
         if len(cells) != len(self._kinds):
-            self._problem("malformed rows", f"{where}: {len(cells)} fields, not {len(self._kinds)}")
+            self._problem("malformed rows", f"row {self.rows:,}: {len(cells)} fields, not {len(self._kinds)}")
             return
         for index, name, kind, pattern in self._numbers:
             if not pattern.fullmatch(cells[index]):
-                self._problem("malformed rows", f"{where}: {name} {cells[index][:40]!r} is not a {kind}")
+                self._problem("malformed rows", f"row {self.rows:,}: {name} {cells[index][:40]!r} is not a {kind}")
                 return
-        try:
-            day = self._day(cells[self._when])
-        except ValueError:
-            self._problem(
-                "malformed rows",
-                f"{where}: {self.format.columns[self._when].name} "
-                f"{cells[self._when][:40]!r} is not a valid date or time",
-            )
+        when = cells[self._when]
+        if not self._when_shape.fullmatch(when) or not _valid(when):
+            name = self.format.columns[self._when].name
+            self._problem("malformed rows", f"row {self.rows:,}: {name} {when[:40]!r} is not a valid UTC {name}")
             return
+        if not self._first <= when < self._end:  # one fixed width: text order is time order
+            self._problem("rows outside the window", f"row {self.rows:,}: {when}")
+        day = when[:10]
+        sums = self.by_day.get(day)
+        if sums is None:
+            sums = self.by_day[day] = _Sums()
         input_tokens, cached, output = (int(cells[n]) for n in self._counts)
-        requests = int(cells[self._requests]) if self._requests is not None else 1
-        spend = decimal.Decimal(cells[self._spend]) if self._spend is not None else decimal.Decimal(0)
-        self.total.add(requests, input_tokens, cached, output, spend)
-        self.by_day.setdefault(day, _Sums()).add(requests, input_tokens, cached, output, spend)
+        if self._spend is None:
+            sums.add_counts(1, input_tokens, cached, output)
+        else:
+            sums.add_counts(int(cells[self._requests]), input_tokens, cached, output)  # type: ignore[index]
+            sums.spend = EXACT.add(sums.spend, decimal.Decimal(cells[self._spend]))  # exact (Inexact traps)
         if self._org_cell is not None and cells[self._org] != self._org_cell:
-            self._problem("rows of another org", f"{where}: org_id {cells[self._org][:60]!r}")
-
-    def _day(self, cell: str) -> str:
-        """The row's UTC day (``YYYY-MM-DD``), after checking that the row is inside the job's window."""
-        if self.format is COST:
-            if len(cell) != 10:
-                raise ValueError(cell)
-            day = dt.date.fromisoformat(cell).isoformat()
-            if not self._first_day <= day <= self._last_day:
-                self._problem("rows outside the window", f"row {self.rows:,}: day {day}")
-            return day
-        moment = dt.datetime.fromisoformat(cell)
-        if moment.tzinfo is None or not cell.endswith("Z"):
-            raise ValueError(cell)
-        if not self._from <= moment < self._to:
-            self._problem("rows outside the window", f"row {self.rows:,}: time {cell}")
-        return moment.astimezone(dt.UTC).date().isoformat()
+            self._problem("rows of another org", f"row {self.rows:,}: org_id {cells[self._org][:60]!r}")
 
     def _problem(self, check: str, example: str) -> None:
         self.problems.setdefault(check, _RowProblems()).add(example)
 
     def totals(self) -> Totals:
-        return self.total.totals(with_spend=self._spend is not None)
+        total = _Sums()
+        for day in self.by_day.values():
+            total.add(day.requests, day.input_tokens, day.cached_input_tokens, day.output_tokens, day.spend)
+        return total.totals(with_spend=self._spend is not None)
+
+
+def _valid(when: str) -> bool:
+    """A real date (and time): the shape's regex lets 2026-02-30 and 25:00 through."""
+    try:
+        dt.datetime.fromisoformat(when)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import decimal
 import io
+import uuid
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exports.csv_format import FORMULA_PREFIXES, INCIDENT, encode, neutralize
-from exports.verify import CsvDamaged, RecordReader, unneutralize
+from db.exports import ExportJobRow
+from exports.csv_format import COST, FORMULA_PREFIXES, INCIDENT, encode, neutralize
+from exports.jobs import Totals
+from exports.verify import ColumnSums, CsvDamaged, RecordReader, unneutralize
 
 TEXT = st.text(alphabet=st.sampled_from(['"', ",", "\r", "\n", "'", "=", "-", "@", "\t", "a", "é", "€", "😀"]))
 START = dt.datetime(2026, 11, 3, tzinfo=dt.UTC)
@@ -86,3 +90,31 @@ def test_unneutralize_keeps_an_apostrophe_the_writer_did_not_add() -> None:
     assert unneutralize("'quoted'") == "'quoted'"
     assert unneutralize("'=SUM(A1)") == "=SUM(A1)"
     assert unneutralize("'") == "'"
+
+
+def cost_job(org_id: str | None) -> ExportJobRow:
+    start, end = dt.datetime(2026, 11, 1, tzinfo=dt.UTC), dt.datetime(2026, 11, 3, 12, tzinfo=dt.UTC)
+    return ExportJobRow(uuid.uuid4(), org_id, "COST", "SUCCEEDED", "finance", start, end, start, None, None, 1, None,
+                        None, None, None, None)  # fmt: skip
+
+
+def test_cost_rows_are_re_added_exactly_and_checked_for_org_window_and_shape() -> None:
+    sums = ColumnSums(COST, cost_job("=org"))
+    tiny = "0.0000000000000000000000000000001"  # 31 decimals: the default 28-digit context would round the sum
+    for cells in (
+        ["'=org", "p", "m", "2026-11-01", "2", "10", "1", "5", "1000000000000"],
+        ["'=org", "p", "m", "2026-11-01", "1", "1", "0", "1", tiny],  # the same day: one sum
+        ["org_b", "p", "m", "2026-11-02", "1", "1", "0", "1", "0"],  # another org
+        ["'=org", "p", "m", "2026-11-04", "1", "1", "0", "1", "0"],  # the day after the window
+        ["'=org", "p", "m", "2026-11-02", "1", "1", "0", "1", "1E-7"],  # an exponent
+        ["'=org", "p", "m", "2026-02-30", "1", "1", "0", "1", "0"],  # no such day
+        ["'=org", "p", "m", "2026-11-02", "-1", "1", "0", "1", "0"],  # negative
+    ):
+        sums.add(cells)
+    assert sums.rows == 7
+    assert sums.totals() == Totals(5, 13, 1, 8, decimal.Decimal("1000000000000" + tiny[1:]))
+    assert {check: problems.count for check, problems in sums.problems.items()} == {
+        "rows of another org": 1, "rows outside the window": 1, "malformed rows": 3,
+    }  # fmt: skip
+    assert sums.problems["rows outside the window"].examples == ["row 4: 2026-11-04"]
+    assert sorted(sums.by_day) == ["2026-11-01", "2026-11-02", "2026-11-04"]
