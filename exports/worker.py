@@ -107,6 +107,14 @@ class ExportWorker:
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
+    @property
+    def engine(self) -> AsyncEngine:
+        return self._engine
+
+    @property
+    def storage(self) -> Storage:
+        return self._storage
+
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name=f"export worker {self.owner}")
 

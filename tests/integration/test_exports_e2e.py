@@ -27,6 +27,7 @@ from asgi_lifespan import LifespanManager
 from db.prices import EXACT
 from db.rollup import run_cycle
 from exports.metrics import ExportMetrics
+from exports.verify import verify_export
 from exports.worker import ExportWorker
 from gateway.app import create_app
 from gateway.resources import Resources
@@ -109,8 +110,12 @@ PRICE = """mutation($i: ModelPriceInput!) { upsertModelPrice(input: $i) { model 
 
 
 async def finished(client: httpx.AsyncClient, token: str, worker: ExportWorker, job_id: str) -> dict[str, Any]:
+    """The job after one worker attempt: SUCCEEDED, and accepted by verify-export (checksum, columns, totals,
+    a fresh usage answer)."""
     ended = await worker.run_once()
     assert ended is not None and str(ended.id) == job_id and ended.status == "SUCCEEDED", ended
+    verification = await verify_export(worker.engine, worker.storage, ended.id)
+    assert verification.ok, verification.render()
     body = await gql(client, token, JOB, {"id": job_id})
     # Only spend may be refused (callers without SPEND_READ): null with FORBIDDEN at its path.
     assert all(e["path"] == ["exportJob", "totals", "spend"] for e in body.get("errors", [])), body
