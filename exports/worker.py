@@ -26,6 +26,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import AsyncIterator
 
 import asyncpg
 import structlog
@@ -37,7 +38,7 @@ from db import exports as queries
 from db.exports import ExportJobRow, Lease, Outcome
 from exports import csv_format
 from exports.export_file import Written, write_export
-from exports.job_events import announce_job
+from exports.job_events import announce_job, subscribe_job
 from exports.job_lease import LeaseKeeper, LeaseLost
 from exports.jobs import RetryPolicy, claim, fail_attempt, lease_of
 from exports.metrics import ExportMetrics
@@ -194,7 +195,7 @@ class ExportWorker:
                 if not await queries.renew_lease(connection, lease, self._lease):
                     raise LeaseCheckFailed("the job was cancelled or taken over before the upload completed")
 
-        async with LeaseKeeper(self._engine, lease, self._lease):
+        async with LeaseKeeper(self._engine, lease, self._lease) as keeper, self._watching(job, keeper):
             left = await self._storage.abort_incomplete(key)
             if left:
                 log.info("exports.aborted_leftover_uploads", job_id=str(job.id), uploads=left)
@@ -202,6 +203,31 @@ class ExportWorker:
                 self._engine, self._storage, job, key, before_complete=still_mine, part_size=self._part_size
             )
         return await self._succeed(job, lease, written)
+
+    @contextlib.asynccontextmanager
+    async def _watching(self, job: ExportJobRow, keeper: LeaseKeeper) -> AsyncIterator[None]:
+        """While the attempt runs, any announcement about the job (a cancel, from any replica) makes the keeper
+        check the lease at once. Best effort: without pub/sub, the periodic renewal notices it."""
+        if self._pubsub is None:
+            yield
+            return
+        pubsub = self._pubsub
+
+        async def listen() -> None:
+            try:
+                async with subscribe_job(pubsub, job.id) as messages:
+                    async for _ in messages:
+                        keeper.renew_now()
+            except Exception:  # the periodic renewal still notices
+                log.info("exports.job_watch_failed", job_id=str(job.id), exc_info=True)
+
+        watcher = asyncio.create_task(listen(), name=f"watch export job {job.id}")
+        try:
+            yield
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
 
     async def _succeed(self, job: ExportJobRow, lease: Lease, written: Written) -> ExportJobRow:
         outcome = Outcome(
