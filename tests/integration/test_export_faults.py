@@ -52,7 +52,7 @@ from tests.integration.serve_support import clean_env, free_port, serve
 DAY = dt.date(2026, 11, 2)  # the incident window: one UTC day of events written straight into its partition
 DAY_START = dt.datetime(DAY.year, DAY.month, DAY.day, tzinfo=dt.UTC)
 DEADLINE_S = 30.0
-BIG = 200_000  # rows of the SIGKILL test: about 25 MiB of CSV, three 8 MiB parts and a tail
+BIG = 150_000  # rows of the SIGKILL test: about 20 MiB of CSV, two 8 MiB parts and a tail
 MID = 80_000  # rows of the gated tests: the first 5 MiB part is written with rows left in the cursor
 SMALL = 500
 
@@ -276,6 +276,8 @@ async def test_a_worker_killed_mid_upload_is_finished_by_another_once_with_no_or
     finished = await until(worker.run_once, "the second worker to take the job once its lease expired", every_s=0.1)
     assert finished.id == job.id and finished.attempts == 2
     assert await worker.run_once() is None
+    head = await s3.head_object(Bucket=bucket, Key=finished.object_key)
+    assert int(head["ETag"].strip('"').rsplit("-", 1)[1]) >= 3  # a multipart object of several parts
     await assert_one_correct_file(s3, bucket, await job_row(engine, job.id), BIG)
 
 
@@ -381,8 +383,10 @@ async def test_a_cancel_while_running_stops_the_attempt_and_leaves_no_object_or_
         cancelled = await cancel_job(connection, job.id, lambda _org: True)
     assert cancelled.status == "CANCELLED"
     started = time.monotonic()
-    ended = await asyncio.wait_for(attempt, DEADLINE_S)
-    assert time.monotonic() - started < 1.5  # the keeper renews every 0.5 s and stops the attempt at once
+    ended = await asyncio.wait_for(attempt, 10)
+    # Only the lease keeper can end this attempt: it renews every 0.5 s and stops the attempt at its next renewal
+    # (about 0.5 s; the bound leaves room for a loaded machine).
+    assert time.monotonic() - started < 3.0
     assert ended is not None and ended.id == job.id
     final = await job_row(engine, job.id)
     assert (final.status, final.attempts, final.object_key) == ("CANCELLED", 1, None)
@@ -462,7 +466,7 @@ async def test_a_worker_stopped_during_an_attempt_releases_the_job_and_aborts_it
     assert len(await open_uploads(s3, bucket)) == 1
     started = time.monotonic()
     await stopping.stop(grace_s=1.0)
-    assert time.monotonic() - started < 3.0
+    assert time.monotonic() - started < 3.0  # half the grace, then the release (about 0.6 s in all)
     released = await job_row(engine, job.id)
     assert (released.status, released.attempts, released.lease_owner) == ("QUEUED", 1, None)
     assert released.error is not None and "the worker stopped during the attempt" in released.error
