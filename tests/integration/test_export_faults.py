@@ -39,7 +39,7 @@ from db.exports import ExportJobRow, get_export_job
 from db.partitions import ensure_usage_partitions
 from exports.jobs import cancel_job, create_job, incident_job
 from exports.metrics import ExportMetrics
-from exports.storage import S3Storage, open_s3_storage
+from exports.storage import S3Storage, key_for, open_s3_storage
 from exports.storage.protocol import Upload
 from exports.storage.s3 import MIN_PART_SIZE, client_config
 from exports.worker import ExportWorker
@@ -270,7 +270,7 @@ async def test_a_worker_killed_mid_upload_is_finished_by_another_once_with_no_or
         assert await running.process.wait() == -9
     killed = await job_row(engine, job.id)
     assert (killed.status, killed.attempts, await objects(s3, bucket)) == ("RUNNING", 1, [])
-    assert [u["Key"] for u in await open_uploads(s3, bucket)] == [f"exports/{org}/{job.created_at:%Y/%m}/{job.id}.csv"]
+    assert [u["Key"] for u in await open_uploads(s3, bucket)] == [key_for(org, job.created_at, job.id)]
 
     worker = new_worker(engine, storage, settings_for(migrated_database))
     finished = await until(worker.run_once, "the second worker to take the job once its lease expired", every_s=0.1)
