@@ -26,7 +26,7 @@ from db.usage import BUCKET_SQL, UsageQuery, driver_connection, plan
 
 class SeriesRow(NamedTuple):
     bucket: dt.datetime | None
-    model: str
+    model: str | None  # None on raw-event rows of a series not split by model (``per_model=False``)
     requests: int
     errors: int
     client_errors: int
@@ -102,7 +102,7 @@ WHERE h.org_id = $1 AND h.hour >= $4 AND h.hour < $5 {filters_h}
 UNION ALL
 SELECT bucket, model, sum(n)::bigint, sum(e)::bigint, sum(c)::bigint, {packed_agg}
 FROM (
-    SELECT {bucket_e} AS bucket, ev.model, {index} AS idx, count(*) AS n,
+    SELECT {bucket_e} AS bucket, {model_e} AS model, {index} AS idx, count(*) AS n,
            count(*) FILTER (WHERE ev.status_code >= 500) AS e,
            count(*) FILTER (WHERE ev.status_code BETWEEN 400 AND 499) AS c
     FROM events ev GROUP BY 1, 2, 3
@@ -143,7 +143,7 @@ ORDER BY requests DESC, model COLLATE "C", status_code, error_type COLLATE "C" N
 
 
 @functools.lru_cache(maxsize=64)
-def _series_sql(shape: _Shape) -> str:
+def _series_sql(shape: _Shape, per_model: bool) -> str:
     bucket = BUCKET_SQL[shape.granularity] if shape.granularity else "NULL::timestamptz"
     per_key = shape.per_key
     return _SERIES.format(
@@ -157,6 +157,7 @@ def _series_sql(shape: _Shape) -> str:
         index=index_sql("ev.latency_ms"),
         sketch_h="sketch_pack(h.latency_sketch)" if per_key else "h.latency_sketch_packed",
         packed_agg=packed_agg_sql("idx", "n"),
+        model_e="ev.model" if per_model else "NULL::text",
     )
 
 
@@ -179,9 +180,11 @@ def _args(query: UsageQuery, materialized_through: dt.datetime | None) -> tuple[
     )  # fmt: skip
 
 
-def series_statement(query: UsageQuery, materialized_through: dt.datetime | None) -> tuple[str, tuple[object, ...]]:
+def series_statement(
+    query: UsageQuery, materialized_through: dt.datetime | None, *, per_model: bool = True
+) -> tuple[str, tuple[object, ...]]:
     """The SQL and arguments of :func:`series_rows` (benchmarks run it bare, as the floor)."""
-    return _series_sql(_Shape.of(query)), _args(query, materialized_through)
+    return _series_sql(_Shape.of(query), per_model), _args(query, materialized_through)
 
 
 def errors_statement(
@@ -192,12 +195,15 @@ def errors_statement(
 
 
 async def series_rows(
-    connection: AsyncConnection, query: UsageQuery, materialized_through: dt.datetime | None
+    connection: AsyncConnection, query: UsageQuery, materialized_through: dt.datetime | None, *, per_model: bool = True
 ) -> list[SeriesRow]:
     """Requests, errors, client errors and sketch rows by bucket (null when ``query.granularity`` is None)
-    and model, ordered by bucket and model; several rows of one bucket and model are merged by the caller."""
+    and model, ordered by bucket and model; several rows of one bucket and model are merged by the caller.
+
+    ``per_model=False``: the caller merges a bucket's models anyway, so raw events are aggregated per bucket
+    only (model None: fewer, larger rows); rollup rows stay per model."""
     raw = await driver_connection(connection)
-    sql, args = series_statement(query, materialized_through)
+    sql, args = series_statement(query, materialized_through, per_model=per_model)
     records = await raw.fetch(sql, *args)
     make = SeriesRow._make
     return [make(record) for record in records]

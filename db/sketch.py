@@ -17,7 +17,8 @@ MIN_VALUE_MS = 0.001
 ZERO_INDEX = -32768  # values under MIN_VALUE_MS
 
 # A packed sketch (what the API reads: ``reliability_hourly_model.latency_sketch_packed``, migration 0008): entries
-# of a 4-byte bucket index and an 8-byte count, big-endian, as ``int4send(index) || int8send(count)`` makes them.
+# of a 4-byte bucket index and an 8-byte count, big-endian, as ``int4send(index) || int8send(count)`` makes them;
+# stored ones ascend by index, query-time ones (``packed_agg_sql``) come in any order.
 PACKED_ENTRY_BYTES = 12
 
 
@@ -29,5 +30,6 @@ def index_sql(column: str) -> str:
 
 
 def packed_agg_sql(index: str, count: str) -> str:
-    """An aggregate that packs (index, count) rows into one packed sketch (PACKED_ENTRY_BYTES a row, ascending)."""
-    return f"string_agg(int4send({index}) || int8send({count}), ''::bytea ORDER BY {index})"
+    """An aggregate that packs (index, count) rows into one packed sketch (PACKED_ENTRY_BYTES a row). Its entries
+    come in no particular order (no sort per group at query time): readers sort (reliability/sketch.py)."""
+    return f"string_agg(int4send({index}) || int8send({count}), ''::bytea)"

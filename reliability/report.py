@@ -28,7 +28,7 @@ from db.usage import UsageQuery, bucket_end, bucket_start
 from kernel.hours import EARLIEST
 from reliability import sketch as sketches
 from reliability.attribution import Composition, Contribution, attribute
-from reliability.spikes import Detection, Metric, Point, Severity, detect, lookback
+from reliability.spikes import Columns, Detection, Metric, Severity, detect, lookback
 
 SEASON = {"MINUTE": None, "HOUR": 24, "DAY": 7, "MONTH": None}
 DETECTION_PERCENTILES = (0.95, 0.99)
@@ -103,11 +103,11 @@ async def build_report(
     zone = zoneinfo.ZoneInfo(query.time_zone)
     grid = _grid(query, zone)
     history = _history(grid[0], query.granularity, zone, lookback(SEASON[query.granularity]))
-    rows = await series_rows(connection, query, materialized_through)
+    rows = await series_rows(connection, query, materialized_through, per_model=by_model)
     history_rows: list[SeriesRow] = []
     if history:
         earlier = dataclasses.replace(query, start=history[0], end=grid[0])
-        history_rows = await series_rows(connection, earlier, materialized_through)
+        history_rows = await series_rows(connection, earlier, materialized_through, per_model=by_model)
     breakdown = await error_rows(connection, query, materialized_through, limit=BREAKDOWN_ROWS)
 
     series = _buckets(rows, by_model, query.granularity, zone)
@@ -161,11 +161,15 @@ def _buckets(rows: Sequence[SeriesRow], by_model: bool, granularity: str, zone: 
     buckets: list[Bucket] = []
     group_of: list[int] = []
     current: Bucket | None = None
+    end = start = None
     for row in rows:
         assert row.bucket is not None
         model = row.model if by_model else None
         if current is None or current.start != row.bucket or current.model != model:
-            current = Bucket(row.bucket, bucket_end(row.bucket, granularity, zone), model)
+            if row.bucket != start:  # the models of one bucket share its end
+                start, end = row.bucket, bucket_end(row.bucket, granularity, zone)
+            assert end is not None
+            current = Bucket(row.bucket, end, model)
             buckets.append(current)
         group_of.append(len(buckets) - 1)
         current.requests += row.requests
@@ -196,19 +200,35 @@ def _totals(series: Collected, percentiles: Sequence[float]) -> Totals:
 def _detect(
     starts: Sequence[dt.datetime], evaluate_from: int, buckets: Sequence[Bucket], by_model: bool, season: int | None
 ) -> list[tuple[str | None, Detection]]:
+    """Each model's (or the one) series as columns over the whole grid (no traffic: 0 requests, no latency)."""
     position = {start: index for index, start in enumerate(starts)}
-    series: dict[str | None, list[Point]] = {}
-    empty = Point(requests=0, errors=0, p95_ms=None, p99_ms=None)
+    size = len(starts)
+    requests: dict[str | None, list[int]] = {}
+    errors: dict[str | None, list[int]] = {}
+    p95: dict[str | None, list[float | None]] = {}
+    p99: dict[str | None, list[float | None]] = {}
+    last_start, index = None, -1
     for bucket in buckets:
-        points = series.setdefault(bucket.model, [empty] * len(starts))
-        index = position.get(bucket.start)
-        if index is None:  # pragma: no cover - every bucket start is on the grid
+        model = bucket.model
+        if model not in requests:
+            requests[model], errors[model], p95[model], p99[model] = (
+                [0] * size,
+                [0] * size,
+                [None] * size,
+                [None] * size,
+            )
+        if bucket.start != last_start:  # the models of one bucket share its position
+            last_start, index = bucket.start, position.get(bucket.start, -1)
+        if index < 0:  # pragma: no cover - every bucket start is on the grid
             continue
-        p95, p99 = bucket.detection or (None, None)
-        points[index] = Point(requests=bucket.requests, errors=bucket.errors, p95_ms=p95, p99_ms=p99)
+        requests[model][index] = bucket.requests
+        errors[model][index] = bucket.errors
+        if bucket.detection is not None:
+            p95[model][index], p99[model][index] = bucket.detection
+    series = {model: Columns(requests[model], errors[model], p95[model], p99[model]) for model in requests}
     found: list[tuple[str | None, Detection]] = []
-    for model, points in sorted(series.items(), key=lambda item: item[0] or ""):
-        found += [(model if by_model else None, d) for d in detect(points, evaluate_from, season)]
+    for model, columns in sorted(series.items(), key=lambda item: item[0] or ""):
+        found += [(model if by_model else None, d) for d in detect(columns, evaluate_from, season)]
     return found
 
 
@@ -255,7 +275,8 @@ async def _requests_by_model(
     if scope.start >= scope.end:
         return {}
     totals: dict[str, int] = {}
-    for row in await series_rows(connection, scope, materialized_through):
+    for row in await series_rows(connection, scope, materialized_through):  # per model: every row names one
+        assert row.model is not None
         totals[row.model] = totals.get(row.model, 0) + row.requests
     return totals
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 
@@ -85,22 +85,35 @@ def lookback(season: int | None) -> int:
     return PERIODS * season if season else TRAILING
 
 
-def detect(points: Sequence[Point], evaluate_from: int, season: int | None) -> list[Detection]:
+@dataclass(frozen=True, slots=True)
+class Columns:
+    """One series as columns (what detection reads), bucket by bucket: the same as a list of Points, without an
+    object per bucket (the report builds these directly from its buckets)."""
+
+    requests: Sequence[int]
+    errors: Sequence[int]
+    p95_ms: Sequence[float | None]
+    p99_ms: Sequence[float | None]
+
+    @classmethod
+    def of(cls, points: Sequence[Point]) -> Columns:
+        return cls([p.requests for p in points], [p.errors for p in points], [p.p95_ms for p in points],
+                   [p.p99_ms for p in points])  # fmt: skip
+
+
+def detect(points: Sequence[Point] | Columns, evaluate_from: int, season: int | None) -> list[Detection]:
     """Spikes of error rate, p95 and p99 in ``points[evaluate_from:]``; ``points[:evaluate_from]`` is history.
 
     ``season`` is the number of buckets in one seasonal period (24 for HOUR, 7 for DAY) or None (no seasonal term).
     Detections are ordered by metric, then by their first bucket.
     """
-    found = _error_rate(points, evaluate_from, season)
-    quantile_of: dict[Metric, Callable[[Point], float | None]] = {
-        Metric.LATENCY_P95: lambda p: p.p95_ms,
-        Metric.LATENCY_P99: lambda p: p.p99_ms,
-    }
-    for metric, min_requests, k in (
-        (Metric.LATENCY_P95, MIN_REQUESTS_P95, K_LATENCY),
-        (Metric.LATENCY_P99, MIN_REQUESTS_P99, K_LATENCY_P99),
+    series = points if isinstance(points, Columns) else Columns.of(points)
+    found = _error_rate(series, evaluate_from, season)
+    for metric, values, min_requests, k in (
+        (Metric.LATENCY_P95, series.p95_ms, MIN_REQUESTS_P95, K_LATENCY),
+        (Metric.LATENCY_P99, series.p99_ms, MIN_REQUESTS_P99, K_LATENCY_P99),
     ):
-        found += _latency(points, evaluate_from, season, metric, quantile_of[metric], (min_requests, k))
+        found += _latency(series.requests, values, evaluate_from, season, metric, (min_requests, k))
     return found
 
 
@@ -144,10 +157,9 @@ def poisson_sf(k: float, mean: float) -> float:
     return max(0.0, 1.0 - math.exp(log_front) * h)
 
 
-def _error_rate(points: Sequence[Point], evaluate_from: int, season: int | None) -> list[Detection]:
+def _error_rate(series: Columns, evaluate_from: int, season: int | None) -> list[Detection]:
     size = lookback(season)
-    requests = [p.requests for p in points]
-    errors = [p.errors for p in points]
+    requests, errors = list(series.requests), list(series.errors)
     candidates = _candidates(requests, errors, size)
     found = []
     for first, last in _runs(t for t in candidates if t >= evaluate_from):
@@ -240,23 +252,21 @@ def _runs(indexes: Iterator[int]) -> list[tuple[int, int]]:
 
 
 def _latency(
-    points: Sequence[Point],
+    counts: Sequence[int],
+    values: Sequence[float | None],
     evaluate_from: int,
     season: int | None,
     metric: Metric,
-    quantile: Callable[[Point], float | None],
     guards: tuple[int, float],  # (fewest requests, robust z to exceed)
 ) -> list[Detection]:
     min_requests, k = guards
     nan, log = math.nan, math.log
-    counts = [p.requests for p in points]
-    values = [quantile(p) for p in points]
     logs = [log(v) if n >= min_requests and v else nan for n, v in zip(counts, values, strict=True)]
     floor, screen = math.log(MIN_LATENCY_RATIO), math.log(LATENCY_SCREEN_RATIO)
     noise = -1.0  # computed when first needed
     candidates: dict[int, tuple[float, float]] = {}  # index -> (baseline (log), robust z)
     references = _References(logs, season)
-    for t in range(max(evaluate_from, 1), len(points)):
+    for t in range(max(evaluate_from, 1), len(counts)):
         x = logs[t]
         if x != x:  # NaN: too few requests in this bucket
             continue
@@ -316,7 +326,7 @@ class _References:
         return trailing if self.clean else [v for v in trailing if v == v]
 
 
-def _sampling_noise(logs: list[float], counts: list[int], lag: int) -> float:
+def _sampling_noise(logs: list[float], counts: Sequence[int], lag: int) -> float:
     """sigma such that one bucket's log quantile varies by about sigma / sqrt(requests).
 
     Robustly estimated from differences one season apart, each normalized by sqrt(1/n1 + 1/n2): the median absolute

@@ -179,9 +179,10 @@ async def test_counts_and_percentiles_match_the_events(
                             [0.25, 0.999], "Asia/Kolkata")  # fmt: skip
     _check_buckets(org, kolkata, True)
     assert {dt.datetime.fromisoformat(b["start"]).minute for b in kolkata["series"]} == {30}
-    minutes = await _report(client, token, org.org_id, world.this_hour - 2 * HOUR, end, "MINUTE", True)
-    _check_buckets(org, minutes, True)
-    assert minutes["series"], "no minute buckets"
+    for by_model in (True, False):  # raw events only; without groupByModel, aggregated per minute in SQL
+        minutes = await _report(client, token, org.org_id, world.this_hour - 2 * HOUR, end, "MINUTE", by_model)
+        _check_buckets(org, minutes, by_model)
+        assert minutes["series"], "no minute buckets"
 
 
 async def test_the_burst_is_found_in_its_hours_and_explained_by_its_model(
