@@ -69,8 +69,16 @@ async def snapshot(engine: AsyncEngine) -> AsyncIterator[Snapshot]:
     pool), with its instant and the rollup watermark as of it."""
     async with engine.connect() as connection:
         raw = await driver_connection(connection)
-        async with raw.transaction(isolation="repeatable_read", readonly=True):
+        transaction = raw.transaction(isolation="repeatable_read", readonly=True)
+        await transaction.start()
+        try:
             # The first statement takes the snapshot; clock_timestamp() is read while it runs.
             taken_at = await raw.fetchval("SELECT clock_timestamp()")
             through = await raw.fetchval("SELECT materialized_through FROM rollup_state")
             yield Snapshot(raw, taken_at, through)
+        except BaseException:
+            # On a connection the server closed, a rollback would fail and its error hide the real cause.
+            if not raw.is_closed():
+                await transaction.rollback()
+            raise
+        await transaction.commit()

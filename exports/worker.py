@@ -124,13 +124,14 @@ class ExportWorker:
         self._stopping.set()
         if self._task is None:
             return
+        release_s = min(RELEASE_TIMEOUT_S, grace_s / 2)  # the attempt, then its release, within grace_s
         try:
-            await asyncio.wait_for(asyncio.shield(self._task), max(grace_s - RELEASE_TIMEOUT_S, grace_s / 2))
+            await asyncio.wait_for(asyncio.shield(self._task), grace_s - release_s)
         except TimeoutError:
             log.warning("exports.worker_stopped_unfinished", owner=self.owner)
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                await asyncio.wait_for(self._task, RELEASE_TIMEOUT_S)
+                await asyncio.wait_for(self._task, release_s)
 
     async def _loop(self) -> None:
         while not self._stopping.is_set():

@@ -358,6 +358,8 @@ async def test_a_dropped_database_connection_fails_the_attempt_and_the_next_one_
     assert failed is not None
     assert (failed.id, failed.status, failed.attempts) == (job.id, "QUEUED", 1), failed
     assert failed.error is not None and "the database failed while reading the rows" in failed.error
+    # The cause, not the failed rollback on the dead connection that used to hide it.
+    assert "closed" in failed.error and "__aexit__" not in failed.error, failed.error
     assert await objects(s3, bucket) == [] and await open_uploads(s3, bucket) == []
 
     finished = await worker.run_once()
