@@ -37,6 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from db.engine import create_engine
 from db.exports import ExportJobRow, get_export_job
 from db.partitions import ensure_usage_partitions
+from exports.job_events import announce_job
 from exports.jobs import cancel_job, create_job, incident_job
 from exports.metrics import ExportMetrics
 from exports.storage import S3Storage, key_for, open_s3_storage
@@ -44,6 +45,7 @@ from exports.storage.protocol import Upload
 from exports.storage.s3 import MIN_PART_SIZE, client_config
 from exports.worker import ExportWorker
 from gateway.app import create_app
+from kernel.pubsub import LocalPubSub
 from kernel.settings import ProcessRole, Settings
 from tests.conftest import TEST_JWT_SECRET, TokenFactory
 from tests.helpers import graphql
@@ -394,6 +396,30 @@ async def test_a_cancel_while_running_stops_the_attempt_and_leaves_no_object_or_
     assert (final.status, final.attempts, final.object_key) == ("CANCELLED", 1, None)
     assert await objects(s3, bucket) == [] and await open_uploads(s3, bucket) == []
     assert await worker.run_once() is None
+
+
+async def test_an_announced_cancel_stops_the_attempt_at_once_whatever_the_lease(
+    migrated_database: str, engine: AsyncEngine, storage: S3Storage, s3: Any, bucket: str
+) -> None:
+    """With a 60 s lease the periodic renewal would notice the cancel 20 s later; the worker listens on the
+    job's channel and checks at once when the cancel is announced (as cancelExportJob does)."""
+    org = new_org()
+    await insert_events(engine, org, MID)
+    job = await new_job(engine, org)
+    gated = GatedStorage(storage)
+    pubsub = LocalPubSub()
+    settings = settings_for(migrated_database, export_lease_s=60.0)
+    worker = ExportWorker(engine, gated, pubsub, settings, ExportMetrics(MeterProvider().get_meter("t")),
+                          part_size=MIN_PART_SIZE)  # fmt: skip
+    attempt = asyncio.create_task(worker.run_once())
+    await asyncio.wait_for(gated.first_part.wait(), DEADLINE_S)
+    async with engine.begin() as connection:
+        cancelled = await cancel_job(connection, job.id, lambda _org: True)
+    await announce_job(pubsub, cancelled)
+    ended = await asyncio.wait_for(attempt, 5)  # 20 s without the announcement
+    assert ended is not None and ended.id == job.id
+    assert (await job_row(engine, job.id)).status == "CANCELLED"
+    assert await objects(s3, bucket) == [] and await open_uploads(s3, bucket) == []
 
 
 # --- 5. two workers racing for one job ---------------------------------------------------------------------
