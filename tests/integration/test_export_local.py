@@ -1,7 +1,8 @@
-"""``make run``'s exports: a real ``serve`` process with no S3 bucket (the local folder under the data dir),
-every role in one process. A finance user requests a month-to-date export, follows it on the
-``exportJob`` subscription to SUCCEEDED, and downloads the file through the gateway's own signed link;
-tampered links are refused, and the link's signature never reaches the logs."""
+"""Exports without S3 (the local folder under the data dir) on real ``serve`` processes: the API in one, the
+export worker in another. A finance user requests a month-to-date export, follows it on the ``exportJob``
+subscription (pushed across replicas through Redis) to SUCCEEDED, and downloads the file through the
+gateway's own signed link (the key file the worker's process generated, read by the API's); tampered links
+are refused, and the link's signature never reaches the logs."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import hashlib
 import io
 import json
 import urllib.parse
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ import websockets
 
 from gateway.logging import redact_text
 from ingest.synthetic import Traffic, generate
-from tests.conftest import TEST_JWT_SECRET, TokenFactory
+from tests.conftest import REDIS_URL, RUN_ID, TEST_JWT_SECRET, TokenFactory
 from tests.integration.serve_support import Served, clean_env, serve
 
 pytestmark = pytest.mark.slow
@@ -32,12 +34,15 @@ REQUEST = 'mutation { requestCostExport(input: {orgId: "%s"}) { id status } }'
 
 @pytest.fixture
 async def gateway(migrated_database: str, tmp_path: Path) -> AsyncIterator[Served]:
+    """Two replicas on one host, as `make run` grown by one process: the API (and HTTP ingestion) in one, the
+    export worker (and rollups) in the other, sharing the database, the data dir's folder and Redis."""
     env = clean_env(
         ANALYTICS_DATABASE_URL=migrated_database, ANALYTICS_JWT_SECRET=TEST_JWT_SECRET,
         ANALYTICS_DATA_DIR=str(tmp_path), ANALYTICS_EXPORT_POLL_S="0.2", ANALYTICS_LOG_LEVEL="WARNING",
+        ANALYTICS_REDIS_URL=REDIS_URL, ANALYTICS_REDIS_PREFIX=f"test:{RUN_ID}:local{uuid.uuid4().hex[:6]}:",
     )  # fmt: skip
-    async with serve(env) as running:
-        yield running
+    async with serve(env, "--role", "export,rollup"), serve(env, "--role", "api,ingest") as api:
+        yield api
 
 
 async def frames(ws: Any) -> AsyncIterator[dict[str, Any]]:
