@@ -82,6 +82,7 @@ def to_report(
     report: Report, freshness: Any,
 ) -> ReliabilityReport:  # fmt: skip
     totals = report.totals
+    shared = _Percentiles(percentiles)
     return ReliabilityReport(
         org_id=strawberry.ID(org_id),
         from_=range.from_,
@@ -93,24 +94,39 @@ def to_report(
             errors=BigInt(totals.errors),
             client_errors=BigInt(totals.client_errors),
             error_rate=error_rate(totals.errors, totals.requests),
-            latency=_latency(percentiles, totals.latency),
+            latency=shared(totals.latency),
         ),
-        series=[_bucket(b, percentiles) for b in report.series],
+        series=[_bucket(b, shared) for b in report.series],
         spikes=[_spike(s) for s in report.spikes],
         breakdown=[_attribution(c) for c in report.breakdown],
         freshness=freshness,
     )
 
 
-def _latency(percentiles: Sequence[float], values: Sequence[float]) -> list[LatencyPercentile]:
-    return [LatencyPercentile(percentile=p, ms=ms) for p, ms in zip(percentiles, values, strict=False)]
+class _Percentiles:
+    """The LatencyPercentile objects of one answer, one per distinct (percentile, ms): a sketch reports one of a
+    few hundred bucket values, so thousands of buckets share them (read-only to the executor) instead of each
+    making its own."""
+
+    def __init__(self, percentiles: Sequence[float]) -> None:
+        self.percentiles = percentiles
+        self.made: dict[tuple[float, float], LatencyPercentile] = {}
+
+    def __call__(self, values: Sequence[float]) -> list[LatencyPercentile]:
+        made, out = self.made, []
+        for key in zip(self.percentiles, values, strict=False):
+            item = made.get(key)
+            if item is None:
+                item = made[key] = LatencyPercentile(percentile=key[0], ms=key[1])
+            out.append(item)
+        return out
 
 
-def _bucket(bucket: Bucket, percentiles: Sequence[float]) -> ReliabilityBucket:
+def _bucket(bucket: Bucket, latency: _Percentiles) -> ReliabilityBucket:
     return ReliabilityBucket(
         start=bucket.start, end=bucket.end, model=bucket.model, requests=BigInt(bucket.requests),
         errors=BigInt(bucket.errors), client_errors=BigInt(bucket.client_errors),
-        error_rate=error_rate(bucket.errors, bucket.requests), latency=_latency(percentiles, bucket.latency),
+        error_rate=error_rate(bucket.errors, bucket.requests), latency=latency(bucket.latency),
     )  # fmt: skip
 
 
