@@ -74,3 +74,4 @@ bench: install services
 	$(BIN)/python -m bench.report
 	$(BIN)/python -m bench.reliability_bench $(BENCH_ARGS)  # reuses graphql_bench's data set, then drops it
 	$(BIN)/python -m bench.detection_quality  # spike detection quality on its labelled corpus (about 1 min)
+	$(BIN)/python -m bench.export_bench $(BENCH_ARGS)  # COST and INCIDENT exports of 1M rows vs COPY (about 15 min)
