@@ -23,7 +23,8 @@ Scenarios (one run, so ratios hold; each window is preceded by a warm-up):
     p  py-spy of the API process under (h)
 
 The floor: the statements ``reliability.report.build_report`` runs before it explains any spike, in its order,
-sequentially on one asyncpg connection (rows to dicts, orjson): ``db.reliability.series_statement`` for the range
+sequentially on one asyncpg connection (rows to dicts, orjson; packed sketches as hex):
+``db.reliability.series_statement`` (``per_model`` as the report asks) for the range
 and for the history before it (``reliability.report._history`` of ``lookback``), and
 ``db.reliability.errors_statement(limit=BREAKDOWN_ROWS)``. The per-spike attribution statements are not part of
 it (scenario d measures them). A window that other work disturbed (more than ``--quiet-threshold`` cores used by
@@ -177,7 +178,8 @@ def new_results(args: argparse.Namespace, name: str, info: dict[str, Any]) -> di
         "definitions": {
             "gateway": "wrk -t1 -c1 against /graphql (POST, Lua script), latency from wrk's histogram",
             "floor": "build_report's statements before spike attribution (series of the range, series of the "
-            "history, breakdown) through one asyncpg connection, sequentially, rows to dicts and orjson",
+            "history, breakdown) through one asyncpg connection, sequentially, rows to dicts and orjson (the "
+            "packed sketches as hex)",
             "where_the_time_goes": "build_report in the benchmark process on a gateway-configured connection; "
             "statement times from asyncpg's query logger (client side: send, execute, receive, decode); python = "
             "wall - statements; server_side = EXPLAIN (ANALYZE, BUFFERS) of each floor statement, median of 5",

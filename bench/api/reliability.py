@@ -305,7 +305,8 @@ async def server_times(dataset: Dataset, shape: Shape, repeats: int = 5) -> list
 
 AREAS = (
     ("reliability/report", "reliability.report (buckets, merges, grid)"),
-    ("reliability/sketch", "reliability.sketch (parse, merge, quantiles)"),
+    ("reliability/sketch", "reliability.sketch (batch of packed sketches)"),
+    ("numpy/", "numpy (sketch batch: sort, cumsum, search)"),
     ("reliability/spikes", "reliability.spikes (detection)"),
     ("reliability/attribution", "reliability.attribution"),
     ("db/reliability", "db.reliability (SeriesRow per record)"),
