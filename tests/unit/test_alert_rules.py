@@ -17,8 +17,6 @@ SUFFIXES = ("_total", "_bucket", "_count", "_sum")
 LIBRARY_METRICS = frozenset({"http_server_duration_milliseconds"})
 # RabbitMQ's Prometheus plugin (rabbitmq_prometheus), per-object endpoint: labels vhost and queue.
 BROKER_METRICS = frozenset({"rabbitmq_queue_messages_ready", "rabbitmq_queue_consumers"})
-# Names the exports issue will create (documented in dashboards/README.md); remove once its code names them.
-EXPORTS_TO_COME = frozenset({"analytics_export_jobs_failed_total"})
 # A metric name in an expression: one of the families above, or a recording rule (level:metric:operations).
 METRIC = re.compile(r"(?<![\w:.])((?:[a-z_]+:)?(?:analytics|http_server|rabbitmq)_[a-z0-9_]+(?::[a-z0-9_]+)?)")
 
@@ -52,7 +50,7 @@ def _metrics_in(expr: str) -> set[str]:
 
 
 def _known(metric: str, defined: set[str]) -> bool:
-    if metric in _recorded() or metric in BROKER_METRICS or metric in EXPORTS_TO_COME:
+    if metric in _recorded() or metric in BROKER_METRICS:
         return True
     base = next((metric.removesuffix(s) for s in SUFFIXES if metric.endswith(s)), metric)
     return base in defined or metric in defined or base in LIBRARY_METRICS
