@@ -665,10 +665,27 @@ def area_of(file: str, func: str) -> str:
     return next((name for needle, name in AREAS if needle in file), f"other ({file.split('/')[0]})")
 
 
+def main_thread_stacks(collapsed: Path) -> tuple[Path, int]:
+    """py-spy's collapsed stacks without those of other threads (the RSS sampler, the executor's idle
+    workers: py-spy counts their timed waits as active), in a file beside it; and the samples left out."""
+    kept, dropped = [], 0
+    for line in collapsed.read_text().splitlines():
+        if line.startswith(("_bootstrap (threading.py", "Thread._bootstrap (threading.py")):
+            dropped += int(line.rpartition(" ")[2] or 0)
+        else:
+            kept.append(line)
+    main = collapsed.with_name(collapsed.stem + "_main.txt")
+    main.write_text("\n".join(kept) + "\n")
+    return main, dropped
+
+
 def summarize_profile(collapsed: Path, duration_s: float) -> dict[str, Any]:
-    counts = count_stacks(collapsed, area_of, NOT_AREAS)
+    """The worker's main thread (the event loop: everything the export does) by function and area."""
+    main, other_threads = main_thread_stacks(collapsed)
+    counts = count_stacks(main, area_of, NOT_AREAS)
     return {
         "samples": counts.samples,
+        "other_threads_samples": other_threads,
         "busy_share_of_one_core": counts.busy_share(duration_s, PROFILE_RATE_HZ),
         "by_area_self": counts.top(counts.area_self, 15),
         "by_area_total": counts.top(counts.area_total, 15),
@@ -731,6 +748,12 @@ def new_results(args: argparse.Namespace, dataset: Dataset, jobs: dict[str, NewJ
             "counted and dropped: database and driver, without CSV, tally or upload",
             "cpu": "cores per process group over the step (utime+stime from /proc); bench = this process, which "
             "runs the moto S3 server; foreign = work that is not the benchmark's",
+            "ru_maxrss": "getrusage's peak RSS, for reference only: Linux carries it over exec from the parent "
+            "(this process, which holds the moto server's objects), so it is not the worker's own",
+            "profile": "py-spy record --format raw at 100 Hz of one more worker run of each kind (not a measured run); "
+            "shares are of the main thread's samples (the event loop, where the export runs); self time of a "
+            "Python frame includes the C it calls (csv.writer.writerow under PartEncoder.add, asyncpg's record "
+            "decoding under the transport's data_received)",
         },
         "runs": [],
     }

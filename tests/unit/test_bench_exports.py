@@ -4,6 +4,7 @@ and statements it measures, the COPY tag, the rates and the summary against the 
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,11 +15,13 @@ from bench.export_bench import (
     copy_rows,
     figures,
     jobs_for,
+    main_thread_stacks,
     parse_args,
     plan_data,
     prices_for,
     statement_for,
     summarize,
+    summarize_profile,
 )
 from db.exports import INCIDENT_ROWS
 from exports.jobs import COST, INCIDENT
@@ -140,3 +143,19 @@ def test_rss_sampler_sees_memory_taken_inside_it() -> None:
     assert rss.peak - rss.baseline >= 60 * 1024 * 1024
     assert rss.samples >= 1
     del block
+
+
+def test_profile_keeps_the_main_threads_stacks(tmp_path: Path) -> None:
+    raw = tmp_path / "cost.txt"
+    raw.write_text(
+        "<module> (<string>);run_once (exports/worker.py:1);add (exports/csv_format.py:9) 30\n"
+        "_bootstrap (threading.py:995);_bootstrap_inner (threading.py:1038);wait (threading.py:320) 12\n"
+        "Thread._bootstrap (threading.py:995);_worker (concurrent/futures/thread.py:81) 3\n"
+        "<module> (<string>);run_once (exports/worker.py:1);data_received (asyncpg/protocol.py:5) 10\n"
+    )
+    main, dropped = main_thread_stacks(raw)
+    assert dropped == 15 and len(main.read_text().splitlines()) == 2
+    summary = summarize_profile(raw, duration_s=1.0)
+    assert summary["samples"] == 40 and summary["other_threads_samples"] == 15
+    areas = {row["function"]: row["samples"] for row in summary["by_area_self"]}
+    assert areas == {"exports.csv_format (cells, csv writer, encode)": 30, "asyncpg (protocol, record decoding)": 10}
