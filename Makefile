@@ -28,9 +28,9 @@ services:
 ## promtool and amtool for the rule and route tests (Debian's prometheus and prometheus-alertmanager). Only the
 ## binaries are wanted: a daemon the packages start (systemd machines) is stopped and disabled at once.
 tools:
-	command -v promtool >/dev/null && command -v amtool >/dev/null || ( \
+	command -v promtool >/dev/null && command -v amtool >/dev/null && test -x /usr/bin/chromium || ( \
 		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-			prometheus prometheus-alertmanager \
+			prometheus prometheus-alertmanager chromium \
 		&& for unit in prometheus prometheus-alertmanager; do \
 			(command -v systemctl >/dev/null && systemctl disable --now $$unit 2>/dev/null) \
 				|| service $$unit stop 2>/dev/null || true; \
