@@ -7,7 +7,12 @@ operation, size) is GraphQL-shaped too, with ``extensions.code`` and a matching 
 
 WebSocket clients (``graphql-transport-ws`` only) authenticate in ``connection_init`` (payload
 ``{"Authorization": "Bearer …"}``) or with a header on the upgrade request; the socket is closed with 4401
-when the token expires, and no operation starts after that.
+when the token expires, and no operation starts after that. A client that does not offer
+``graphql-transport-ws`` (the legacy ``graphql-ws`` of subscriptions-transport-ws, say) is accepted only to be
+closed at once with 4406 and a reason naming the protocol to offer: the legacy handler would run subscriptions
+only (queries fail with "queries are not allowed") and skip the expiry checks below.
+
+The GraphiQL page and its assets come from :mod:`gateway.graphiql` (no CDN).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from strawberry.types import ExecutionResult
 from strawberry.types.graphql import OperationType
 from strawberry.types.unset import UnsetType
 
+from gateway import graphiql
 from gateway.resources import Resources, resources_of
 from kernel.auth import Caller
 from kernel.errors import HTTP_STATUS, ErrorCode, Forbidden, GatewayError, Unauthenticated
@@ -48,6 +54,8 @@ CALLER_KEY = "analytics.caller"
 HTTP_OPERATIONS = {"GET": frozenset({OperationType.QUERY}),
                    "POST": frozenset({OperationType.QUERY, OperationType.MUTATION})}  # fmt: skip
 WS_TOKEN_EXPIRED = 4401  # graphql-transport-ws "Unauthorized"
+WS_SUBPROTOCOL_REFUSED = 4406  # graphql-transport-ws "Subprotocol not acceptable"
+WS_SUBPROTOCOL_REASON = "offer subprotocol graphql-transport-ws; legacy graphql-ws is not served"
 
 
 class TransportError(Exception):
@@ -123,6 +131,9 @@ class GraphQLView(GraphQL[Context, None]):
         super().__init__(schema, subscription_protocols=(GRAPHQL_TRANSPORT_WS_PROTOCOL,), **options)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and GRAPHQL_TRANSPORT_WS_PROTOCOL not in scope.get("subprotocols", ()):
+            await _refuse_subprotocol(WebSocket(scope, receive, send))
+            return
         if scope["type"] != "http":
             await super().__call__(scope, receive, send)
             return
@@ -165,7 +176,7 @@ class GraphQLView(GraphQL[Context, None]):
     async def render_graphql_ide(self, request: Request) -> Response:
         if not _resources(request.scope).settings.graphiql_enabled:
             raise TransportError(404, ErrorCode.NOT_FOUND, "GraphiQL is switched off (ANALYTICS_GRAPHIQL_ENABLED)")
-        return await super().render_graphql_ide(request)
+        return graphiql.page_response()
 
     async def parse_http_body(self, request: AsyncHTTPRequestAdapter) -> GraphQLRequestData:
         if request.method == "POST" and _media_type(request.content_type) != "application/json":
@@ -270,6 +281,13 @@ class AuthenticatedGraphQL:
         if scope["method"] != "GET" or not _resources(scope).settings.graphiql_enabled:
             return False
         return self.view.should_render_graphql_ide(StarletteRequestAdapter(Request(scope)))
+
+
+async def _refuse_subprotocol(websocket: WebSocket) -> None:
+    """Accept (with no subprotocol) and close at once with 4406 and a reason: refusing the handshake itself
+    would leave the client an HTTP 403 and no words (the reason fits the 123 bytes a close frame allows)."""
+    await websocket.accept()
+    await websocket.close(WS_SUBPROTOCOL_REFUSED, WS_SUBPROTOCOL_REASON)
 
 
 def ensure_graphql_access(caller: Caller) -> None:
