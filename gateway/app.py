@@ -11,7 +11,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 
-from gateway import export_download, health
+from gateway import export_download, graphiql, health
 from gateway.events_endpoint import post_events
 from gateway.gc_policy import settle_heap
 from gateway.graphql_view import AuthenticatedGraphQL, GraphQLView
@@ -67,6 +67,7 @@ def create_app(
             Route("/graphql", AuthenticatedGraphQL(view), methods=None),
             WebSocketRoute("/graphql", view),
             Route(export_download.PATH, export_download.download_export, methods=["GET", "HEAD"]),
+            graphiql.asset_route(),
         ]
     if ProcessRole.INGEST in roles:
         routes.append(Route("/v1/events", post_events, methods=["POST"]))
