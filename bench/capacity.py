@@ -34,9 +34,10 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+from sqlalchemy import text
 
 from bench.api.dataset import Dataset, existing_dataset, load_dataset
-from bench.harness.cpu import MachineCpu
+from bench.harness.cpu import MachineCpu, process_cpu_s
 from bench.harness.entry import run_cancellable
 from bench.harness.output import say
 from bench.harness.runinfo import ROOT, git_commit, machine, postgres_version
@@ -91,6 +92,9 @@ class Constants:
     receipt_bytes_per_event: float  # event_receipts with its primary key
     rollup_bytes_per_group: float  # all hourly tables per usage_hourly row
     groups_per_org_hour: float  # usage_hourly rows per active org-hour at the measured load
+    postgres_ingest_cpu_s_per_million: float  # PostgreSQL's CPU to write a million events (100-event messages)
+    postgres_rollup_cpu_s_per_million: float  # the rollup cycle's backend, a million events
+    postgres_query_cpu_s: float  # PostgreSQL's CPU per usage query (HOUR x MODEL 30 d, large org)
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,7 @@ class Plan:
     ingesters: int
     api_processes: int
     rollup_leader_busy_share: float  # of one rollup leader's time; above 1 it cannot keep up
+    postgres_cores: float  # CPU the primary spends on writes, rollups and usage queries (no headroom)
     export_workers: int
     raw_gb_per_day: float
     receipts_gb_per_day: float
@@ -131,6 +136,7 @@ def plan(demand: Demand, c: Constants) -> Plan:
     single = demand.events_per_s * demand.single_event_share
     ingest_load = batched / c.ingest_events_per_s + single / c.ingest_single_events_per_s  # in ingesters
     events_per_day = demand.events_per_s * SECONDS_PER_DAY
+    queries_per_s = demand.orgs * demand.queries_per_org_per_min / 60
     # Rollup groups: an org-hour holds at most one group per event; busy orgs hold the measured groups.
     events_per_org_hour = demand.events_per_s * 3600 / max(demand.orgs, 1)
     groups_per_day = demand.orgs * 24 * min(events_per_org_hour, c.groups_per_org_hour)
@@ -139,10 +145,13 @@ def plan(demand: Demand, c: Constants) -> Plan:
     rollups = groups_per_day * c.rollup_bytes_per_group / 1e9
     return Plan(
         ingesters=processes(ingest_load, 1.0, demand.headroom),
-        api_processes=processes(
-            demand.orgs * demand.queries_per_org_per_min / 60, c.api_queries_per_s, demand.headroom
-        ),
+        api_processes=processes(queries_per_s, c.api_queries_per_s, demand.headroom),
         rollup_leader_busy_share=round(demand.events_per_s * c.rollup_s_per_million / MILLION, 3),
+        postgres_cores=round(
+            demand.events_per_s * (c.postgres_ingest_cpu_s_per_million + c.postgres_rollup_cpu_s_per_million) / MILLION
+            + queries_per_s * c.postgres_query_cpu_s,
+            2,
+        ),
         export_workers=processes(demand.export_rows_per_day / SECONDS_PER_DAY, c.export_rows_per_s, demand.headroom),
         raw_gb_per_day=round(raw, 2),
         receipts_gb_per_day=round(receipts, 2),
@@ -153,7 +162,10 @@ def plan(demand: Demand, c: Constants) -> Plan:
 
 def cited_constants(results_dir: Path, measured: Mapping[str, Any]) -> Constants:
     """The constants from the other benchmarks' results files (their latest runs) and this run's figures."""
-    ingest = json.loads((results_dir / "ingest.json").read_text())["summary"]
+    ingest_results = json.loads((results_dir / "ingest.json").read_text())
+    ingest = ingest_results["summary"]
+    at_defaults = [r for r in ingest_results["runs"] if r["scenario"].startswith("batched_")
+                   and r["settings"] == ingest_results["setting_defaults"]]  # fmt: skip
     graphql = json.loads((results_dir / "graphql.json").read_text())["usage_concurrent"]
     exports = json.loads((results_dir / "exports.json").read_text())
     cost = [r for r in exports["summary"]["targets"] if r["kind"] == "COST"]
@@ -169,7 +181,21 @@ def cited_constants(results_dir: Path, measured: Mapping[str, Any]) -> Constants
         receipt_bytes_per_event=float(measured["bytes_per_event"]["event_receipts"]),
         rollup_bytes_per_group=float(measured["rollup_bytes_per_group"]),
         groups_per_org_hour=float(measured["groups_per_org_hour"]),
+        postgres_ingest_cpu_s_per_million=round(
+            min(r["cpu"]["cpu_s"]["postgres"] * MILLION / r["ingest"]["events"] for r in at_defaults), 2
+        ),
+        postgres_rollup_cpu_s_per_million=float(measured["rollup_cpu_s_per_million"]),
+        postgres_query_cpu_s=round(graphql["gateway"]["cpu"]["cores_used"]["postgres"] / graphql["gateway"]["rps"], 4),
     )
+
+
+def cited_runs(results_dir: Path) -> dict[str, dict[str, Any]]:
+    """Which run of each cited results file the constants come from (its date and commit)."""
+    runs = {}
+    for name in ("ingest.json", "graphql.json", "exports.json"):
+        results = json.loads((results_dir / name).read_text())
+        runs[name] = {"date": results.get("date"), "commit": results.get("git", {}).get("commit")}
+    return runs
 
 
 # --- measurement --------------------------------------------------------------------------------------------------
@@ -186,8 +212,11 @@ async def table_sizes(url: str) -> dict[str, TableSize]:
     try:
         sizes = {}
         for name in (*RAW_TABLES, *HOURLY_TABLES):
+            # A partitioned table has no storage of its own: its partitions hold it (pg_partition_tree is empty
+            # for a plain table, which is counted by itself).
             total = await connection.fetchval(
-                "SELECT coalesce(sum(pg_total_relation_size(relid)), 0)::bigint FROM pg_partition_tree($1::regclass)",
+                "SELECT pg_total_relation_size($1::regclass) + coalesce((SELECT sum(pg_total_relation_size(relid)) "
+                "FROM pg_partition_tree($1::regclass) WHERE relid <> $1::regclass), 0)::bigint",
                 name,
             )
             rows = await connection.fetchval(f"SELECT count(*) FROM {name}")  # a fixed table name
@@ -224,19 +253,23 @@ async def vacuum(url: str) -> None:
         await connection.close()
 
 
-async def timed_cycle(url: str, until: dt.datetime) -> dict[str, float]:
+async def timed_cycle(url: str, until: dt.datetime) -> dict[str, Any]:
     """One ``run_cycle`` over every event (rollups reset first): seconds and the machine's busy cores."""
     await reset_rollups(url)
     engine = create_engine(url, pool_size=1)
     try:
-        before, started = MachineCpu.read(), time.monotonic()
+        async with engine.connect() as connection:  # the pool's one connection: the cycle's backend
+            backend = int(await connection.scalar(text("SELECT pg_backend_pid()")))
+        cpu_before, before, started = process_cpu_s(backend), MachineCpu.read(), time.monotonic()
         result = await run_cycle(engine, until)
         seconds = time.monotonic() - started
         busy = (MachineCpu.read().busy - before.busy) / seconds
+        cpu_after = process_cpu_s(backend)
     finally:
         await engine.dispose()
     assert result.ran, "another rollup held the lock"
-    return {"seconds": round(seconds, 2), "machine_busy_cores": round(busy, 2)}
+    backend_cpu = None if cpu_before is None or cpu_after is None else round(cpu_after - cpu_before, 2)
+    return {"seconds": round(seconds, 2), "postgres_backend_cpu_s": backend_cpu, "machine_busy_cores": round(busy, 2)}
 
 
 async def measure(dataset: Dataset, repeat: int) -> dict[str, Any]:
@@ -246,17 +279,23 @@ async def measure(dataset: Dataset, repeat: int) -> dict[str, Any]:
     for index in range(repeat):
         say(f"rollup: run_cycle over {events:,} events ({index + 1}/{repeat}), rollups reset first")
         cycles.append(await timed_cycle(dataset.url, until))
-        say(f"rollup: {cycles[-1]['seconds']} s, machine busy {cycles[-1]['machine_busy_cores']} cores of 2")
+        say(
+            f"rollup: {cycles[-1]['seconds']} s (its backend {cycles[-1]['postgres_backend_cpu_s']} CPU s), "
+            f"machine busy {cycles[-1]['machine_busy_cores']} cores of 2"
+        )
     say("VACUUM ANALYZE, then sizes")
     await vacuum(dataset.url)
     sizes = await table_sizes(dataset.url)
     for name, size in sizes.items():
         say(f"{name}: {size.rows:,} rows, {size.bytes / 2**20:,.1f} MiB")
     best = min(c["seconds"] for c in cycles)
+    cpu = [c["postgres_backend_cpu_s"] for c in cycles if c["postgres_backend_cpu_s"] is not None]
     return {
         "events": events,
         "rollup_cycles": cycles,
         "rollup_s_per_million": round(best * MILLION / events, 2),
+        # The cycle's PostgreSQL backend alone: what it costs where the machine is not shared.
+        "rollup_cpu_s_per_million": round(min(cpu) * MILLION / events, 2) if cpu else None,
         "sizes": {name: asdict(size) for name, size in sizes.items()},
         "bytes_per_event": bytes_per_event(sizes, events),
         "rollup_bytes_per_group": rollup_bytes_per_group(sizes),
@@ -306,6 +345,7 @@ async def main_async(args: argparse.Namespace) -> int:
         },
         "measured": measured,
         "constants": asdict(constants),
+        "constants_from": cited_runs(RESULTS.parent),
         "worked_example": worked_example(constants),
     }
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")

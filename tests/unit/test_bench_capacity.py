@@ -32,7 +32,8 @@ SIZES = {
 CONSTANTS = Constants(
     ingest_events_per_s=40_000, ingest_single_events_per_s=5_000, api_queries_per_s=40,
     rollup_s_per_million=10, export_rows_per_s=25_000, raw_bytes_per_event=300, receipt_bytes_per_event=150,
-    rollup_bytes_per_group=750, groups_per_org_hour=50,
+    rollup_bytes_per_group=750, groups_per_org_hour=50, postgres_ingest_cpu_s_per_million=16,
+    postgres_rollup_cpu_s_per_million=8, postgres_query_cpu_s=0.012,
 )  # fmt: skip
 
 
@@ -68,6 +69,7 @@ def test_the_worked_example_shape() -> None:
     # 5,000 / 60 = 83.3 queries/s over 20 a process (40 at half load): 5
     assert got.api_processes == 5
     assert got.rollup_leader_busy_share == 0.02  # 2,000 x 10 s per million
+    assert got.postgres_cores == round(2000 * 24 / 1e6 + 5000 / 60 * 0.012, 2)  # writes + rollups, queries
     assert got.export_workers == 1
     assert got.raw_gb_per_day == round(2000 * 86400 * 300 / 1e9, 2)
     assert got.receipts_gb_per_day == round(2000 * 86400 * 150 / 1e9, 2)
@@ -89,24 +91,38 @@ def test_more_load_needs_more_ingesters_and_the_rollup_leader_saturates() -> Non
 
 
 def test_constants_are_read_from_the_result_files(tmp_path: Path) -> None:
-    (tmp_path / "ingest.json").write_text(json.dumps({"summary": {
-        "batched": {"at_defaults_events_per_s": [41_829, 40_535]},
-        "single": {"at_defaults_events_per_s": [5_512, 5_268]},
-    }}))  # fmt: skip
-    (tmp_path / "graphql.json").write_text(json.dumps({"usage_concurrent": {"gateway": {"rps": 44.8}}}))
+    defaults = {"batch_events": 20000}
+    (tmp_path / "ingest.json").write_text(json.dumps({
+        "summary": {"batched": {"at_defaults_events_per_s": [41_829, 40_535]},
+                    "single": {"at_defaults_events_per_s": [5_512, 5_268]}},
+        "setting_defaults": defaults,
+        "runs": [
+            {"scenario": "batched_0", "settings": defaults, "ingest": {"events": 1_000_000},
+             "cpu": {"cpu_s": {"postgres": 16.76}}},
+            {"scenario": "batched_1", "settings": {"batch_events": 1000}, "ingest": {"events": 1_000_000},
+             "cpu": {"cpu_s": {"postgres": 9.0}}},  # other settings: not the defaults' cost
+            {"scenario": "single_0", "settings": defaults, "ingest": {"events": 200_000},
+             "cpu": {"cpu_s": {"postgres": 1.0}}},  # single-event messages: not the batched cost
+        ],
+    }))  # fmt: skip
+    (tmp_path / "graphql.json").write_text(json.dumps({"usage_concurrent": {"gateway": {
+        "rps": 44.8, "cpu": {"cores_used": {"postgres": 0.567}}}}}))  # fmt: skip
     (tmp_path / "exports.json").write_text(json.dumps({"summary": {"targets": [
         {"kind": "COST", "what": "wall time", "value": 90.0},
         {"kind": "COST", "what": "rows exported", "value": 1_000_025},
         {"kind": "COST", "what": "wall time", "value": 37.0},
         {"kind": "INCIDENT", "what": "wall time", "value": 10.0},
     ]}}))  # fmt: skip
-    measured = {"rollup_s_per_million": 9.5, "bytes_per_event": {"usage_events": 310.0, "event_receipts": 160.0},
+    measured = {"rollup_s_per_million": 9.5, "rollup_cpu_s_per_million": 7.4,
+                "bytes_per_event": {"usage_events": 310.0, "event_receipts": 160.0},
                 "rollup_bytes_per_group": 700.0, "groups_per_org_hour": 45.0}  # fmt: skip
     got = cited_constants(tmp_path, measured)
     assert (got.ingest_events_per_s, got.ingest_single_events_per_s) == (40_535, 5_268)  # the lower run
     assert got.api_queries_per_s == 44.8
     assert got.export_rows_per_s == round(1_000_025 / 37.0)  # the fastest COST run, not INCIDENT's
     assert got.raw_bytes_per_event == 310 and got.rollup_s_per_million == 9.5
+    assert got.postgres_ingest_cpu_s_per_million == 16.76 and got.postgres_rollup_cpu_s_per_million == 7.4
+    assert got.postgres_query_cpu_s == round(0.567 / 44.8, 4)
 
 
 def test_dataset_params_take_hours_as_a_fraction_of_days() -> None:
