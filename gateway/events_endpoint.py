@@ -1,4 +1,4 @@
-"""``POST /v1/events``: the CloudEvents HTTP binding (structured and batch modes).
+"""``POST /v1/events``: the CloudEvents HTTP binding (structured, batch and binary modes: ``ingest.http_body``).
 
 Answers 202 once the accepted events are committed, with what was accepted,
 what was a duplicate and why each rejected event was rejected.
@@ -13,8 +13,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from gateway.resources import State
-from ingest.decode import MAX_BODY_BYTES, SUPPORTED, UnreadableMessage, decode_body, media_type
+from ingest.decode import MAX_BODY_BYTES, UnreadableMessage, decode_body
 from ingest.events import TimeWindow
+from ingest.http_body import Binary, UnsupportedMode, decode_binary, request_mode
 from kernel.errors import Forbidden, GatewayError, Unauthenticated
 
 log = structlog.get_logger(__name__)
@@ -34,13 +35,16 @@ async def post_events(request: Request[State]) -> Response:
         return _error(exc.message, exc.code.value, 401, {"WWW-Authenticate": 'Bearer realm="analytics"'})
     except GatewayError as exc:
         return _error(exc.message, exc.code.value, 403)
-    kind = media_type(request.headers.get("content-type"))
-    if kind not in SUPPORTED:
-        return _error(f"content type must be one of {', '.join(sorted(SUPPORTED))}", "UNSUPPORTED_MEDIA_TYPE", 415)
+    try:
+        mode = request_mode(request.headers.get("content-type"), request.headers.items())
+    except UnsupportedMode as exc:
+        return _error(str(exc), "UNSUPPORTED_MEDIA_TYPE", 415)
+    except UnreadableMessage as exc:
+        return _error(str(exc), "BAD_USER_INPUT", 400)
     try:
         body = await _read_limited(request)
         window = TimeWindow.around(dt.datetime.now(dt.UTC), resources.settings.raw_retention_days)
-        decoded = decode_body(body, kind, window)
+        decoded = decode_binary(body, mode, window) if isinstance(mode, Binary) else decode_body(body, mode, window)
     except PayloadTooLarge:
         return _error(f"body is over {MAX_BODY_BYTES:,} bytes (10 MiB)", "PAYLOAD_TOO_LARGE", 413)
     except UnreadableMessage as exc:
