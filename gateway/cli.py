@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
+import socket
 import uuid
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -21,6 +23,7 @@ from db.migrate import migrate as run_migrations
 from exports.jobs import ExportJobNotFound
 from exports.storage.configured import open_storage
 from exports.verify import NotVerifiable, Verification, verify_export
+from gateway.graphiql import DEV_JWT_COMMAND
 from gateway.logging import configure_logging
 from ingest.publish_file import publish_file
 from kernel.auth import issue_token, signing_secret
@@ -71,35 +74,64 @@ def serve(
         _fail(str(exc))
     configure_logging(settings.log_level)
     bind_host, bind_port = host or settings.host, port if port is not None else settings.port
+    if processes > 1 and settings.database_url is None:
+        _fail("--workers above 1 needs ANALYTICS_DATABASE_URL (the embedded database serves one process)")
+    # The port first: a taken one ends start-up before a database, broker or embedded PostgreSQL is opened.
+    listener = _listen(bind_host, bind_port)
     if processes > 1:
-        _serve_workers(settings, roles, processes, bind_host, bind_port)
+        _serve_workers(settings, roles, processes, listener)
         return
     if settings.database_url is None:
-        _print_embedded_banner(bind_host, bind_port)
+        _print_embedded_banner(settings.data_dir, bind_host, bind_port)
     config = uvicorn.Config(
         create_app(settings, roles, own_signals=True), host=bind_host, port=bind_port, log_config=None,
         access_log=False, timeout_graceful_shutdown=_connections_grace(settings),
     )  # fmt: skip
     server = uvicorn.Server(config)
     try:
-        server.run()
+        server.run(sockets=[listener])
     except ConfigError as exc:
         _fail(str(exc))
     if not server.started:
         raise typer.Exit(1)
 
 
-def _serve_workers(settings: Settings, roles: frozenset[ProcessRole], processes: int, host: str, port: int) -> None:
+def _listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound here rather than by uvicorn: uvicorn binds after the app has started (its
+    clients open, the embedded database up) and reports a taken port as a log line and exit code 3; this
+    says it in one line, with the settings that change it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart reuses a TIME_WAIT port
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        _fail(_bind_failure(host, port, exc))
+    sock.set_inheritable(True)  # the --workers processes listen on it too
+    return sock
+
+
+def _bind_failure(host: str, port: int, exc: OSError) -> str:
+    where = f"cannot listen on {host}:{port}"
+    if exc.errno == errno.EADDRINUSE:
+        return f"{where}: the port is in use by another process; set ANALYTICS_PORT or pass --port to use another"
+    if exc.errno == errno.EACCES:
+        return f"{where}: permission denied (ports under 1024 need privileges); set ANALYTICS_PORT or pass --port"
+    reason = exc.strerror or str(exc)
+    return f"{where}: {reason}; check ANALYTICS_HOST / --host and ANALYTICS_PORT / --port"
+
+
+def _serve_workers(settings: Settings, roles: frozenset[ProcessRole], processes: int, listener: socket.socket) -> None:
     """``processes`` uvicorn workers sharing one socket, each a whole gateway (pool, clients, workers of its
     roles); uvicorn's supervisor restarts a worker that dies and stops when one cannot start."""
-    if settings.database_url is None:
-        _fail("--workers above 1 needs ANALYTICS_DATABASE_URL (the embedded database serves one process)")
     os.environ[f"{ENV_PREFIX}ROLES"] = ",".join(sorted(roles))  # the workers read their settings from it
+    host, port = listener.getsockname()[:2]
     config = uvicorn.Config(
         "gateway.app:app_from_environment", factory=True, workers=processes, host=host, port=port,
         log_config=None, access_log=False, timeout_graceful_shutdown=_connections_grace(settings),
     )  # fmt: skip
-    supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+    supervisor = Multiprocess(config, sockets=[listener])
     supervisor.run()
     if any(worker.exitcode == STARTUP_FAILURE for worker in supervisor.processes):
         raise typer.Exit(1)
@@ -111,12 +143,13 @@ def _connections_grace(settings: Settings) -> int:
     return max(1, int(settings.shutdown_grace_s / 3))
 
 
-def _print_embedded_banner(host: str, port: int) -> None:
+def _print_embedded_banner(data_dir: Path, host: str, port: int) -> None:
     typer.echo(
-        f"No ANALYTICS_DATABASE_URL: starting an embedded PostgreSQL under ./.data/\n"
+        f"No ANALYTICS_DATABASE_URL: starting an embedded PostgreSQL under {data_dir}/ (ANALYTICS_DATA_DIR)\n"
         f"GraphiQL: http://{host}:{port}/graphql\n"
-        f"A development token: analytics-gateway token --role org_admin --org org_demo\n"
-        f"(in GraphiQL, add the header  Authorization: Bearer <token>)",
+        f"A development token for the demo org (seed-demo's orgs are org_0000, org_0001, ...):\n"
+        f"  {DEV_JWT_COMMAND}\n"
+        f'In GraphiQL, put it in the Headers tab: {{"Authorization": "Bearer <token>"}}',
         err=True,
     )
 
