@@ -18,8 +18,8 @@
   const PLACEHOLDER = "<token from " + tokenCommand + ">";
   const DEFAULT_HEADERS = JSON.stringify({ Authorization: "Bearer " + PLACEHOLDER }, null, 2);
   const NO_TOKEN =
-    "No token yet. Make one in a terminal with  " + tokenCommand +
-    "  and put it in the Headers tab below as {\"Authorization\": \"Bearer <token>\"}. " +
+    "No token yet: the Headers tab below must read {\"Authorization\": \"Bearer <token>\"} (valid JSON, the " +
+    "word Bearer, then the token). Make a token in a terminal with  " + tokenCommand + "  . " +
     "The schema (Docs, completion) loads as soon as a token is there.";
 
   function tokenOf(headersText) {
