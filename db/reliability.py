@@ -142,6 +142,15 @@ ORDER BY requests DESC, model COLLATE "C", status_code, error_type COLLATE "C" N
 """
 
 
+# MINUTE and HOUR buckets are whole UTC minutes and hours: ``date_bin`` is plain arithmetic on the instant, the same
+# bucket as BUCKET_SQL's ``date_trunc(..., 'UTC')`` (which converts every row to a zone first), about a third of
+# the per-row cost of a 24-hour MINUTE scan.
+_RAW_BUCKET = {
+    "MINUTE": "date_bin('1 minute', ev.event_time, TIMESTAMPTZ '2000-01-01 00:00:00+00')",
+    "HOUR": "date_bin('1 hour', ev.event_time, TIMESTAMPTZ '2000-01-01 00:00:00+00')",
+}
+
+
 @functools.lru_cache(maxsize=64)
 def _series_sql(shape: _Shape, per_model: bool) -> str:
     bucket = BUCKET_SQL[shape.granularity] if shape.granularity else "NULL::timestamptz"
@@ -153,7 +162,9 @@ def _series_sql(shape: _Shape, per_model: bool) -> str:
         errors_h="CASE WHEN h.status_class = 5 THEN h.requests ELSE 0 END" if per_key else "h.errors",
         client_h="CASE WHEN h.status_class = 4 THEN h.requests ELSE 0 END" if per_key else "h.client_errors",
         bucket_h=bucket.replace("t,", "h.hour,"),
-        bucket_e=bucket.replace("t,", "ev.event_time,"),
+        bucket_e=_RAW_BUCKET[shape.granularity]
+        if shape.granularity in _RAW_BUCKET
+        else bucket.replace("t,", "ev.event_time,"),
         index=index_sql("ev.latency_ms"),
         sketch_h="sketch_pack(h.latency_sketch)" if per_key else "h.latency_sketch_packed",
         packed_agg=packed_agg_sql("idx", "n"),
