@@ -1,5 +1,10 @@
-"""One attempt's work: read a job's rows in one snapshot, write them as CSV parts into the store, and tally
-the file's column sums as they are written (so ``totals`` describes the file's own bytes, not a second query).
+"""One attempt's work: read a job's rows in one snapshot, write them as CSV parts into the store, and record
+the file's column sums.
+
+PostgreSQL writes the CSV lines (db/export_rows.py: the formats of exports/csv_format.py in SQL, byte for byte;
+a row it cannot format exactly comes back raw and is formatted here). COST sums are added up from the rows as
+they are written; INCIDENT sums (a request per row, the token columns) come from the same rows in the same
+snapshot, and the row count written is checked against them.
 
 Memory stays flat: rows arrive ``PREFETCH`` at a time from a server-side cursor, and at most one part (8 MiB)
 is buffered before it is uploaded. On any failure or cancellation the upload is aborted (no multipart
@@ -9,16 +14,18 @@ upload is left behind, no partial object is visible).
 from __future__ import annotations
 
 import asyncio
+import csv
 import datetime as dt
 import decimal
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+import io
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import asyncpg
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from db.export_rows import Snapshot, cost_statement, incident_statement, snapshot
+from db.export_rows import cost_lines_statement, incident_lines_statement, incident_totals_statement, snapshot
 from db.exports import ExportJobRow
 from db.prices import EXACT
 from exports import csv_format
@@ -42,48 +49,79 @@ class Written:
     snapshot_at: dt.datetime
 
 
-class _CostTally:
-    """Column sums of COST rows (file columns then ``unpriced``), passing the file's columns on."""
+class _Parts:
+    """Lines (CRLF included) into parts of at least ``part_size`` bytes, the header first: at most one part
+    is held (its characters count at most its bytes, so a part of ``part_size`` characters is big enough)."""
+
+    def __init__(self, header: str, part_size: int) -> None:
+        self._part_size = part_size
+        self._lines = [header]
+        self._chars = len(header)
+
+    def add(self, lines: list[str]) -> bytes | None:
+        self._lines += lines
+        self._chars += sum(map(len, lines))
+        return self._take() if self._chars >= self._part_size else None
+
+    def finish(self) -> bytes:
+        return self._take()
+
+    def _take(self) -> bytes:
+        part = "".join(self._lines).encode("utf-8")
+        self._lines, self._chars = [], 0
+        return part
+
+
+class _CostLines:
+    """COST lines from PostgreSQL, and their column sums (the totals of the file's own rows)."""
 
     def __init__(self) -> None:
         self.rows = self.requests = self.input = self.cached = self.output = 0
         self.spend = decimal.Decimal(0)
         self.unpriced: set[str] = set()
 
-    async def pass_on(self, records: AsyncIterator[asyncpg.Record]) -> AsyncIterator[Sequence[object]]:
-        async for record in records:
-            self.rows += 1
-            self.requests += record[4]
-            self.input += record[5]
-            self.cached += record[6]
-            self.output += record[7]
+    def lines(self, batch: list[asyncpg.Record]) -> list[str]:
+        spend = self.spend
+        for _line, model, requests, input_tokens, cached, output, amount, unpriced in batch:
+            self.requests += requests
+            self.input += input_tokens
+            self.cached += cached
+            self.output += output
             # Exact: the default context keeps 28 digits and would round a sum of long decimals (found by
             # the reconciliation test's adversarial prices); EXACT raises rather than round.
-            self.spend = EXACT.add(self.spend, record[8])
-            if record[9]:
-                self.unpriced.add(record[2])
-            yield tuple(record)[:9]
+            spend = EXACT.add(spend, amount)
+            if unpriced:
+                self.unpriced.add(model)
+        self.spend = spend
+        self.rows += len(batch)
+        return [record[0] for record in batch]
 
     def totals(self) -> Totals:
         return Totals(self.requests, self.input, self.cached, self.output, self.spend, tuple(sorted(self.unpriced)))
 
 
-class _IncidentTally:
-    """Sums of INCIDENT rows: one request per row, the token columns; no spend column."""
+class _IncidentLines:
+    """INCIDENT lines from PostgreSQL; a row it could not format (a float PostgreSQL would print with an
+    exponent) is formatted here from its raw columns. Totals come from the same rows in the same snapshot."""
 
     def __init__(self) -> None:
-        self.rows = self.input = self.cached = self.output = 0
+        self.rows = 0
+        self._text = io.StringIO()
+        self._writer = csv.writer(self._text, lineterminator="\r\n", quoting=csv.QUOTE_MINIMAL)
 
-    async def pass_on(self, records: AsyncIterator[asyncpg.Record]) -> AsyncIterator[Sequence[object]]:
-        async for record in records:
-            self.rows += 1
-            self.input += record[11]
-            self.cached += record[12]
-            self.output += record[13]
-            yield record  # type: ignore[misc]  # a Record is a sequence of its values
+    def lines(self, batch: list[asyncpg.Record]) -> list[str]:
+        self.rows += len(batch)
+        lines = [record[0] for record in batch]
+        for index, line in enumerate(lines):
+            if line is None:
+                lines[index] = self._format(tuple(batch[index])[1:])
+        return lines
 
-    def totals(self) -> Totals:
-        return Totals(self.rows, self.input, self.cached, self.output, None)
+    def _format(self, row: Sequence[object]) -> str:
+        self._text.seek(0)
+        self._text.truncate()
+        self._writer.writerow(csv_format.INCIDENT.cells(row))
+        return self._text.getvalue()
 
 
 async def write_export(
@@ -99,27 +137,38 @@ async def write_export(
     is completed (the worker checks there that the job is still its own: a worker whose lease was taken
     over must not overwrite the file of the one that took it)."""
     async with snapshot(engine) as snap:
-        fmt, tally, records = _source(job, snap)
+        if job.kind == COST:
+            header = csv_format.COST_HEADER
+            source: _CostLines | _IncidentLines = _CostLines()
+            sql, args = cost_lines_statement(job.org_id, job.range_from, job.range_to, snap.materialized_through)
+        else:
+            header = csv_format.INCIDENT_HEADER
+            source = _IncidentLines()
+            selection = incident_selection(job)
+            totals_sql, totals_args = incident_totals_statement(selection)
+            sums = await snap.connection.fetchrow(totals_sql, *totals_args)
+            sql, args = incident_lines_statement(selection)
+        parts = _Parts(header + "\r\n", part_size)
         upload = await storage.start(key)
         try:
-            async for part in csv_format.aencode_parts(fmt, tally.pass_on(records), part_size):
-                await upload.write(part)
+            async for batch in snap.batches(sql, args):
+                part = parts.add(source.lines(batch))
+                if part is not None:
+                    await upload.write(part)
+            await upload.write(parts.finish())
             await before_complete()
             size, digest = await upload.complete()
         except BaseException:
             await _abort(upload)
             raise
-    return Written(key, size, digest, tally.rows, tally.totals(), snap.taken_at)
-
-
-def _source(
-    job: ExportJobRow, snap: Snapshot
-) -> tuple[csv_format.CsvFormat, _CostTally | _IncidentTally, AsyncIterator[asyncpg.Record]]:
-    if job.kind == COST:
-        sql, args = cost_statement(job.org_id, job.range_from, job.range_to, snap.materialized_through)
-        return csv_format.COST, _CostTally(), snap.rows(sql, args)
-    sql, args = incident_statement(incident_selection(job))
-    return csv_format.INCIDENT, _IncidentTally(), snap.rows(sql, args)
+    if isinstance(source, _CostLines):
+        totals = source.totals()
+    else:
+        assert sums is not None  # an aggregate always has its row
+        totals = Totals(int(sums[0]), int(sums[1]), int(sums[2]), int(sums[3]), None)
+        if totals.requests != source.rows:  # the same WHERE in the same snapshot: a bug if ever different
+            raise RuntimeError(f"incident export wrote {source.rows} rows but its totals count {totals.requests}")
+    return Written(key, size, digest, source.rows, totals, snap.taken_at)
 
 
 async def _abort(upload: Upload) -> None:

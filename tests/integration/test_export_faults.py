@@ -349,7 +349,7 @@ async def test_a_dropped_database_connection_fails_the_attempt_and_the_next_one_
             await connection.execute(
                 text(
                     "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-                    "AND pid <> pg_backend_pid() AND query LIKE '%FROM usage_events e WHERE%'"
+                    "AND pid <> pg_backend_pid() AND query LIKE 'SELECT CASE WHEN s.fits THEN%'"  # the lines statement
                 )
             )
         ).scalars().all()  # fmt: skip
