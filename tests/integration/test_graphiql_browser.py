@@ -22,6 +22,7 @@ from playwright.async_api import Browser, Page, Route, async_playwright
 from playwright.async_api import TimeoutError as PlaywrightTimeout
 
 from ingest.synthetic import Traffic, generate
+from kernel.auth import issue_token
 from tests.conftest import TEST_JWT_SECRET, TokenFactory
 from tests.integration.serve_support import Served, clean_env, serve
 
@@ -153,6 +154,17 @@ async def test_graphiql_offline_query_and_subscription(
     assert "No token yet" in await _run(page)
     assert posts == []
 
+    # A refused token: the subscription says so at once (GraphiQL's WebSocket client alone would retry the 4403
+    # close for about 40 s and then show "Socket closed with event 4403").
+    forged = issue_token("not-the-gateway-secret-" + "x" * 32, ["viewer"], subject="mallory", org_id=org)
+    await page.evaluate(SET_EDITOR, ["headers", json.dumps({"Authorization": f"Bearer {forged}"})])
+    subscription = f'subscription Freshness {{ freshness(orgId: "{org}") {{ orgId lastEventAt }} }}'
+    await _set_operation(page, "Freshness", subscription)
+    refused = json.loads(await _run(page))
+    assert refused["errors"][0]["message"].startswith("The gateway refused the token: invalid token")
+    assert refused["errors"][0]["extensions"] == {"code": "UNAUTHENTICATED"}
+    assert sockets == []
+
     token = make_token("viewer", org=org)
     await page.evaluate(SET_EDITOR, ["headers", json.dumps({"Authorization": f"Bearer {token}"})])
     # The schema is fetched once a token is there: the Docs panel lists the root types.
@@ -169,7 +181,6 @@ async def test_graphiql_offline_query_and_subscription(
     answer = json.loads(await _run(page))
     assert answer == {"data": {"usage": {"orgId": org, "totals": {"requests": len(first)}}}}
 
-    subscription = f'subscription Freshness {{ freshness(orgId: "{org}") {{ orgId lastEventAt }} }}'
     await _set_operation(page, "Freshness", subscription)
     await page.click(".graphiql-execute-button")
     first_last = max(dt.datetime.fromisoformat(str(e["time"])) for e in first)

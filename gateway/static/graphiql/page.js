@@ -49,10 +49,40 @@
 
   const upstream = GraphiQL.createFetcher({ url: httpUrl, subscriptionUrl: wsUrl });
 
+  function isSubscription(params, options) {
+    const document = options && options.documentAST;
+    if (!document) return false;
+    const operations = document.definitions.filter(function (d) { return d.kind === "OperationDefinition"; });
+    const chosen = operations.length === 1 ? operations[0] : operations.find(function (d) {
+      return d.name && d.name.value === params.operationName;
+    });
+    return Boolean(chosen && chosen.operation === "subscription");
+  }
+
+  // The token is checked over HTTP before a subscription opens its WebSocket: a refused token closes the socket
+  // with 4403, which GraphiQL's WebSocket client retries for about 40 s before it shows anything.
+  function checkToken(token) {
+    return fetch(httpUrl, {
+      method: "POST",
+      headers: { "Content-Type": "application/json", Authorization: token },
+      body: JSON.stringify({ query: "{ __typename }" }),
+    }).then(function (response) {
+      if (response.ok) return null;
+      return response.json().then(function (body) {
+        const message = body && body.errors && body.errors[0] ? body.errors[0].message : "HTTP " + response.status;
+        return { errors: [{ message: "The gateway refused the token: " + message + ". Make a new one with  " +
+          tokenCommand, extensions: { code: response.status === 403 ? "FORBIDDEN" : "UNAUTHENTICATED" } }] };
+      });
+    });
+  }
+
   function fetcherFor(token) {
     return function (params, options) {
       if (token === null) return Promise.resolve({ errors: [{ message: NO_TOKEN }] });
-      return upstream(params, options);
+      if (!isSubscription(params, options)) return upstream(params, options);
+      return checkToken(token).then(function (refusal) {
+        return refusal || upstream(params, options);
+      });
     };
   }
 
