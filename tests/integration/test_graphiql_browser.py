@@ -21,6 +21,7 @@ import pytest
 from playwright.async_api import Browser, Page, Route, async_playwright
 from playwright.async_api import TimeoutError as PlaywrightTimeout
 
+from gateway.graphiql import ASSET_DIR, ASSET_TYPES, CONTENT_SECURITY_POLICY, asset_url
 from ingest.synthetic import Traffic, generate
 from kernel.auth import issue_token
 from tests.conftest import TEST_JWT_SECRET, TokenFactory
@@ -196,3 +197,30 @@ async def test_graphiql_offline_query_and_subscription(
 
     assert blocked == []
     assert sockets and all(url.startswith(gateway.ws_url) for url in sockets), sockets
+
+
+async def test_the_page_has_a_csp_and_names_its_assets_by_digest(client: httpx.AsyncClient) -> None:
+    page = await client.get("/graphql", headers={"Accept": "text/html"})
+    assert page.status_code == 200
+    assert page.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
+    assert "script-src 'self';" in CONTENT_SECURITY_POLICY and "unsafe-eval" not in CONTENT_SECURITY_POLICY
+    assert page.headers["cache-control"] == "no-cache"
+    assert "https://" not in page.text and "http://" not in page.text
+    for name in ASSET_TYPES:
+        assert asset_url(name) in page.text
+
+
+async def test_assets_are_cached_for_a_year_gzipped_and_only_by_name(client: httpx.AsyncClient) -> None:
+    url = asset_url("graphiql.min.js")
+    plain = await client.get(url, headers={"Accept-Encoding": "identity"})
+    zipped = await client.get(url, headers={"Accept-Encoding": "gzip"})
+    on_disk = (ASSET_DIR / "graphiql.min.js").read_bytes()
+    assert plain.content == on_disk and zipped.content == on_disk  # httpx undoes the gzip
+    assert "content-encoding" not in plain.headers and zipped.headers["content-encoding"] == "gzip"
+    assert int(zipped.headers["content-length"]) < len(on_disk) // 2
+    assert plain.headers["cache-control"] == "public, max-age=31536000, immutable"
+    assert plain.headers["content-type"] == "text/javascript; charset=utf-8"
+    again = await client.get(url, headers={"If-None-Match": plain.headers["etag"]})
+    assert again.status_code == 304 and again.content == b""
+    for probe in ("README.md", "LICENSE.react", "..%2Fgraphiql.py", "../../graphiql.py", "nope.js"):
+        assert (await client.get(f"/graphiql/static/{probe}")).status_code == 404, probe
