@@ -81,6 +81,7 @@ class FieldPlan:
     serialize: Callable[[Any], Any] | None = None
     nested: ObjectPlan | None = None
     leaf_list: bool = False
+    object_list: bool = False  # [Object!]: each item projected by ``nested``
     non_null: bool = False
     denied: bool = False
     scope: object = None
@@ -91,7 +92,7 @@ class FieldPlan:
     def signature(self) -> tuple[object, ...]:
         nested = self.nested.signature if self.nested else None
         return (self.key, self.attribute, self.typename, id(self.serialize), nested, self.leaf_list,
-                self.non_null, self.denied)  # fmt: skip
+                self.object_list, self.non_null, self.denied)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,9 @@ class FastExecutionContext(StrawberryGraphQLCoreExecutionContext):
             return _replace(base, nested=nested) if nested is not None else None
         if is_list_type(inner) and is_non_null_type(inner.of_type) and is_leaf_type(inner.of_type.of_type):
             return _replace(base, serialize=inner.of_type.of_type.serialize, leaf_list=True)
+        if is_list_type(inner) and is_non_null_type(inner.of_type) and is_object_type(inner.of_type.of_type):
+            nested = self._object_plan(inner.of_type.of_type, details)  # e.g. ReliabilityBucket.latency
+            return _replace(base, nested=nested, object_list=True) if nested is not None else None
         return None
 
     def _caller_has(self, scope: Any) -> bool:
@@ -275,6 +279,11 @@ def _field_lines(field: FieldPlan, value: str, namespace: dict[str, Any], index:
     elif field.leaf_list:  # [Leaf!]: a null item is the ordinary executor's to report
         namespace[f"s{index}"] = field.serialize
         convert = f"[s{index}(x) if x is not None else _fallback() for x in {value}]"
+        namespace["_fallback"] = _raise_fallback
+    elif field.object_list:  # [Object!]: likewise
+        assert field.nested is not None
+        namespace[f"p{index}"] = _compiled(field.nested)
+        convert = f"[p{index}(x) if x is not None else _fallback() for x in {value}]"
         namespace["_fallback"] = _raise_fallback
     else:
         assert field.nested is not None
