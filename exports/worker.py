@@ -137,8 +137,10 @@ class ExportWorker:
         while not self._stopping.is_set():
             try:
                 worked = await self.run_once()
-            except Exception:
-                log.warning("exports.cycle_failed", owner=self.owner, exc_info=True)
+            except Exception as error:  # e.g. the database down: logged in one line, tried again after the poll
+                expected = _expected(error)
+                log.warning("exports.cycle_failed", owner=self.owner, error=describe_failure(error),
+                            exc_info=not expected)  # fmt: skip
                 worked = None
             if worked is None:
                 with contextlib.suppress(TimeoutError):

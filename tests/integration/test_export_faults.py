@@ -24,9 +24,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import aioboto3
 import httpx
-import pytest
 from asgi_lifespan import LifespanManager
 from botocore.config import Config  # type: ignore[import-untyped]
 from opentelemetry.sdk.metrics import MeterProvider
@@ -34,7 +32,6 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoi
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from db.engine import create_engine
 from db.exports import ExportJobRow, get_export_job
 from db.partitions import ensure_usage_partitions
 from exports.job_events import announce_job
@@ -60,38 +57,6 @@ SMALL = 500
 
 
 # --- fixtures and helpers ---------------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def engine(migrated_database: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(migrated_database, pool_size=6)
-    yield engine
-    await engine.dispose()
-
-
-@pytest.fixture(scope="module")
-def session() -> Any:
-    return aioboto3.Session(aws_access_key_id="test", aws_secret_access_key="test", region_name="us-east-1")
-
-
-@pytest.fixture(scope="module")
-async def s3(session: Any, s3_endpoint: str) -> AsyncIterator[Any]:
-    """A raw client to look behind the worker's back (objects, multipart uploads)."""
-    async with session.client("s3", endpoint_url=s3_endpoint, config=client_config(s3_endpoint)) as client:
-        yield client
-
-
-@pytest.fixture
-async def bucket(s3: Any) -> str:
-    name = f"faults-{uuid.uuid4().hex[:12]}"
-    await s3.create_bucket(Bucket=name)
-    return name
-
-
-@pytest.fixture
-async def storage(session: Any, s3_endpoint: str, bucket: str) -> AsyncIterator[S3Storage]:
-    async with open_s3_storage(bucket, endpoint_url=s3_endpoint, region="us-east-1", session=session) as store:
-        yield store
 
 
 def settings_for(database_url: str, **update: Any) -> Settings:

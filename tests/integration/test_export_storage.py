@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aioboto3
 import httpx
 import pytest
 from hypothesis import given
@@ -25,7 +24,7 @@ from exports import signing
 from exports.csv_format import INCIDENT, encode_parts
 from exports.storage import InvalidKey, LocalStorage, ObjectMissing, S3Storage, Storage, check_key, key_for
 from exports.storage.keys import org_segment
-from exports.storage.s3 import LIFECYCLE_RULE_ID, MIN_PART_SIZE, client_config, open_s3_storage
+from exports.storage.s3 import LIFECYCLE_RULE_ID, MIN_PART_SIZE, open_s3_storage
 from kernel.errors import Forbidden
 
 SECRET = "link-secret-" + "s" * 32
@@ -53,18 +52,6 @@ async def read_all(storage: Storage, key: str) -> bytes:
 
 
 # --- S3 (moto over HTTP) ----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def session() -> Any:
-    return aioboto3.Session(aws_access_key_id="test", aws_secret_access_key="test", region_name="us-east-1")
-
-
-@pytest.fixture(scope="module")
-async def s3(session: Any, s3_endpoint: str) -> AsyncIterator[Any]:
-    """A raw client to look behind the storage's back (multipart uploads, lifecycle)."""
-    async with session.client("s3", endpoint_url=s3_endpoint, config=client_config(s3_endpoint)) as client:
-        yield client
 
 
 @pytest.fixture(scope="module")

@@ -10,21 +10,19 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-import aioboto3
 import orjson
 import pytest
 from opentelemetry.metrics import get_meter
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from db.engine import create_engine
 from db.exports import get_export_job
 from db.rollup import floor_hour, run_cycle, watermarks
 from db.usage import UsageQuery, UsageRow, usage_rows
 from exports.job_events import subscribe_job
 from exports.retention import INGEST_GRACE, SweepLimits, SweepReport, on_start, raw_cut, sweep
 from exports.storage import S3Storage, key_for, open_s3_storage
-from exports.storage.s3 import LIFECYCLE_RULE_ID, client_config
+from exports.storage.s3 import LIFECYCLE_RULE_ID
 from ingest.events import TimeWindow, validate
 from ingest.metrics import IngestMetrics
 from ingest.writer import EventWriter
@@ -34,24 +32,6 @@ from kernel.settings import Settings
 RAW_DAYS = 30
 SETTINGS = Settings(raw_retention_days=RAW_DAYS, export_retention_days=7)
 DAY = dt.timedelta(days=1)
-
-
-@pytest.fixture
-async def engine(migrated_database: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(migrated_database, pool_size=6)
-    yield engine
-    await engine.dispose()
-
-
-@pytest.fixture(scope="module")
-def session() -> Any:
-    return aioboto3.Session(aws_access_key_id="test", aws_secret_access_key="test", region_name="us-east-1")
-
-
-@pytest.fixture(scope="module")
-async def s3(session: Any, s3_endpoint: str) -> AsyncIterator[Any]:
-    async with session.client("s3", endpoint_url=s3_endpoint, config=client_config(s3_endpoint)) as client:
-        yield client
 
 
 @pytest.fixture(scope="module")

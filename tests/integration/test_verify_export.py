@@ -12,25 +12,22 @@ import datetime as dt
 import decimal
 import hashlib
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import aioboto3
 import pytest
 from opentelemetry.metrics import get_meter
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from db import exports as queries
-from db.engine import create_engine
 from db.exports import ExportJobRow, NewJob, Outcome
 from db.prices import EXACT, Price, upsert_price
 from db.rollup import run_cycle, watermarks
 from db.usage import UsageQuery, driver_connection, usage_rows
 from exports.csv_format import COST, INCIDENT, encode
 from exports.jobs import ExportJobNotFound, create_job, incident_selection, lease_of
-from exports.storage import S3Storage, key_for, open_s3_storage
-from exports.storage.s3 import client_config
+from exports.storage import S3Storage, key_for
 from exports.verify import NotVerifiable, verify_export
 from ingest.events import TimeWindow, validate
 from ingest.metrics import IngestMetrics
@@ -45,32 +42,6 @@ NOW = dt.datetime.now(dt.UTC)
 RANGE_FROM = floor_hour(NOW - dt.timedelta(days=3)).replace(hour=0)
 RANGE_TO = floor_hour(NOW) - dt.timedelta(hours=1)  # >= RANGE_FROM + 70 h
 PRICE_CHANGE = RANGE_FROM + dt.timedelta(hours=24)
-
-
-@pytest.fixture
-def session() -> Any:
-    return aioboto3.Session(aws_access_key_id="test", aws_secret_access_key="test", region_name="us-east-1")
-
-
-@pytest.fixture
-async def bucket(session: Any, s3_endpoint: str) -> str:
-    name = f"verify-{uuid.uuid4().hex[:12]}"
-    async with session.client("s3", endpoint_url=s3_endpoint, config=client_config(s3_endpoint)) as s3:
-        await s3.create_bucket(Bucket=name)
-    return name
-
-
-@pytest.fixture
-async def storage(session: Any, s3_endpoint: str, bucket: str) -> AsyncIterator[S3Storage]:
-    async with open_s3_storage(bucket, endpoint_url=s3_endpoint, region="us-east-1", session=session) as store:
-        yield store
-
-
-@pytest.fixture
-async def engine(migrated_database: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(migrated_database, pool_size=4)
-    yield engine
-    await engine.dispose()
 
 
 def event(
