@@ -65,6 +65,7 @@ from typing import Any
 
 import asyncpg
 
+from bench.api.dataset import still_valid
 from bench.harness.cpu import CpuWindow, wait_quiet
 from bench.harness.entry import run_cancellable
 from bench.harness.output import Progress, say
@@ -74,7 +75,6 @@ from bench.postgres import connection_facts
 from bench.profiles import count_stacks, py_spy, start_py_spy
 from db.export_rows import PREFETCH, cost_statement, incident_statement
 from db.exports import NewJob
-from db.migrate import current_head
 from db.prices import Price
 from exports import csv_format
 from exports.jobs import COST, INCIDENT, cost_job, incident_job, incident_selection
@@ -236,13 +236,7 @@ async def _complete_marker(name: str, params: dict[str, Any]) -> dict[str, Any] 
     finally:
         await connection.close()
     info: dict[str, Any] | None = None if row is None else json.loads(row)
-    if info is None:
-        return None
-    if info.get("params") != params:
-        say(f"{name} was loaded with other parameters: rebuilding it")
-        return None
-    if info.get("migration") != current_head():
-        say(f"{name} is at migration {info.get('migration')}, the code at {current_head()}: rebuilding it")
+    if info is None or not still_valid(name, info, params):
         return None
     return info
 
