@@ -162,11 +162,6 @@ class Snapshot:
     taken_at: dt.datetime
     materialized_through: dt.datetime | None
 
-    async def rows(self, sql: str, args: Sequence[object], prefetch: int = PREFETCH) -> AsyncIterator[asyncpg.Record]:
-        """The statement's rows, ``prefetch`` at a time (a server-side cursor in the snapshot's transaction)."""
-        async for record in self.connection.cursor(sql, *args, prefetch=prefetch):
-            yield record
-
     async def batches(
         self, sql: str, args: Sequence[object], size: int = PREFETCH
     ) -> AsyncIterator[list[asyncpg.Record]]:

@@ -29,7 +29,7 @@ import decimal
 import io
 import math
 import re
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from functools import cached_property
@@ -41,6 +41,7 @@ _TEXT_CHUNK = 64 * 1024
 
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+WRITER: dict[str, Any] = {"lineterminator": "\r\n", "quoting": csv.QUOTE_MINIMAL}  # RFC 4180 as above
 _WIDE = decimal.Context(prec=100)  # normalize() rounds to the context's precision: keep every digit
 
 
@@ -183,7 +184,7 @@ class PartEncoder:
         # Text goes to a small StringIO and moves to the part's bytes every _TEXT_CHUNK characters: memory
         # stays near one part (plus its copy when handed out), not the several copies of one large StringIO.
         self._text = io.StringIO()
-        self._writer = csv.writer(self._text, lineterminator="\r\n", quoting=csv.QUOTE_MINIMAL)
+        self._writer = csv.writer(self._text, **WRITER)
         self._chars = self._writer.writerow(fmt.header)
         self._part = bytearray()
         self._finished = False
@@ -227,18 +228,12 @@ def encode_parts(fmt: CsvFormat, rows: Iterable[Sequence[Any]], part_size: int =
         yield tail
 
 
-async def aencode_parts(
-    fmt: CsvFormat, rows: AsyncIterable[Sequence[Any]], part_size: int = PART_SIZE
-) -> AsyncIterator[bytes]:
-    """:func:`encode_parts` over an async row source (a server-side cursor)."""
-    encoder = PartEncoder(fmt, part_size)
-    async for row in rows:
-        part = encoder.add(row)
-        if part is not None:
-            yield part
-    tail = encoder.finish()
-    if tail:  # empty only when the last row closed a part
-        yield tail
+def line(fmt: CsvFormat, row: Sequence[Any]) -> str:
+    """One row as its line of the file (CRLF included): for a row the SQL writer leaves to Python
+    (db/export_rows.py)."""
+    text = io.StringIO()
+    csv.writer(text, **WRITER).writerow(fmt.cells(row))
+    return text.getvalue()
 
 
 def encode(fmt: CsvFormat, rows: Iterable[Sequence[Any]]) -> bytes:

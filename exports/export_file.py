@@ -14,11 +14,9 @@ upload is left behind, no partial object is visible).
 from __future__ import annotations
 
 import asyncio
-import csv
 import datetime as dt
 import decimal
-import io
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import asyncpg
@@ -106,22 +104,11 @@ class _IncidentLines:
 
     def __init__(self) -> None:
         self.rows = 0
-        self._text = io.StringIO()
-        self._writer = csv.writer(self._text, lineterminator="\r\n", quoting=csv.QUOTE_MINIMAL)
 
     def lines(self, batch: list[asyncpg.Record]) -> list[str]:
         self.rows += len(batch)
-        lines = [record[0] for record in batch]
-        for index, line in enumerate(lines):
-            if line is None:
-                lines[index] = self._format(tuple(batch[index])[1:])
-        return lines
-
-    def _format(self, row: Sequence[object]) -> str:
-        self._text.seek(0)
-        self._text.truncate()
-        self._writer.writerow(csv_format.INCIDENT.cells(row))
-        return self._text.getvalue()
+        return [record[0] if record[0] is not None else csv_format.line(csv_format.INCIDENT, tuple(record)[1:])
+                for record in batch]  # fmt: skip
 
 
 async def write_export(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import decimal
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
@@ -60,18 +59,15 @@ def to_export_job(row: ExportJobRow) -> ExportJob:
     )
 
 
-def _totals(totals: dict[str, Any] | None) -> ExportTotals | None:
-    if totals is None:
+def _totals(stored: dict[str, Any] | None) -> ExportTotals | None:
+    if stored is None:
         return None
-    spend = totals.get("spend")
+    totals = jobs.Totals.from_json(stored)
     return ExportTotals(
-        requests=BigInt(int(totals["requests"])),
-        input_tokens=BigInt(int(totals["input_tokens"])),
-        cached_input_tokens=BigInt(int(totals["cached_input_tokens"])),
-        output_tokens=BigInt(int(totals["output_tokens"])),
-        spend=decimal.Decimal(spend) if spend is not None else None,
-        unpriced_models=list(totals.get("unpriced_models") or []),
-    )
+        requests=BigInt(totals.requests), input_tokens=BigInt(totals.input_tokens),
+        cached_input_tokens=BigInt(totals.cached_input_tokens), output_tokens=BigInt(totals.output_tokens),
+        spend=totals.spend, unpriced_models=list(totals.unpriced_models),
+    )  # fmt: skip
 
 
 def _parse_job_id(value: str) -> uuid.UUID:

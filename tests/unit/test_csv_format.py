@@ -7,7 +7,6 @@ import csv
 import datetime as dt
 import decimal
 import io
-from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import pytest
@@ -21,12 +20,12 @@ from exports.csv_format import (
     INCIDENT_HEADER,
     Kind,
     PartEncoder,
-    aencode_parts,
     encode,
     encode_parts,
     format_decimal,
     format_float,
     format_timestamp,
+    line,
     neutralize,
 )
 
@@ -246,12 +245,7 @@ def test_the_encoder_counts_rows_and_refuses_rows_after_finish() -> None:
         encoder.add(row)
 
 
-async def test_the_async_encoder_writes_the_same_parts() -> None:
-    rows = [incident_row(event_id=f"evt-{n}") for n in range(500)]
-
-    async def source(items: Sequence[tuple[Any, ...]]) -> AsyncIterator[tuple[Any, ...]]:
-        for item in items:
-            yield item
-
-    parts = [part async for part in aencode_parts(INCIDENT, source(rows), part_size=4_096)]
-    assert parts == list(encode_parts(INCIDENT, rows, part_size=4_096))
+def test_one_line_is_the_files_line_for_that_row() -> None:
+    rows = [incident_row(event_id=f'=evt,{n}"') for n in range(3)]
+    lines = encode(INCIDENT, rows).decode().split("\r\n")[1:-1]
+    assert [line(INCIDENT, row) for row in rows] == [text + "\r\n" for text in lines]
