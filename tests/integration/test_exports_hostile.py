@@ -104,6 +104,11 @@ async def test_download_route_refuses_probes(client: httpx.AsyncClient) -> None:
     for path in ("/exports/download/exports/org_h/2026/11/x.csv", "/exports/download/../../etc/passwd",
                  "/exports/download/exports/org_h/2026/11/x.csv?expires=9999999999&sig=AAAA",
                  "/exports/download/exports/org_h/2026/11/x.csv?expires=nan&sig=%00",
-                 "/exports/download/" + "a/" * 2000):  # fmt: skip
+                 "/exports/download/" + "a/" * 2000,
+                 "/exports/download/exports/org_h/2026/11/x.csv%00?expires=9999999999&sig=AAAA",
+                 "/exports/download/exports/org_h/2026/11/x.csv%0A?expires=9999999999&sig=AAAA",
+                 "/exports/download/exports/org_h/2026/11/x.csv?expires=" + "9" * 5000 + "&sig=" + "A" * 5000,
+                 "/exports/download/exports/org_h/2026/11/x.csv?expires=-1&sig=&sig=AAAA",
+                 "/exports/download/%2Fetc%2Fpasswd?expires=9999999999&sig=AAAA"):  # fmt: skip
         response = await client.get(path)
         assert response.status_code in (403, 404), (path, response.status_code)
