@@ -65,7 +65,7 @@ from typing import Any
 
 import asyncpg
 
-from bench.api.dataset import still_valid
+from bench.api.dataset import still_valid, upgrade_in_place
 from bench.harness.cpu import CpuWindow, wait_quiet
 from bench.harness.entry import run_cancellable
 from bench.harness.output import Progress, say
@@ -75,6 +75,7 @@ from bench.postgres import connection_facts
 from bench.profiles import count_stacks, py_spy, start_py_spy
 from db.export_rows import PREFETCH, cost_statement, incident_statement
 from db.exports import NewJob
+from db.migrate import current_head
 from db.prices import Price
 from exports import csv_format
 from exports.jobs import COST, INCIDENT, cost_job, incident_job, incident_selection
@@ -238,6 +239,8 @@ async def _complete_marker(name: str, params: dict[str, Any]) -> dict[str, Any] 
     info: dict[str, Any] | None = None if row is None else json.loads(row)
     if info is None or not still_valid(name, info, params):
         return None
+    if info.get("migration") != current_head():
+        await upgrade_in_place(name, info)
     return info
 
 
