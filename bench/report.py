@@ -3,7 +3,8 @@
     python -m bench.report            # after python -m bench.ingest_bench and python -m bench.graphql_bench
 
 The sections "Usage queries", "GraphQL" and "Publish-to-visible" are generated from
-``bench/results/graphql.json``. Every other section of the page (the "Ingestion" write-up of
+``bench/results/graphql.json``, "Three-way: gateway, PostGraphile, floor" from ``bench/results/three_way.json``
+(``python -m bench.three_way``). Every other section of the page (the "Ingestion" write-up of
 ``bench/ingest_bench.py`` in particular) is kept as it is; when there is no "Ingestion" section yet, a short
 one is generated from ``bench/results/ingest.json``.
 """
@@ -44,7 +45,8 @@ or one part at a time:
 ```
 """
 CONNECTION = "PostgreSQL over loopback TCP"
-OWN = ("Usage queries", CONNECTION, "GraphQL", "Publish-to-visible")
+THREE_WAY = "Three-way: gateway, PostGraphile, floor"
+OWN = ("Usage queries", THREE_WAY, CONNECTION, "GraphQL", "Publish-to-visible")
 ORDER = ("Ingestion", *OWN)
 
 
@@ -506,8 +508,80 @@ For the cubic run the system setting was changed for the run and then put back.
 """
 
 
+THREE_WAY_ROWS = (
+    ("gateway", "this gateway, `usage(HOUR, groupBy: [MODEL]) { series { start group { model } requests inputTokens "
+     "cachedInputTokens outputTokens } }`"),
+    ("postgraphile", "PostGraphile {version} over a SETOF SQL function on `usage_hourly_model`"),
+    ("floor", "floor: the plain `SELECT … FROM usage_hourly_model … ORDER BY hour, model` via asyncpg, rows to orjson"),
+    ("dashboard", "this gateway, the full dashboard query (totals and series with spend, unpricedModels, freshness)"),
+)  # fmt: skip
+
+
+def three_way_section(results: dict[str, Any]) -> str:
+    """The three-way table (medians of the interleaved rounds) from ``bench/results/three_way.json``."""
+    env, git, question = results.get("environment", {}), results.get("git", {}), results.get("question", {})
+    answers, settings, meds = results.get("answers", {}), results.get("settings", {}), results["medians"]
+    dirty = f", {len(git.get('dirty_files', []))} files uncommitted" if git.get("dirty_files") else ""
+    rounds = len(results.get("rounds", []))
+    conns = settings.get("connections", 16)
+    rows = []
+    for key, label in THREE_WAY_ROWS:
+        m = meds.get(key)
+        if m is None:
+            continue
+        cpu = f"{num(m.get('server_cpu_ms'))} + {num(m.get('postgres_cpu_ms'))} = {num(m.get('cpu_ms'))}"
+        single = f"{num(m.get('single_p50_ms'))} / {num(m.get('single_p99_ms'))}"
+        cores = f"{num(m.get('server_cores'), 2)} + {num(m.get('postgres_cores'), 2)}"
+        name = label.replace("{version}", str(env.get("postgraphile", "?")))
+        rps = "–" if m.get("rps") is None else f"{m['rps']:,.1f}"
+        rows.append([name, rps, num(m.get("p50_ms")), num(m.get("p99_ms")), cpu, cores, single])
+    header = ["", "req/s", "p50 ms", "p99 ms", "CPU ms per request: server + PostgreSQL", "cores: server + PostgreSQL",
+              "single connection p50 / p99 ms"]  # fmt: skip
+    ratio = results.get("ratios", {})
+    foreign = [m.get("foreign_cores") for m in meds.values() if m.get("foreign_cores") is not None]
+    busy = max(foreign) if foreign else None
+    parts = [
+        f"## {THREE_WAY}\n",
+        f"Measured {results.get('date', '?')} at commit `{str(git.get('commit', '?'))[:12]}`{dirty}; "
+        f"{env.get('cpus')} cores ({env.get('cpu_model')}), {env.get('postgres')}, Python {env.get('python')}, "
+        f"Node {env.get('node')}, {env.get('wrk')}; {connection_words(results)} for all three. "
+        "Raw figures: `bench/results/three_way.json`.\n",
+        f"**Question.** `{question.get('org')}`, 30 days of hourly usage by model ending at the rollup watermark "
+        f"({question.get('from')} .. {question.get('to')}): {num(answers.get('rows'))} rows "
+        f"({answers.get('hours')} hours × {len(answers.get('models', []))} models), checked identical row by row "
+        f"from all four before measuring. Data: {num(results.get('dataset', {}).get('params', {}).get('events'))} "
+        f"events, 1,000 orgs (`{results.get('dataset', {}).get('database')}`).\n",
+        f"Medians of {rounds} interleaved rounds; in each, every system gets a warm-up and wrk -t1 -c{conns} for "
+        f"{num(settings.get('window_s'))} s, then wrk -t1 -c1 for {num(settings.get('single_window_s'))} s. CPU per "
+        "request is the server's process tree plus PostgreSQL's processes (utime + stime from /proc over the "
+        "window) divided by the requests; cores are the same CPU over the window's wall time.\n",
+        table(header, rows),
+    ]
+    if ratio:
+        floor = ratio.get("gateway_rps_share_of_floor")
+        parts.append(
+            f"The gateway answers {ratio.get('gateway_rps_over_postgraphile', '–')}× PostGraphile's requests/s at "
+            f"{ratio.get('gateway_cpu_over_postgraphile', '–')}× its CPU per request"
+            + ("" if floor is None else f", and {floor:.0%} of the floor's requests/s")
+            + ".\n"
+        )
+    parts.append(
+        f"**Servers.** Gateway: `{settings.get('gateway')}`. PostGraphile: `{settings.get('postgraphile')}`, the "
+        "amber preset, the pg adaptor, only the `peer` schema of bench/peer/schema.sql (a view over "
+        "`usage_hourly_model` and `usage_since(org, since)`), `Promise.withResolvers` polyfilled on Node 20. Floor: "
+        f"{settings.get('floor')}, a pool of {settings.get('floor_pool')}.\n"
+    )
+    parts.append(
+        f"Other work on the machine used up to {num(busy, 2)} cores during the concurrent windows (median per "
+        "system): the figures are indicative unless that is near 0. Rerun: "
+        "`.venv/bin/python -m bench.three_way --keep-db`, then `.venv/bin/python -m bench.report`.\n"
+    )
+    return "\n".join(parts)
+
+
 def generate(graphql: dict[str, Any] | None, ingest: dict[str, Any] | None,
-             others: dict[str, dict[str, Any]] | None = None) -> dict[str, str]:  # fmt: skip
+             others: dict[str, dict[str, Any]] | None = None,
+             three_way: dict[str, Any] | None = None) -> dict[str, str]:  # fmt: skip
     sections: dict[str, str] = {}
     if ingest:
         sections["Ingestion"] = ingest_section(ingest)
@@ -517,6 +591,8 @@ def generate(graphql: dict[str, Any] | None, ingest: dict[str, Any] | None,
             sections[CONNECTION] = connection_section(graphql, others)
         sections["GraphQL"] = graphql_section(graphql)
         sections["Publish-to-visible"] = visible_section(graphql)
+    if three_way and three_way.get("medians"):
+        sections[THREE_WAY] = three_way_section(three_way)
     return sections
 
 
@@ -528,13 +604,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n")[0])
     parser.add_argument("--graphql", default=str(RESULTS / "graphql.json"), help="GraphQL benchmark results")
     parser.add_argument("--ingest", default=str(RESULTS / "ingest.json"), help="ingestion benchmark results")
+    parser.add_argument("--three-way", default=str(RESULTS / "three_way.json"), help="three-way benchmark results")
     parser.add_argument("--out", default=str(DOC), help="the page to write (its other sections are kept)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     existing = out.read_text() if out.exists() else ""
     graphql = Path(args.graphql)
     others = {p.name: json.loads(p.read_text()) for p in sorted(graphql.parent.glob("graphql_tcp*.json"))}
-    page = assemble(existing, generate(_load(graphql), _load(Path(args.ingest)), others))
+    generated = generate(_load(graphql), _load(Path(args.ingest)), others, _load(Path(args.three_way)))
+    page = assemble(existing, generated)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page)
     print(f"wrote {out}")
