@@ -71,6 +71,7 @@ bench: install services
 		|| $(BIN)/python -m pip install --quiet --disable-pip-version-check py-spy
 	$(BIN)/python -m bench.ingest_bench
 	$(BIN)/python -m bench.graphql_bench --keep-db $(BENCH_ARGS)
+	$(BIN)/python -m bench.three_way --keep-db  # gateway, PostGraphile 5.1.5 (npm ci into bench/peer), floor
 	$(BIN)/python -m bench.report
 	$(BIN)/python -m bench.reliability_bench $(BENCH_ARGS)  # reuses graphql_bench's data set, then drops it
 	$(BIN)/python -m bench.detection_quality  # spike detection quality on its labelled corpus (about 1 min)
