@@ -34,15 +34,16 @@ _COLUMNS = ", ".join(EVENT_COLUMNS)
 _FIRST_COLUMNS = ", ".join(f"f.{c}" for c in EVENT_COLUMNS)
 INSERT_NEW = f"""
 WITH firsts AS (
-    SELECT DISTINCT ON (source, event_id) * FROM usage_stage ORDER BY source, event_id, ord
+    -- Identity is per org: (org_id, source, id); the first occurrence in the batch wins.
+    SELECT DISTINCT ON (org_id, source, event_id) * FROM usage_stage ORDER BY org_id, source, event_id, ord
 ), fresh AS (
-    INSERT INTO event_receipts (source, event_id, org_id, event_time, batch_id)
-    SELECT source, event_id, org_id, event_time, $1 FROM firsts
+    INSERT INTO event_receipts (org_id, source, event_id, event_time, batch_id)
+    SELECT org_id, source, event_id, event_time, $1 FROM firsts
     ON CONFLICT DO NOTHING
-    RETURNING source, event_id
+    RETURNING org_id, source, event_id
 ), inserted AS (
     INSERT INTO usage_events ({_COLUMNS}, batch_id)
-    SELECT {_FIRST_COLUMNS}, $1 FROM firsts f JOIN fresh USING (source, event_id)
+    SELECT {_FIRST_COLUMNS}, $1 FROM firsts f JOIN fresh USING (org_id, source, event_id)
     RETURNING org_id, event_time, model, status_code
 ), dirty AS (
     -- Late events below the dirty watermark: their hours must be re-rolled (db/rollup.py).
@@ -115,7 +116,7 @@ async def ensure_partitions(connection: asyncpg.Connection, days: Sequence[dt.da
 
 
 async def insert_batch(connection: asyncpg.Connection, batch_id: int, records: Sequence[Record]) -> Inserted:
-    """COPY ``records`` (in STAGE_COLUMNS order) and insert the new ones (first write wins)."""
+    """COPY ``records`` (in STAGE_COLUMNS order) and insert the new ones (first write wins, per org)."""
     await connection.execute(CREATE_STAGE)
     await connection.copy_records_to_table("usage_stage", records=records, columns=STAGE_COLUMNS)
     orgs: dict[str, OrgIngested] = {}

@@ -1,0 +1,84 @@
+"""Migration 0009 (event receipts keyed by org) on a database that already holds data: upgrade from 0008 keeps
+every receipt and makes deduplication per org; downgrade restores the old key, keeping the earliest receipt of an
+identity accepted for several orgs; upgrading again works."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import asyncpg
+import pytest
+from alembic import command
+from sqlalchemy import Connection
+
+from db.engine import create_engine
+from db.migrate import alembic_config, current_head, migrate
+
+pytestmark = pytest.mark.slow
+
+PRIMARY_KEY = """
+SELECT array_agg(a.attname::text ORDER BY k.ord)
+FROM pg_constraint c
+CROSS JOIN unnest(c.conkey) WITH ORDINALITY AS k(attnum, ord)
+JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum
+WHERE c.conrelid = 'event_receipts'::regclass AND c.contype = 'p'
+"""
+T = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
+RECEIPTS = [(f"org_{i % 3}", f"//src/{i % 2}", f"id-{i}", T + dt.timedelta(minutes=i), 100 + i) for i in range(30)]
+
+
+async def _alembic(database_url: str, action: str, revision: str) -> None:
+    engine = create_engine(database_url, pool_size=1)
+
+    def run(connection: Connection) -> None:
+        getattr(command, action)(alembic_config(connection), revision)
+
+    try:
+        async with engine.connect() as connection:
+            await connection.run_sync(run)
+            await connection.commit()
+    finally:
+        await engine.dispose()
+
+
+async def _receipts(connection: asyncpg.Connection) -> list[tuple[object, ...]]:
+    rows = await connection.fetch(
+        "SELECT org_id, source, event_id, event_time, batch_id FROM event_receipts ORDER BY batch_id, org_id"
+    )
+    return [tuple(r) for r in rows]
+
+
+async def test_upgrade_from_0008_with_data_then_downgrade_and_upgrade_again(empty_database: str) -> None:
+    await _alembic(empty_database, "upgrade", "0008")
+    connection = await asyncpg.connect(empty_database)
+    try:
+        assert await connection.fetchval(PRIMARY_KEY) == ["source", "event_id"]
+        await connection.executemany("INSERT INTO event_receipts VALUES ($2, $3, $1, $4, $5)", RECEIPTS)
+
+        engine = create_engine(empty_database, pool_size=1)
+        try:
+            assert await migrate(engine) == current_head()
+        finally:
+            await engine.dispose()
+        assert await connection.fetchval(PRIMARY_KEY) == ["org_id", "source", "event_id"]
+        assert await _receipts(connection) == RECEIPTS
+
+        # Per org now: the same (source, id) for another org is a receipt of its own; for the same org, a conflict.
+        org, source, event_id = RECEIPTS[0][:3]
+        insert = "INSERT INTO event_receipts VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING"
+        assert await connection.execute(insert, source, event_id, "org_new", T, 900) == "INSERT 0 1"
+        assert await connection.execute(insert, source, event_id, org, T, 901) == "INSERT 0 0"
+        # And one identity accepted for a third org in an earlier batch than its other receipts.
+        assert await connection.execute(insert, source, event_id, "org_early", T, 50) == "INSERT 0 1"
+
+        await _alembic(empty_database, "downgrade", "0008")
+        assert await connection.fetchval("SELECT version_num FROM alembic_version") == "0008"
+        assert await connection.fetchval(PRIMARY_KEY) == ["source", "event_id"]
+        # The earliest batch's receipt of the shared identity stays; every other receipt is untouched.
+        assert await _receipts(connection) == [("org_early", source, event_id, T, 50), *RECEIPTS[1:]]
+
+        await _alembic(empty_database, "upgrade", "head")
+        assert await connection.fetchval(PRIMARY_KEY) == ["org_id", "source", "event_id"]
+        assert len(await _receipts(connection)) == len(RECEIPTS)
+    finally:
+        await connection.close()
