@@ -4,9 +4,10 @@ For a range [start, end) the whole UTC hours in [rollup_from, rollup_to) come
 from ``usage_hourly`` (rollup_to never passes the materialized watermark M);
 the edges, everything from M on, dirty hours (late events not yet re-rolled)
 and hours that a bucket boundary cuts (zones with :30 or :45 offsets) come
-from ``usage_events``. Every row is joined to the price version in effect at
-its time and spend is summed in exact NUMERIC. One SQL statement
-sees one snapshot, so rollups and raw events never double count.
+from ``usage_events``. When spend is asked for, every row is joined to the price
+version in effect at its time and spend is summed in exact NUMERIC. One SQL
+statement sees one snapshot, so rollups and raw events never double count.
+The statement's text leaves out what a question does not need (see ``_Shape``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ class UsageQuery:
     models: Sequence[str] | None = None
     project_ids: Sequence[str] | None = None
     api_key_ids: Sequence[str] | None = None
+    # False when the answer shows neither spend nor unpriced models: no price is read, every row's spend is
+    # None and ``unpriced`` False.
+    spend: bool = True
 
 
 class UsageRow(NamedTuple):
@@ -52,7 +56,7 @@ class UsageRow(NamedTuple):
     input_tokens: int
     cached_input_tokens: int
     output_tokens: int
-    spend: decimal.Decimal
+    spend: decimal.Decimal  # (None in a record of a query without spend: see usage_records)
     unpriced: bool
 
 
@@ -124,7 +128,14 @@ def _ceil_hour(moment: dt.datetime) -> dt.datetime:
 
 @dataclass(frozen=True)
 class _Shape:
-    """What the SQL text depends on (the values go in as parameters): one text per shape, built once."""
+    """What the SQL text depends on (the values go in as parameters): one text per shape, built once.
+
+    Besides the question's shape, three flags leave out what the answer does not need: ``priced`` (spend or
+    unpriced models selected: the price versions are read and joined), ``edges`` (the range has parts outside
+    the rollups' whole hours: raw events of [start, rollup_from) and [rollup_to, end)) and ``splits`` (hours
+    that a bucket boundary cuts, read raw). Dirty hours are always honoured: their rollup rows are replaced by
+    their raw events (an index lookup in ``rollup_dirty``, nothing when no hour is dirty).
+    """
 
     by_org: bool
     granularity: str | None
@@ -132,11 +143,28 @@ class _Shape:
     by_models: bool
     by_projects: bool
     by_api_keys: bool
+    priced: bool = True
+    edges: bool = True
+    splits: bool = True
 
     @classmethod
-    def of(cls, query: UsageQuery) -> _Shape:
-        return cls(query.org_id is not None, query.granularity, query.group_by, query.models is not None,
-                   query.project_ids is not None, query.api_key_ids is not None)  # fmt: skip
+    def of(cls, query: UsageQuery, steps: Plan) -> _Shape:
+        return cls(
+            query.org_id is not None, query.granularity, query.group_by, query.models is not None,
+            query.project_ids is not None, query.api_key_ids is not None, priced=query.spend,
+            edges=steps.rollup_from != query.start or steps.rollup_to != query.end,
+            splits=bool(steps.split_hours) and query.org_id is not None,
+        )  # fmt: skip
+
+    @property
+    def by_model_only(self) -> bool:
+        """Grouping and filtering by model at most: the per-model rollup, with far fewer rows, answers."""
+        return self.group_by <= {"model"} and not self.by_projects and not self.by_api_keys
+
+    @property
+    def direct(self) -> bool:
+        """HOUR from the per-model rollup: each rollup row is already one result row (no re-aggregation)."""
+        return self.granularity == "HOUR" and self.by_model_only
 
     def filters(self, alias: str) -> str:
         clauses = [f"AND {alias}.{column} = ANY(${param}::text[])"
@@ -148,56 +176,83 @@ class _Shape:
 
 
 # Parameters: $1 org_id (null: every org), $2 start, $3 end, $4 rollup_from, $5 rollup_to,
-# $6 split hours, $7 time zone, $8-$10 filters.
-_ROWS = """
+# $6 split hours, $7 time zone, $8-$10 filters. Every shape takes all ten (params declares their types).
+_HEAD = """
 WITH params AS (  -- declares the types of parameters that a given query shape may not use
-    SELECT $7::text AS time_zone, $8::text[] AS models, $9::text[] AS project_ids, $10::text[] AS api_key_ids
-), raw_hours AS (
+    SELECT $1::text AS org_id, $2::timestamptz AS range_start, $3::timestamptz AS range_end,
+           $6::timestamptz[] AS split_hours, $7::text AS time_zone, $8::text[] AS models,
+           $9::text[] AS project_ids, $10::text[] AS api_key_ids
+), raw_hours AS (  -- rolled-up hours read from raw events instead: dirty ones (late events not re-rolled yet)
     SELECT org_id, hour FROM rollup_dirty d
-    WHERE d.hour >= $4 AND d.hour < $5 {org_filter_d}
-    UNION
-    SELECT $1::text, unnest($6::timestamptz[])
-), prices AS (  -- each price version until its model's next one, from the statement's snapshot
-    SELECT model, effective_from AS price_from,
-           lead(effective_from) OVER (PARTITION BY model ORDER BY effective_from) AS price_until,
-           input_per_million AS input, cached_input_per_million AS cached, output_per_million AS output
-    FROM model_prices
-), rows AS (
-    SELECT h.org_id, h.hour AS t, h.model, {rollup_dims}, h.requests, h.input_tokens,
-           h.cached_input_tokens, h.output_tokens
-    FROM {rollup} h
-    WHERE h.hour >= $4 AND h.hour < $5 {filters_h}
-      AND NOT EXISTS (SELECT 1 FROM raw_hours r WHERE r.org_id = h.org_id AND r.hour = h.hour)
-    UNION ALL
-    SELECT e.org_id, e.event_time, e.model, e.project_id, e.api_key_id, 1, e.input_tokens,
-           e.cached_input_tokens, e.output_tokens
-    FROM usage_events e
-    WHERE ((e.event_time >= $2 AND e.event_time < $4) OR (e.event_time >= $5 AND e.event_time < $3)) {filters_e}
-    UNION ALL
-    SELECT e.org_id, e.event_time, e.model, e.project_id, e.api_key_id, 1, e.input_tokens,
+    WHERE d.hour >= $4 AND d.hour < $5 {org_filter_d}{split_union}
+){prices}, raw AS (
+    {edges}SELECT e.org_id, e.event_time AS t, e.model, e.project_id, e.api_key_id, 1 AS requests, e.input_tokens,
            e.cached_input_tokens, e.output_tokens
     FROM raw_hours r
     JOIN usage_events e ON e.org_id = r.org_id AND e.event_time >= r.hour AND e.event_time < r.hour + interval '1 hour'
     WHERE true {filters_e}
 )
-SELECT * FROM (
+"""
+_SPLITS = """
+    UNION  -- and the hours that a bucket boundary cuts
+    SELECT $1::text, unnest($6::timestamptz[])"""
+_PRICES = """, prices AS (  -- each price version until its model's next one, from the statement's snapshot
+    SELECT model, effective_from AS price_from,
+           lead(effective_from) OVER (PARTITION BY model ORDER BY effective_from) AS price_until,
+           input_per_million AS input, cached_input_per_million AS cached, output_per_million AS output
+    FROM model_prices
+)"""
+_EDGES = """SELECT e.org_id, e.event_time AS t, e.model, e.project_id, e.api_key_id, 1 AS requests, e.input_tokens,
+           e.cached_input_tokens, e.output_tokens
+    FROM usage_events e  -- the range's edges: before rollup_from, from rollup_to on
+    WHERE ((e.event_time >= $2 AND e.event_time < $4) OR (e.event_time >= $5 AND e.event_time < $3)) {filters_e}
+    UNION ALL
+    """
+_ROLLUP_WHERE = """WHERE h.hour >= $4 AND h.hour < $5 {filters_h}
+  AND NOT EXISTS (SELECT 1 FROM raw_hours r WHERE r.org_id = h.org_id AND r.hour = h.hour)"""
+# Rollup rows and raw events together, summed by bucket and group.
+_GROUPED = """SELECT * FROM (
 SELECT rows.org_id, {bucket} AS bucket, rows.model, {project} AS project_id, {api_key} AS api_key_id,
-       sum(requests)::bigint AS requests, sum(input_tokens)::bigint AS input_tokens,
-       sum(cached_input_tokens)::bigint AS cached_input_tokens, sum(output_tokens)::bigint AS output_tokens,
-       -- Contract spend formula, exact NUMERIC (times 0.000001 rather than / 1e6, which would round).
-       trim_scale(coalesce(sum((input_tokens - cached_input_tokens) * p.input + cached_input_tokens * p.cached
-                               + output_tokens * p.output), 0) * 0.000001) AS spend,
-       bool_or(p.model IS NULL) AS unpriced
-FROM rows
-LEFT JOIN prices p ON p.model = rows.model AND rows.t >= p.price_from
-                  AND (p.price_until IS NULL OR rows.t < p.price_until)
+       sum(rows.requests)::bigint AS requests, sum(rows.input_tokens)::bigint AS input_tokens,
+       sum(rows.cached_input_tokens)::bigint AS cached_input_tokens, sum(rows.output_tokens)::bigint AS output_tokens,
+       {spend} AS spend, {unpriced} AS unpriced
+FROM (
+    SELECT h.org_id, h.hour AS t, h.model, {rollup_dims}, h.requests, h.input_tokens, h.cached_input_tokens,
+           h.output_tokens
+    FROM {rollup} h
+    {rollup_where}
+    UNION ALL
+    SELECT * FROM raw
+) AS rows{join}
 GROUP BY 1, 2, 3, 4, 5
 ) AS grouped
--- The API's order (bucket, then the grouped dimensions, null first, by code point): rows of one
--- bucket and group are consecutive, so the report is built in one pass.
-ORDER BY org_id COLLATE "C", bucket, {order_group}
 """
-_ORDER_BY = "-- The API's order"
+# HOUR by model (or nothing) from usage_hourly_model: a rollup row is a result row as it is; only raw events
+# (other hours than the rollup rows', so never the same bucket) are summed.
+_DIRECT = """SELECT * FROM (
+SELECT h.org_id, h.hour AS bucket, h.model, NULL::text AS project_id, NULL::text AS api_key_id, h.requests,
+       h.input_tokens, h.cached_input_tokens, h.output_tokens, {row_spend} AS spend, {row_unpriced} AS unpriced
+FROM usage_hourly_model h{row_join}
+{rollup_where}
+UNION ALL
+SELECT rows.org_id, date_trunc('hour', rows.t, 'UTC'), rows.model, NULL::text, NULL::text, sum(rows.requests)::bigint,
+       sum(rows.input_tokens)::bigint, sum(rows.cached_input_tokens)::bigint, sum(rows.output_tokens)::bigint,
+       {spend}, {unpriced}
+FROM raw AS rows{join}
+GROUP BY 1, 2, 3, 4, 5
+) AS grouped
+"""
+# The API's order (bucket, then the grouped dimensions, null first, by code point): rows of one bucket and
+# group are consecutive, so the report is built in one pass.
+_ORDER = 'ORDER BY org_id COLLATE "C", bucket, {order_group}\n'
+# Contract spend formula, exact NUMERIC (times 0.000001 rather than / 1e6, which would round).
+_COST = (
+    "(({a}.input_tokens - {a}.cached_input_tokens) * p.input + {a}.cached_input_tokens * p.cached"
+    " + {a}.output_tokens * p.output)"
+)
+_JOIN = """
+LEFT JOIN prices p ON p.model = {a}.model AND {a}.{t} >= p.price_from
+                  AND (p.price_until IS NULL OR {a}.{t} < p.price_until)"""
 BUCKET_SQL = {
     "MINUTE": "date_trunc('minute', t, 'UTC')",
     "HOUR": "date_trunc('hour', t, 'UTC')",
@@ -212,10 +267,20 @@ async def usage_rows(
     materialized_through: dt.datetime | None,
 ) -> list[UsageRow]:
     """Token sums and exact spend by org, bucket, model and the grouped dimensions."""
+    assert query.spend, "usage_rows always has spend; usage_records answers a question without it"
+    make = UsageRow._make
+    return [make(record) for record in await usage_records(connection, query, materialized_through)]
+
+
+async def usage_records(
+    connection: AsyncConnection,
+    query: UsageQuery,
+    materialized_through: dt.datetime | None,
+) -> list[asyncpg.Record]:
+    """:func:`usage_rows` as the driver's records (UsageRow's columns, read by position): no object per row."""
     sql, args = usage_statement(query, materialized_through)
     raw = await driver_connection(connection)
-    make = UsageRow._make
-    return [make(record) for record in await raw.fetch(sql, *args)]
+    return await raw.fetch(sql, *args)
 
 
 def usage_statement(
@@ -224,7 +289,7 @@ def usage_statement(
     """The SQL and arguments of :func:`usage_rows` (benchmarks run it bare, as the floor). ``ordered=False``:
     without the API's ORDER BY, for a caller that wraps the statement and sorts it its own way."""
     steps = plan(query, materialized_through)
-    sql = _sql(_Shape.of(query), ordered)
+    sql = _sql(_Shape.of(query, steps), ordered)
     args = (
         query.org_id, query.start, query.end, steps.rollup_from, steps.rollup_to,
         steps.split_hours if query.org_id is not None else [], query.time_zone,
@@ -235,20 +300,31 @@ def usage_statement(
 
 @functools.lru_cache(maxsize=256)
 def _sql(shape: _Shape, ordered: bool = True) -> str:
-    # Grouping and filtering by model at most: the per-model rollup has far fewer rows.
-    by_model_only = shape.group_by <= {"model"} and not shape.by_projects and not shape.by_api_keys
-    sql = _ROWS if ordered else _ROWS[: _ROWS.index(_ORDER_BY)]
-    return sql.format(
+    by_model_only = shape.by_model_only
+    head = _HEAD.format(
         org_filter_d="AND d.org_id = $1" if shape.by_org else "",
-        filters_h=shape.filters("h"),
+        split_union=_SPLITS if shape.splits else "",
+        prices=_PRICES if shape.priced else "",
+        edges=_EDGES.format(filters_e=shape.filters("e")) if shape.edges else "",
+        filters_e=shape.filters("e"),
+    )
+    priced = shape.priced
+    body = (_DIRECT if shape.direct else _GROUPED).format(
+        rollup_where=_ROLLUP_WHERE.format(filters_h=shape.filters("h")),
         rollup="usage_hourly_model" if by_model_only else "usage_hourly",
         rollup_dims="NULL::text, NULL::text" if by_model_only else "h.project_id, h.api_key_id",
-        filters_e=shape.filters("e"),
         bucket=BUCKET_SQL[shape.granularity] if shape.granularity else "NULL::timestamptz",
         project="rows.project_id" if "project_id" in shape.group_by else "NULL::text",
         api_key="rows.api_key_id" if "api_key_id" in shape.group_by else "NULL::text",
-        order_group=", ".join(f'{c} COLLATE "C" NULLS FIRST' for c in _group_order(shape.group_by)),
+        spend=f"trim_scale(coalesce(sum({_COST.format(a='rows')}), 0) * 0.000001)" if priced else "NULL::numeric",
+        unpriced="bool_or(p.model IS NULL)" if priced else "false",
+        join=_JOIN.format(a="rows", t="t") if priced else "",
+        row_spend=f"trim_scale(coalesce({_COST.format(a='h')}, 0) * 0.000001)" if priced else "NULL::numeric",
+        row_unpriced="p.model IS NULL" if priced else "false",
+        row_join=_JOIN.format(a="h", t="hour") if priced else "",
     )
+    order = _ORDER.format(order_group=", ".join(f'{c} COLLATE "C" NULLS FIRST' for c in _group_order(shape.group_by)))
+    return head + body + (order if ordered else "")
 
 
 def _group_order(group_by: frozenset[str]) -> tuple[str, ...]:

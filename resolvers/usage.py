@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated, Any
+from collections.abc import Iterable
+from typing import Annotated, Any, cast
 
 import strawberry
+from strawberry.types.nodes import SelectedField, Selection
 
-from db.usage import UsageQuery, usage_rows
+from db.usage import UsageQuery, usage_records
 from resolvers.freshness import to_freshness
 from resolvers.usage_report import build_report
 from resolvers.validation import check_ids, check_range, check_time_zone, org_argument
@@ -15,15 +17,29 @@ from schema.context import Context
 from schema.cost import MAX_RANGE
 from schema.enums import Granularity, UsageDimension
 from schema.inputs import TimeRange, UsageFilter
-from schema.usage import UsageReport
+from schema.usage import UsageBucket, UsageReport
 
 DIMENSION_COLUMNS = {UsageDimension.MODEL: "model", UsageDimension.PROJECT: "project_id",
                      UsageDimension.API_KEY: "api_key_id"}  # fmt: skip
 
 
+# Fields of UsageReport and its children whose values need prices (anywhere under ``usage``).
+PRICED_FIELDS = frozenset({"spend", "unpricedModels"})
+
+
+def selects_spend(selections: Iterable[Selection]) -> bool:
+    """Whether any field under ``selections`` (through fragments, whatever its alias, @skip or @include:
+    in doubt, prices are read) needs prices."""
+    return any(
+        (isinstance(selection, SelectedField) and selection.name in PRICED_FIELDS)
+        or selects_spend(selection.selections)
+        for selection in selections
+    )
+
+
 def usage_query(
     org_id: str, range: TimeRange, granularity: Granularity, filter: UsageFilter | None,
-    group_by: list[UsageDimension], time_zone: str,
+    group_by: list[UsageDimension], time_zone: str, *, spend: bool = True,
 ) -> UsageQuery:  # fmt: skip
     check_range(range.from_, range.to, MAX_RANGE[granularity.value], f"granularity {granularity.value}")
     check_time_zone(time_zone)
@@ -37,6 +53,7 @@ def usage_query(
         models=check_ids(filter.models, "filter.models", model=True) if filter else None,
         project_ids=check_ids(filter.project_ids, "filter.projectIds") if filter else None,
         api_key_ids=check_ids(filter.api_key_ids, "filter.apiKeyIds") if filter else None,
+        spend=spend,
     )
 
 
@@ -56,10 +73,11 @@ async def resolve_usage(
 ) -> UsageReport:
     context = info.context
     org_argument(context.require_caller(), org_id)
-    query = usage_query(org_id, range, granularity, filter, list(group_by), time_zone)
+    spend = selects_spend(info.selected_fields)
+    query = usage_query(org_id, range, granularity, filter, list(group_by), time_zone, spend=spend)
     freshness = await context.loaders.freshness.load(org_id)  # also says where the rollups end
     async with context.resources.query_engine.connect() as connection:
-        rows = await usage_rows(connection, query, freshness.materialized_through)
+        rows = await usage_records(connection, query, freshness.materialized_through)
     report = build_report(query, rows)
     return UsageReport(
         org_id=org_id,
@@ -69,7 +87,7 @@ async def resolve_usage(
         time_zone=time_zone,
         currency="USD",
         totals=report.totals,
-        series=report.series,
+        series=cast(list[UsageBucket], report.series),  # SeriesItem: UsageBucket's attributes, as a tuple
         unpriced_models=report.unpriced_models,
         freshness=to_freshness(freshness, context.resources.settings, dt.datetime.now(dt.UTC)),
     )
