@@ -31,33 +31,47 @@ CREATE TEMP TABLE IF NOT EXISTS usage_stage (
 """
 
 _COLUMNS = ", ".join(EVENT_COLUMNS)
-_FIRST_COLUMNS = ", ".join(f"f.{c}" for c in EVENT_COLUMNS)
-INSERT_NEW = f"""
-WITH firsts AS (
-    -- Identity is per org: (org_id, source, id); the first occurrence in the batch wins.
-    SELECT DISTINCT ON (org_id, source, event_id) * FROM usage_stage ORDER BY org_id, source, event_id, ord
-), fresh AS (
-    INSERT INTO event_receipts (org_id, source, event_id, event_time, batch_id)
-    SELECT org_id, source, event_id, event_time, $1 FROM firsts
+_KEY = "org_id, source, event_id"
+_SAME_EVENT = "{b}.org_id = {a}.org_id AND {b}.source = {a}.source AND {b}.event_id = {a}.event_id"
+
+# One statement per shared table, each keyed or grouped by org_id, in the caller's transaction. No statement writes
+# two shared tables (a database distributed by org_id could not push such a data-modifying CTE down to its shards;
+# docs/scaling.md). The staging table ends up holding exactly this batch's new events, which the later statements
+# read.
+#
+# 1. Within the batch, the first occurrence of an identity (org, source, id) wins: drop the later ones.
+DROP_REPEATS = f"""
+DELETE FROM usage_stage s USING usage_stage t WHERE {_SAME_EVENT.format(a="s", b="t")} AND t.ord < s.ord
+"""
+# 2. Receipts, first write wins across batches and ingesters (a concurrent writer of the same identity makes this
+#    wait for its commit or rollback); the staging table keeps only the events whose receipt this wrote. The other
+#    table this statement changes is the session's own temporary table, never a shared one.
+INSERT_RECEIPTS = f"""
+WITH fresh AS (
+    INSERT INTO event_receipts ({_KEY}, event_time, batch_id)
+    SELECT {_KEY}, event_time, $1 FROM usage_stage ORDER BY {_KEY}
     ON CONFLICT DO NOTHING
-    RETURNING org_id, source, event_id
-), inserted AS (
-    INSERT INTO usage_events ({_COLUMNS}, batch_id)
-    SELECT {_FIRST_COLUMNS}, $1 FROM firsts f JOIN fresh USING (org_id, source, event_id)
-    RETURNING org_id, event_time, model, status_code
-), dirty AS (
-    -- Late events below the dirty watermark: their hours must be re-rolled (db/rollup.py).
-    INSERT INTO rollup_dirty (org_id, hour)
-    SELECT DISTINCT i.org_id, date_trunc('hour', i.event_time, 'UTC')
-    FROM inserted i CROSS JOIN rollup_state s
-    WHERE i.event_time < s.dirty_before
-    ORDER BY 1, 2
-    ON CONFLICT (org_id, hour) DO UPDATE SET marked_at = excluded.marked_at
+    RETURNING {_KEY}
 )
--- Per org, model and status class: what the freshness update and the platform's SLO counter need.
+DELETE FROM usage_stage s WHERE NOT EXISTS (SELECT FROM fresh f WHERE {_SAME_EVENT.format(a="s", b="f")})
+"""
+# 3. The new events.
+INSERT_EVENTS = f"INSERT INTO usage_events ({_COLUMNS}, batch_id) SELECT {_COLUMNS}, $1 FROM usage_stage"
+# 4. Late events below the dirty watermark: their hours must be re-rolled (db/rollup.py). The watermark cannot move
+#    during this transaction: it holds the watermark lock shared (begin_batch), which the rollup needs exclusively.
+MARK_DIRTY = """
+INSERT INTO rollup_dirty (org_id, hour)
+SELECT DISTINCT n.org_id, date_trunc('hour', n.event_time, 'UTC')
+FROM usage_stage n CROSS JOIN rollup_state s
+WHERE n.event_time < s.dirty_before
+ORDER BY 1, 2
+ON CONFLICT (org_id, hour) DO UPDATE SET marked_at = excluded.marked_at
+"""
+# 5. Per org, model and status class: what the freshness update and the platform's SLO counter need.
+SUMMARISE = """
 SELECT org_id, model, status_code / 100 AS status_class, count(*) AS events, min(event_time) AS first_at,
        max(event_time) AS last_at
-FROM inserted GROUP BY 1, 2, 3
+FROM usage_stage GROUP BY 1, 2, 3
 """
 
 # In org order, as every batch does: concurrent batches sharing orgs lock their rows in one order (in any other
@@ -119,9 +133,13 @@ async def insert_batch(connection: asyncpg.Connection, batch_id: int, records: S
     """COPY ``records`` (in STAGE_COLUMNS order) and insert the new ones (first write wins, per org)."""
     await connection.execute(CREATE_STAGE)
     await connection.copy_records_to_table("usage_stage", records=records, columns=STAGE_COLUMNS)
+    await connection.execute(DROP_REPEATS)
+    await connection.execute(INSERT_RECEIPTS, batch_id)
+    await connection.execute(INSERT_EVENTS, batch_id)
+    await connection.execute(MARK_DIRTY)
     orgs: dict[str, OrgIngested] = {}
     by_model_and_class: dict[tuple[str, int], int] = {}
-    for r in await connection.fetch(INSERT_NEW, batch_id):
+    for r in await connection.fetch(SUMMARISE):
         key = (r["model"], r["status_class"])
         by_model_and_class[key] = by_model_and_class.get(key, 0) + r["events"]
         known = orgs.get(r["org_id"])
