@@ -34,50 +34,59 @@ from db.sketch import index_sql
 CHUNK = dt.timedelta(days=1)
 DIRTY_CLAIM = 500
 
-# One scan of raw events fills the three hourly tables: ``usage_hourly`` (per project, key and status class),
-# ``reliability_hourly_model`` (per model: errors and the merged latency sketch) and ``errors_hourly``
-# (status >= 400 per status code and error type). ``usage_hourly_model`` follows from ``usage_hourly``.
-_AGGREGATE = f"""
-WITH per_bucket AS MATERIALIZED (
-    SELECT e.org_id, date_trunc('hour', e.event_time, 'UTC') AS hour, e.model, e.project_id, e.api_key_id,
-           e.status_code, CASE WHEN e.status_code >= 400 THEN e.error_type END AS error_type,
-           {index_sql("e.latency_ms")} AS idx, count(*) AS n, sum(e.input_tokens) AS i,
-           sum(e.cached_input_tokens) AS c, sum(e.output_tokens) AS o, sum(e.latency_ms) AS l
-    FROM usage_events e {{source}}
-    GROUP BY 1, 2, 3, 4, 5, 6, 7, 8
-), usage AS (
-    INSERT INTO usage_hourly (org_id, hour, model, project_id, api_key_id, status_class, requests, input_tokens,
-                              cached_input_tokens, output_tokens, latency_sum_ms, latency_sketch)
-    SELECT org_id, hour, model, project_id, api_key_id, status_class, sum(n), sum(i), sum(c), sum(o), sum(l),
-           jsonb_object_agg(idx::text, n)
-    FROM (
-        SELECT org_id, hour, model, project_id, api_key_id, (status_code / 100)::smallint AS status_class, idx,
-               sum(n) AS n, sum(i) AS i, sum(c) AS c, sum(o) AS o, sum(l) AS l
-        FROM per_bucket GROUP BY 1, 2, 3, 4, 5, 6, 7
-    ) AS by_class
-    GROUP BY 1, 2, 3, 4, 5, 6
-), errors AS (
-    INSERT INTO errors_hourly (org_id, hour, model, project_id, api_key_id, status_code, error_type, requests)
-    SELECT org_id, hour, model, project_id, api_key_id, status_code, error_type, sum(n)
-    FROM per_bucket WHERE status_code >= 400
-    GROUP BY 1, 2, 3, 4, 5, 6, 7
-)
-INSERT INTO reliability_hourly_model (org_id, hour, model, requests, errors, client_errors, latency_sketch)
-SELECT org_id, hour, model, sum(n), sum(e), sum(ce), jsonb_object_agg(idx::text, n)
+# One ``INSERT … SELECT … GROUP BY org_id, …`` per hourly table, each reading raw events on its own: on a database
+# distributed by org_id (docs/scaling.md) each runs on every shard in parallel, where a CTE shared by several
+# INSERTs would be planned on the coordinator. ``usage_hourly`` (per project, key and status class),
+# ``reliability_hourly_model`` (per model: errors and the merged latency sketch), ``errors_hourly`` (status >= 400
+# per status code and error type); ``usage_hourly_model`` follows from ``usage_hourly``. Each takes ``{join}``
+# (joined to ``usage_events e``) and ``{where}`` (which events).
+_HOUR = "date_trunc('hour', e.event_time, 'UTC')"
+_USAGE = f"""
+INSERT INTO usage_hourly (org_id, hour, model, project_id, api_key_id, status_class, requests, input_tokens,
+                          cached_input_tokens, output_tokens, latency_sum_ms, latency_sketch)
+SELECT org_id, hour, model, project_id, api_key_id, status_class, sum(n), sum(i), sum(c), sum(o), sum(l),
+       jsonb_object_agg(idx::text, n)
 FROM (
-    SELECT org_id, hour, model, idx, sum(n) AS n, coalesce(sum(n) FILTER (WHERE status_code >= 500), 0) AS e,
-           coalesce(sum(n) FILTER (WHERE status_code BETWEEN 400 AND 499), 0) AS ce
-    FROM per_bucket GROUP BY 1, 2, 3, 4
-) AS by_latency
+    SELECT e.org_id, {_HOUR} AS hour, e.model, e.project_id, e.api_key_id,
+           (e.status_code / 100)::smallint AS status_class, {index_sql("e.latency_ms")} AS idx, count(*) AS n,
+           sum(e.input_tokens) AS i, sum(e.cached_input_tokens) AS c, sum(e.output_tokens) AS o,
+           sum(e.latency_ms) AS l
+    FROM usage_events e {{join}}
+    WHERE {{where}}
+    GROUP BY 1, 2, 3, 4, 5, 6, 7
+) AS per_bucket
+GROUP BY 1, 2, 3, 4, 5, 6
+"""
+_ERRORS = f"""
+INSERT INTO errors_hourly (org_id, hour, model, project_id, api_key_id, status_code, error_type, requests)
+SELECT e.org_id, {_HOUR}, e.model, e.project_id, e.api_key_id, e.status_code, e.error_type, count(*)
+FROM usage_events e {{join}}
+WHERE {{where}} AND e.status_code >= 400
+GROUP BY 1, 2, 3, 4, 5, 6, 7
+"""
+_RELIABILITY = f"""
+INSERT INTO reliability_hourly_model (org_id, hour, model, requests, errors, client_errors, latency_sketch)
+SELECT org_id, hour, model, sum(n), sum(server), sum(client), jsonb_object_agg(idx::text, n)
+FROM (
+    SELECT e.org_id, {_HOUR} AS hour, e.model, {index_sql("e.latency_ms")} AS idx, count(*) AS n,
+           count(*) FILTER (WHERE e.status_code >= 500) AS server,
+           count(*) FILTER (WHERE e.status_code BETWEEN 400 AND 499) AS client
+    FROM usage_events e {{join}}
+    WHERE {{where}}
+    GROUP BY 1, 2, 3, 4
+) AS per_bucket
 GROUP BY 1, 2, 3
 """
 HOURLY_TABLES = ("usage_hourly", "usage_hourly_model", "reliability_hourly_model", "errors_hourly")
 
-ROLL_RANGE = _AGGREGATE.format(source="WHERE e.event_time >= :start AND e.event_time < :end")
-ROLL_HOURS = _AGGREGATE.format(
-    source="JOIN unnest(CAST(:orgs AS text[]), CAST(:hours AS timestamptz[])) AS d(org_id, hour) "
-    "ON e.org_id = d.org_id AND e.event_time >= d.hour AND e.event_time < d.hour + interval '1 hour'"
-)
+_RANGE = {"join": "", "where": "e.event_time >= :start AND e.event_time < :end"}
+_HOURS = {
+    "join": "JOIN unnest(CAST(:orgs AS text[]), CAST(:hours AS timestamptz[])) AS d(org_id, hour) "
+    "ON e.org_id = d.org_id",
+    "where": "e.event_time >= d.hour AND e.event_time < d.hour + interval '1 hour'",
+}
+ROLL_RANGE = tuple(sql.format(**_RANGE) for sql in (_USAGE, _RELIABILITY, _ERRORS))
+ROLL_HOURS = tuple(sql.format(**_HOURS) for sql in (_USAGE, _RELIABILITY, _ERRORS))
 _BY_MODEL = """
 INSERT INTO usage_hourly_model
 SELECT h.org_id, h.hour, h.model, sum(h.requests), sum(h.input_tokens), sum(h.cached_input_tokens),
@@ -157,7 +166,8 @@ async def reroll_dirty(connection: AsyncConnection) -> int:
             params = {"orgs": [p[0] for p in pairs], "hours": [p[1] for p in pairs]}
             for table in HOURLY_TABLES:
                 await connection.execute(text(DELETE_HOURS.format(table=table)), params)
-            await connection.execute(text(ROLL_HOURS), params)
+            for statement in ROLL_HOURS:
+                await connection.execute(text(statement), params)
             await connection.execute(text(BY_MODEL_HOURS), params)
         await connection.commit()
         total += len(pairs)
@@ -180,7 +190,8 @@ async def advance(connection: AsyncConnection, target: dt.datetime) -> dt.dateti
         span = {"start": start, "end": end}
         for table in HOURLY_TABLES:
             await connection.execute(text(f"DELETE FROM {table} WHERE hour >= :start AND hour < :end"), span)
-        await connection.execute(text(ROLL_RANGE), span)
+        for statement in ROLL_RANGE:
+            await connection.execute(text(statement), span)
         await connection.execute(text(BY_MODEL_RANGE), span)
         await _set_materialized(connection, end)
         start = end
