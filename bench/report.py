@@ -566,10 +566,11 @@ def three_way_section(results: dict[str, Any]) -> str:
             + ".\n"
         )
     parts.append(
-        f"**Servers.** Gateway: `{settings.get('gateway')}`. PostGraphile: `{settings.get('postgraphile')}`, the "
-        "amber preset, the pg adaptor, only the `peer` schema of bench/peer/schema.sql (a view over "
-        "`usage_hourly_model` and `usage_since(org, since)`), `Promise.withResolvers` polyfilled on Node 20. Floor: "
-        f"{settings.get('floor')}, a pool of {settings.get('floor_pool')}.\n"
+        f"**Servers.** Gateway: `{settings.get('gateway')}`, every other setting at its default (log level, "
+        f"workers, database pool). PostGraphile: `{settings.get('postgraphile')}` in bench/peer, the amber preset, "
+        "the pg adaptor with pg's default pool (10 connections), only the `peer` schema of bench/peer/schema.sql (a "
+        "view over `usage_hourly_model` and `usage_since(org, since)`), `Promise.withResolvers` polyfilled on Node "
+        f"20. Floor: {settings.get('floor')}, a pool of {settings.get('floor_pool')}.\n"
     )
     parts.append(
         f"Other work on the machine used up to {num(busy, 2)} cores during the concurrent windows (median per "
