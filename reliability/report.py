@@ -14,12 +14,14 @@ before and at its start; the breakdown has at most BREAKDOWN_ROWS rows.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as dt
 import zoneinfo
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -36,6 +38,8 @@ BREAKDOWN_ROWS = 50
 MAX_SPIKES = 20
 CONTRIBUTORS = 5
 COMPOSITION_SPAN = dt.timedelta(hours=24)
+
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -91,25 +95,34 @@ def error_rate(errors: int, requests: int) -> float:
     return errors / requests if requests else 0.0
 
 
+Connect = Callable[[], AbstractAsyncContextManager[AsyncConnection]]
+
+
 async def build_report(
-    connection: AsyncConnection,
+    connect: Connect,
     query: UsageQuery,
     percentiles: Sequence[float],
     materialized_through: dt.datetime | None,
 ) -> Report:
-    """``query.group_by`` is ``{"model"}`` for one series per model, empty for one overall series."""
+    """``query.group_by`` is ``{"model"}`` for one series per model, empty for one overall series.
+
+    ``connect`` opens a connection (``engine.connect``): the range's series, its history and the breakdown are
+    three independent statements, run at once on three connections (each reads the rollups and raw events in
+    its own snapshot, as they did one after the other)."""
     assert query.granularity is not None
     by_model = "model" in query.group_by
     zone = zoneinfo.ZoneInfo(query.time_zone)
     grid = _grid(query, zone)
     history = _history(grid[0], query.granularity, zone, lookback(SEASON[query.granularity]))
-    rows = await series_rows(connection, query, materialized_through, per_model=by_model)
-    history_rows: list[SeriesRow] = []
-    if history:
-        earlier = dataclasses.replace(query, start=history[0], end=grid[0])
-        history_rows = await series_rows(connection, earlier, materialized_through, per_model=by_model)
-    breakdown = await error_rows(connection, query, materialized_through, limit=BREAKDOWN_ROWS)
-
+    earlier = dataclasses.replace(query, start=history[0], end=grid[0]) if history else None
+    # The breakdown is not bucketed: whole hours come from errors_hourly whatever the granularity (a MINUTE
+    # report's breakdown read every raw event of its day again).
+    unbucketed = dataclasses.replace(query, granularity=None, time_zone="UTC")
+    rows, history_rows, breakdown = await asyncio.gather(
+        _with(connect, series_rows, query, materialized_through, per_model=by_model),
+        _with(connect, series_rows, earlier, materialized_through, per_model=by_model) if earlier else _no_rows(),
+        _with(connect, error_rows, unbucketed, materialized_through, limit=BREAKDOWN_ROWS),
+    )
     series = _buckets(rows, by_model, query.granularity, zone)
     past = _buckets(history_rows, by_model, query.granularity, zone)
     _read_latency(series, percentiles)
@@ -118,13 +131,25 @@ async def build_report(
 
     spikes = _detect(history + grid, len(history), past.buckets + series.buckets, by_model, SEASON[query.granularity])
     spikes.sort(key=lambda s: (s[1].severity != Severity.CRITICAL, -_relative(s[1])))
-    found = [
-        await _explain(connection, query, materialized_through, history + grid, model, detection, zone)
-        for model, detection in spikes[:MAX_SPIKES]
-    ]
+    found: list[FoundSpike] = []
+    if spikes:
+        async with connect() as connection:
+            found = [
+                await _explain(connection, query, materialized_through, history + grid, model, detection, zone)
+                for model, detection in spikes[:MAX_SPIKES]
+            ]
     found.sort(key=lambda s: (s.start, s.metric, s.model or ""))
     total_errors = sum(r.requests for r in breakdown) or 1
     return Report(totals, series.buckets, found, [_cause(r, r.requests / total_errors) for r in breakdown])
+
+
+async def _with(connect: Connect, fetch: Callable[..., Awaitable[_T]], *args: Any, **kwargs: Any) -> _T:
+    async with connect() as connection:
+        return await fetch(connection, *args, **kwargs)
+
+
+async def _no_rows() -> list[SeriesRow]:
+    return []
 
 
 def _grid(query: UsageQuery, zone: zoneinfo.ZoneInfo) -> list[dt.datetime]:

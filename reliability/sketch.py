@@ -145,9 +145,12 @@ class Batch:
         out: list[list[float] | None] = [None] * self.groups
         if not len(self.index):
             return out
-        key = (self.group << 32) + (self.index + _INDEX_SHIFT)
-        order = np.argsort(key, kind="stable")  # timsort: the sketches come as sorted runs
-        groups, values = _group_quantiles(self.index[order], self.count[order], self.group[order], qs)
+        index, count, group = self.index, self.count, self.group
+        key = (group << 32) + (index + _INDEX_SHIFT)
+        if not bool(np.all(key[1:] >= key[:-1])):  # often already in order: one sketch a group, ascending
+            order = np.argsort(key, kind="stable")  # timsort: the sketches come as sorted runs
+            index, count, group = index[order], count[order], group[order]
+        groups, values = _group_quantiles(index, count, group, qs)
         for group, row in zip(groups, values, strict=True):
             out[group] = row
         return out

@@ -70,8 +70,7 @@ async def resolve_reliability(
     wanted = check_percentiles(list(percentiles))
     query = reliability_query(org_id, range, granularity, filter, group_by_model, time_zone)
     freshness = await context.loaders.freshness.load(org_id)  # also says where the rollups end
-    async with context.resources.query_engine.connect() as connection:
-        report = await build_report(connection, query, wanted, freshness.materialized_through)
+    report = await build_report(context.resources.query_engine.connect, query, wanted, freshness.materialized_through)
     return to_report(org_id, range, granularity, time_zone, wanted, report, to_freshness(
         freshness, context.resources.settings, dt.datetime.now(dt.UTC)
     ))  # fmt: skip

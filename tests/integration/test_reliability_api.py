@@ -14,7 +14,7 @@ import json
 import math
 import random
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -157,6 +157,19 @@ def _check_buckets(org: Org, report: dict[str, Any], by_model: bool) -> None:
     assert sum(b["requests"] for b in report["series"]) == report["totals"]["requests"]
 
 
+def _check_breakdown(org: Org, report: dict[str, Any]) -> None:
+    """The breakdown counts every error of the range by model, status code and error type, whatever the
+    granularity (whole hours from errors_hourly, the edges from raw events)."""
+    events = org.in_range(dt.datetime.fromisoformat(report["from"]), dt.datetime.fromisoformat(report["to"]))
+    truth = Counter(
+        (e["data"]["model"], e["data"]["status_code"], e["data"].get("error_type"))
+        for e in events
+        if e["data"]["status_code"] >= 500
+    )
+    got = {(row["model"], row["statusCode"], row["errorType"]): row["errors"] for row in report["breakdown"]}
+    assert truth and got == dict(truth)
+
+
 async def test_counts_and_percentiles_match_the_events(
     client: httpx.AsyncClient, make_token: TokenFactory, world: World
 ) -> None:
@@ -166,6 +179,7 @@ async def test_counts_and_percentiles_match_the_events(
     for by_model in (False, True):
         report = await _report(client, token, org.org_id, start, end, by_model=by_model)
         _check_buckets(org, report, by_model)
+        _check_breakdown(org, report)
         latencies = org.latencies(start, end)
         totals = report["totals"]
         assert totals["requests"] == len(latencies)
@@ -178,10 +192,12 @@ async def test_counts_and_percentiles_match_the_events(
     kolkata = await _report(client, token, org.org_id, world.this_hour - 71 * HOUR, end, "DAY", True,
                             [0.25, 0.999], "Asia/Kolkata")  # fmt: skip
     _check_buckets(org, kolkata, True)
+    _check_breakdown(org, kolkata)
     assert {dt.datetime.fromisoformat(b["start"]).minute for b in kolkata["series"]} == {30}
     for by_model in (True, False):  # raw events only; without groupByModel, aggregated per minute in SQL
         minutes = await _report(client, token, org.org_id, world.this_hour - 2 * HOUR, end, "MINUTE", by_model)
         _check_buckets(org, minutes, by_model)
+        _check_breakdown(org, minutes)
         assert minutes["series"], "no minute buckets"
 
 

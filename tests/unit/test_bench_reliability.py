@@ -31,18 +31,21 @@ def test_floor_runs_the_range_its_history_and_the_breakdown() -> None:
     assert series.args[:3] == ("org_0000", hour.start, hour.end)
     assert history.args[:3] == ("org_0000", hour.start - dt.timedelta(days=7), hour.start)  # 7 seasons of 24 h
     assert breakdown.args[:3] == ("org_0000", hour.start, hour.end) and breakdown.args[-1] == BREAKDOWN_ROWS
+    assert breakdown.args[6] == "UTC"  # not bucketed: whole hours from errors_hourly whatever the granularity
     minute_history = make_floor("org_0000", minute, watermark).statements[1]
     assert minute_history.args[1:3] == (minute.start - dt.timedelta(minutes=24), minute.start)
 
 
 def test_phases_split_wall_time_into_floor_attribution_and_python() -> None:
-    runs = [[("s", 0.010), ("h", 0.005), ("b", 0.005), ("a1", 0.020)], [("s", 0.012), ("h", 0.004), ("b", 0.004)]]
-    out = phases([0.050, 0.030], runs, floor_statements=3, spikes=1)
+    # The floor's statements run at once (their longest is on the critical path), in any order; attribution
+    # statements follow one after the other.
+    runs = [[("h", 0.005), ("s", 0.010), ("b", 0.004), ("a1", 0.020)], [("b", 0.004), ("s", 0.012), ("h", 0.003)]]
+    out = phases([0.050, 0.030], runs, {"s", "h", "b"}, spikes=1)
     assert out["statements_per_run"] == 4 and out["attribution_statements_per_run"] == 1
-    assert out["floor_statements_ms"]["max"] == 20.0
+    assert out["floor_statements_ms"]["max"] == 12.0 and out["floor_statements_ms"]["p50"] == 10.0
     assert out["attribution_statements_ms"]["max"] == 20.0
-    assert out["python_ms"]["max"] == 10.0 and out["python_ms"]["count"] == 2
-    assert out["floor_statement_p50_ms"] == [10.0, 4.0, 4.0]
+    assert out["python_ms"]["max"] == 20.0 and out["python_ms"]["p50"] == 18.0 and out["python_ms"]["count"] == 2
+    assert out["floor_statement_p50_ms"] == [10.0, 4.0, 3.0]
     assert out["without_attribution_p50_ms"] == 30.0
 
 
