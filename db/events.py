@@ -37,13 +37,9 @@ _SAME_EVENT = "{b}.org_id = {a}.org_id AND {b}.source = {a}.source AND {b}.event
 # One statement per shared table, each keyed or grouped by org_id, in the caller's transaction. No statement writes
 # two shared tables (a database distributed by org_id could not push such a data-modifying CTE down to its shards;
 # docs/scaling.md). The staging table ends up holding exactly this batch's new events, which the later statements
-# read.
+# read. Repeats of an identity within the batch never reach the database (``insert_batch`` keeps the first).
 #
-# 1. Within the batch, the first occurrence of an identity (org, source, id) wins: drop the later ones.
-DROP_REPEATS = f"""
-DELETE FROM usage_stage s USING usage_stage t WHERE {_SAME_EVENT.format(a="s", b="t")} AND t.ord < s.ord
-"""
-# 2. Receipts, first write wins across batches and ingesters (a concurrent writer of the same identity makes this
+# 1. Receipts, first write wins across batches and ingesters (a concurrent writer of the same identity makes this
 #    wait for its commit or rollback); the staging table keeps only the events whose receipt this wrote. The other
 #    table this statement changes is the session's own temporary table, never a shared one.
 INSERT_RECEIPTS = f"""
@@ -55,9 +51,9 @@ WITH fresh AS (
 )
 DELETE FROM usage_stage s WHERE NOT EXISTS (SELECT FROM fresh f WHERE {_SAME_EVENT.format(a="s", b="f")})
 """
-# 3. The new events.
+# 2. The new events.
 INSERT_EVENTS = f"INSERT INTO usage_events ({_COLUMNS}, batch_id) SELECT {_COLUMNS}, $1 FROM usage_stage"
-# 4. Late events below the dirty watermark: their hours must be re-rolled (db/rollup.py). The watermark cannot move
+# 3. Late events below the dirty watermark: their hours must be re-rolled (db/rollup.py). The watermark cannot move
 #    during this transaction: it holds the watermark lock shared (begin_batch), which the rollup needs exclusively.
 MARK_DIRTY = """
 INSERT INTO rollup_dirty (org_id, hour)
@@ -67,7 +63,7 @@ WHERE n.event_time < s.dirty_before
 ORDER BY 1, 2
 ON CONFLICT (org_id, hour) DO UPDATE SET marked_at = excluded.marked_at
 """
-# 5. Per org, model and status class: what the freshness update and the platform's SLO counter need.
+# 4. Per org, model and status class: what the freshness update and the platform's SLO counter need.
 SUMMARISE = """
 SELECT org_id, model, status_code / 100 AS status_class, count(*) AS events, min(event_time) AS first_at,
        max(event_time) AS last_at
@@ -129,11 +125,26 @@ async def ensure_partitions(connection: asyncpg.Connection, days: Sequence[dt.da
     await connection.execute("SELECT analytics_ensure_usage_partition(d) FROM unnest($1::date[]) AS d", list(days))
 
 
+_IDENTITY = tuple(STAGE_COLUMNS.index(c) for c in ("org_id", "source", "event_id"))
+
+
+def first_occurrences(records: Sequence[Record]) -> list[Record]:
+    """``records`` without later repeats of an identity (org, source, id), in their order."""
+    seen: set[tuple[object, ...]] = set()
+    firsts = []
+    org, source, event_id = _IDENTITY
+    for record in records:
+        key = (record[org], record[source], record[event_id])
+        if key not in seen:
+            seen.add(key)
+            firsts.append(record)
+    return firsts
+
+
 async def insert_batch(connection: asyncpg.Connection, batch_id: int, records: Sequence[Record]) -> Inserted:
     """COPY ``records`` (in STAGE_COLUMNS order) and insert the new ones (first write wins, per org)."""
     await connection.execute(CREATE_STAGE)
-    await connection.copy_records_to_table("usage_stage", records=records, columns=STAGE_COLUMNS)
-    await connection.execute(DROP_REPEATS)
+    await connection.copy_records_to_table("usage_stage", records=first_occurrences(records), columns=STAGE_COLUMNS)
     await connection.execute(INSERT_RECEIPTS, batch_id)
     await connection.execute(INSERT_EVENTS, batch_id)
     await connection.execute(MARK_DIRTY)
