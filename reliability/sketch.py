@@ -151,8 +151,8 @@ class Batch:
             order = np.argsort(key, kind="stable")  # timsort: the sketches come as sorted runs
             index, count, group = index[order], count[order], group[order]
         groups, values = _group_quantiles(index, count, group, qs)
-        for group, row in zip(groups, values, strict=True):
-            out[group] = row
+        for group_id, row in zip(groups, values, strict=True):
+            out[group_id] = row
         return out
 
     def merged_quantiles(self, qs: Sequence[float]) -> list[float] | None:
