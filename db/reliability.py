@@ -5,13 +5,16 @@ The plan is usage's (db/usage.py: rollups for whole hours below the watermark th
 by a bucket boundary, raw events for everything else, in one statement and so one snapshot): an error counts
 as soon as its batch commits, and late events are exact at once. Rollup rows come from
 ``reliability_hourly_model`` and ``errors_hourly``, or from ``usage_hourly`` when a project or API key filter
-needs its dimensions. Sketches are returned packed (db/sketch.py's layout: bytes that the client reads with numpy
+needs its dimensions; MINUTE buckets from ``reliability_minute_model`` for the rolled-up hours it keeps (from
+``rollup_state.minute_from`` on, read in the same snapshot), raw events before. Sketches are returned packed
+(db/sketch.py's layout: bytes that the client reads with numpy
 as they are, no parsing; migration 0008 stores them so in ``reliability_hourly_model.latency_sketch_packed``),
 one per row, and merged by the caller (reliability/sketch.py): a bucket's rows are consecutive.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import functools
 from collections.abc import Sequence
@@ -57,6 +60,11 @@ class _Shape:
         """A project or API key filter: rollup rows must come from ``usage_hourly``, which has those columns."""
         return self.by_projects or self.by_api_keys
 
+    @property
+    def by_minute_rollup(self) -> bool:
+        """MINUTE buckets from ``reliability_minute_model`` (no project or key columns: else raw events)."""
+        return self.granularity == "MINUTE" and not self.per_key
+
     def filters(self, alias: str, first_param: int = 8) -> str:
         """The filter clauses, their lists being parameters ``first_param`` to ``first_param + 2``."""
         present = (("model", self.by_models), ("project_id", self.by_projects), ("api_key_id", self.by_api_keys))
@@ -75,7 +83,7 @@ WITH params AS (
 ), raw_hours AS (
     SELECT hour FROM rollup_dirty d WHERE d.org_id = $1 AND d.hour >= $4 AND d.hour < $5
     UNION
-    SELECT unnest($6::timestamptz[])
+    SELECT unnest($6::timestamptz[]){older_than_minutes}
 ), events AS (
     SELECT e.* FROM usage_events e
     WHERE e.org_id = $1 AND ((e.event_time >= $2 AND e.event_time < $4) OR (e.event_time >= $5 AND e.event_time < $3))
@@ -153,6 +161,13 @@ _ENTRIES_PER_EVENT = """
     FROM events ev
 """
 
+# Hours of the range before ``rollup_state.minute_from`` have no minute rows (the rollup keeps MINUTE_DAYS of them):
+# raw events, read in the statement's own snapshot, so a concurrent prune cannot leave a hole.
+_OLDER_THAN_MINUTES = """
+    UNION
+    SELECT generate_series($4, least(coalesce((SELECT minute_from FROM rollup_state), $5), $5) - interval '1 hour',
+                           interval '1 hour')"""
+
 # MINUTE and HOUR buckets are whole UTC minutes and hours: ``date_bin`` is plain arithmetic on the instant, the same
 # bucket as BUCKET_SQL's ``date_trunc(..., 'UTC')`` (which converts every row to a zone first), about a third of
 # the per-row cost of a 24-hour MINUTE scan.
@@ -173,14 +188,16 @@ def _series_sql(shape: _Shape, per_model: bool) -> str:
         model_e="ev.model" if per_model else "NULL::text",
         index=index_sql("ev.latency_ms"),
     )
+    minutes = shape.by_minute_rollup
     return _SERIES.format(
         raw_entries=entries,
+        older_than_minutes=_OLDER_THAN_MINUTES if minutes else "",
         filters_e=shape.filters("e"),
         filters_h=shape.filters("h"),
-        rollup="usage_hourly" if per_key else "reliability_hourly_model",
+        rollup="usage_hourly" if per_key else "reliability_minute_model" if minutes else "reliability_hourly_model",
         errors_h="CASE WHEN h.status_class = 5 THEN h.requests ELSE 0 END" if per_key else "h.errors",
         client_h="CASE WHEN h.status_class = 4 THEN h.requests ELSE 0 END" if per_key else "h.client_errors",
-        bucket_h=bucket.replace("t,", "h.hour,"),
+        bucket_h="h.minute" if minutes else bucket.replace("t,", "h.hour,"),
         sketch_h="sketch_pack(h.latency_sketch)" if per_key else "h.latency_sketch_packed",
         packed_agg=packed_agg_sql("idx", "n"),
     )
@@ -188,7 +205,7 @@ def _series_sql(shape: _Shape, per_model: bool) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _errors_sql(shape: _Shape) -> str:
-    return _ERRORS.format(filters_e=shape.filters("e"), filters_h=shape.filters("h"))
+    return _ERRORS.format(filters_e=shape.filters("e"), filters_h=shape.filters("h"), older_than_minutes="")
 
 
 @functools.lru_cache(maxsize=64)
@@ -198,7 +215,9 @@ def _slow_sql(shape: _Shape) -> str:
 
 def _args(query: UsageQuery, materialized_through: dt.datetime | None) -> tuple[object, ...]:
     assert query.org_id is not None
-    steps = plan(query, materialized_through)
+    # Minute rows cover whole rolled-up hours as hourly rows do: usage's plan for HOUR says which.
+    hourly = _Shape.of(query).by_minute_rollup
+    steps = plan(dataclasses.replace(query, granularity="HOUR") if hourly else query, materialized_through)
     return (
         query.org_id, query.start, query.end, steps.rollup_from, steps.rollup_to, steps.split_hours,
         query.time_zone, list(query.models or []), list(query.project_ids or []), list(query.api_key_ids or []),

@@ -29,7 +29,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from db.locks import ROLLUP_WORKER_LOCK_KEY, WATERMARK_LOCK_KEY
-from db.sketch import index_sql
+from db.sketch import index_sql, packed_agg_sql
 
 CHUNK = dt.timedelta(days=1)
 DIRTY_CLAIM = 500
@@ -77,7 +77,28 @@ FROM (
 ) AS per_bucket
 GROUP BY 1, 2, 3
 """
-HOURLY_TABLES = ("usage_hourly", "usage_hourly_model", "reliability_hourly_model", "errors_hourly")
+# Per minute and model for MINUTE reliability reports (migration 0010), kept MINUTE_DAYS: rows for rolled-up
+# hours from ``rollup_state.minute_from`` on, sketches packed as the API reads them (db/sketch.py).
+_MINUTES = f"""
+INSERT INTO reliability_minute_model (org_id, hour, minute, model, requests, errors, client_errors,
+                                      latency_sketch_packed)
+SELECT org_id, date_trunc('hour', minute, 'UTC'), minute, model, sum(n), sum(server), sum(client),
+       {packed_agg_sql("idx", "n", ordered=True)}
+FROM (
+    SELECT e.org_id, date_bin('1 minute', e.event_time, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS minute, e.model,
+           {index_sql("e.latency_ms")} AS idx, count(*) AS n,
+           count(*) FILTER (WHERE e.status_code >= 500) AS server,
+           count(*) FILTER (WHERE e.status_code BETWEEN 400 AND 499) AS client
+    FROM usage_events e {{join}}
+    WHERE {{where}}
+    GROUP BY 1, 2, 3, 4
+) AS per_bucket
+GROUP BY 1, 2, 3, 4
+"""
+MINUTE_DAYS = 7
+HOURLY_TABLES = (
+    "usage_hourly", "usage_hourly_model", "reliability_hourly_model", "errors_hourly", "reliability_minute_model",
+)  # fmt: skip
 
 _RANGE = {"join": "", "where": "e.event_time >= :start AND e.event_time < :end"}
 _HOURS = {
@@ -87,6 +108,16 @@ _HOURS = {
 }
 ROLL_RANGE = tuple(sql.format(**_RANGE) for sql in (_USAGE, _RELIABILITY, _ERRORS))
 ROLL_HOURS = tuple(sql.format(**_HOURS) for sql in (_USAGE, _RELIABILITY, _ERRORS))
+# Minute rows: in a range, from :minute_start (the retention's first hour) on; dirty hours from minute_from on.
+MINUTES_RANGE = _MINUTES.format(join="", where="e.event_time >= :minute_start AND e.event_time < :end")
+MINUTES_HOURS = _MINUTES.format(
+    join=_HOURS["join"],
+    where=_HOURS["where"] + " AND d.hour >= (SELECT minute_from FROM rollup_state)",
+)
+PRUNE_MINUTES = (
+    "UPDATE rollup_state SET minute_from = :horizon WHERE minute_from < :horizon",
+    "DELETE FROM reliability_minute_model WHERE hour < :horizon",
+)
 _BY_MODEL = """
 INSERT INTO usage_hourly_model
 SELECT h.org_id, h.hour, h.model, sum(h.requests), sum(h.input_tokens), sum(h.cached_input_tokens),
@@ -142,6 +173,7 @@ async def run_cycle(engine: AsyncEngine, now: dt.datetime) -> CycleResult:
         try:
             rerolled = await reroll_dirty(connection)
             rolled_until = await advance(connection, floor_hour(now))
+            await prune_minutes(connection, floor_hour(now) - dt.timedelta(days=MINUTE_DAYS))
         finally:
             await connection.rollback()
             await connection.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": ROLLUP_WORKER_LOCK_KEY})
@@ -166,7 +198,7 @@ async def reroll_dirty(connection: AsyncConnection) -> int:
             params = {"orgs": [p[0] for p in pairs], "hours": [p[1] for p in pairs]}
             for table in HOURLY_TABLES:
                 await connection.execute(text(DELETE_HOURS.format(table=table)), params)
-            for statement in ROLL_HOURS:
+            for statement in (*ROLL_HOURS, MINUTES_HOURS):
                 await connection.execute(text(statement), params)
             await connection.execute(text(BY_MODEL_HOURS), params)
         await connection.commit()
@@ -185,6 +217,7 @@ async def advance(connection: AsyncConnection, target: dt.datetime) -> dt.dateti
     if start is None:  # nothing ingested yet: everything before target is (trivially) rolled
         await _set_materialized(connection, target)
         return target
+    horizon = target - dt.timedelta(days=MINUTE_DAYS)  # minute rows are kept for hours from here on
     while start < target:
         end = min(start + CHUNK, target)
         span = {"start": start, "end": end}
@@ -193,9 +226,24 @@ async def advance(connection: AsyncConnection, target: dt.datetime) -> dt.dateti
         for statement in ROLL_RANGE:
             await connection.execute(text(statement), span)
         await connection.execute(text(BY_MODEL_RANGE), span)
+        if end > horizon:
+            minute_start = max(start, horizon)
+            await connection.execute(text(MINUTES_RANGE), {"minute_start": minute_start, "end": end})
+            # The first minute rows of a new database (else M, from which the range starts, is >= minute_from).
+            await connection.execute(
+                text("UPDATE rollup_state SET minute_from = :m WHERE minute_from IS NULL"), {"m": minute_start}
+            )
         await _set_materialized(connection, end)
         start = end
     return start
+
+
+async def prune_minutes(connection: AsyncConnection, horizon: dt.datetime) -> None:
+    """Minute rows of hours before ``horizon`` are deleted and ``minute_from`` moved past them, in one transaction
+    (a report reads ``minute_from`` in its snapshot and takes older hours from raw events)."""
+    for statement in PRUNE_MINUTES:
+        await connection.execute(text(statement), {"horizon": horizon})
+    await connection.commit()
 
 
 async def _first_hour(connection: AsyncConnection) -> dt.datetime | None:

@@ -29,7 +29,9 @@ def index_sql(column: str) -> str:
     return f"(CASE WHEN {column} < {MIN_VALUE_MS} THEN {ZERO_INDEX} ELSE ceil(ln({column}) / {LN_GAMMA!r})::int END)"
 
 
-def packed_agg_sql(index: str, count: str) -> str:
+def packed_agg_sql(index: str, count: str, *, ordered: bool = False) -> str:
     """An aggregate that packs (index, count) rows into one packed sketch (PACKED_ENTRY_BYTES a row). Its entries
-    come in no particular order (no sort per group at query time): readers sort (reliability/sketch.py)."""
-    return f"string_agg(int4send({index}) || int8send({count}), ''::bytea)"
+    come in no particular order (no sort per group at query time: readers sort, reliability/sketch.py) unless
+    ``ordered`` (stored sketches, ascending by index as ``sketch_pack`` makes them)."""
+    order = f" ORDER BY {index}" if ordered else ""
+    return f"string_agg(int4send({index}) || int8send({count}), ''::bytea{order})"

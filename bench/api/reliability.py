@@ -202,12 +202,13 @@ async def check_answer(run: Run, shape: Shape, token: str, floor: Floor) -> dict
     if response.status_code != 200 or payload.get("errors"):
         raise RuntimeError(f"reliability query failed: {response.status_code} {response.text[:1000]}")
     report = payload["data"]["reliability"]
-    connection = await asyncpg.connect(run.dataset.url, server_settings=FLOOR_SESSION)
+    connections = [await asyncpg.connect(run.dataset.url, server_settings=FLOOR_SESSION) for _ in floor.statements]
     try:
-        rows = await connection.fetch(floor.statements[0].sql, *floor.statements[0].args)
-        rows_all, json_bytes = await floor.once(connection)
+        rows = await connections[0].fetch(floor.statements[0].sql, *floor.statements[0].args)
+        rows_all, json_bytes = await floor.once(connections)
     finally:
-        await connection.close()
+        for connection in connections:
+            await connection.close()
     if sum(int(r["requests"]) for r in rows) != int(report["totals"]["requests"]):
         raise RuntimeError(f"gateway totals {report['totals']['requests']} != the floor's series rows")
     spikes = report["spikes"]

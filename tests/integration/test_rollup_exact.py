@@ -1,6 +1,6 @@
 """After rollup cycles with late events (and duplicates of them), every hourly table equals the aggregate of the raw
 events, computed here in Python from the rows of ``usage_events``: ``usage_hourly``, ``usage_hourly_model``,
-``reliability_hourly_model`` and ``errors_hourly``, row for row, sketches included."""
+``reliability_hourly_model``, ``errors_hourly`` and ``reliability_minute_model``, row for row, sketches included."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections import Counter, defaultdict
 from collections.abc import AsyncIterator
 from typing import Any
 
+import numpy as np
 import orjson
 import pytest
 from opentelemetry.metrics import get_meter
@@ -22,6 +23,7 @@ from db.sketch import index_sql
 from ingest.events import TimeWindow, UsageEvent, validate
 from ingest.metrics import IngestMetrics
 from ingest.writer import EventWriter
+from reliability.sketch import PACKED
 
 NOW = dt.datetime.now(dt.UTC)
 START = floor_hour(NOW) - dt.timedelta(hours=8)
@@ -30,7 +32,8 @@ STATUSES = (200, 200, 200, 201, 400, 404, 429, 500, 503)
 LATENCIES = (0.0, 2**-11, 2**-10, 1.0, 12.5, 99.75, 250.0, 1000.0, 60_000.0)
 
 RAW = f"""
-SELECT org_id, date_trunc('hour', event_time, 'UTC') AS hour, model, project_id, api_key_id, status_code,
+SELECT org_id, date_trunc('hour', event_time, 'UTC') AS hour, date_trunc('minute', event_time, 'UTC') AS minute,
+       model, project_id, api_key_id, status_code,
        error_type, input_tokens, cached_input_tokens, output_tokens, latency_ms, {index_sql("latency_ms")} AS idx
 FROM usage_events
 """
@@ -72,11 +75,13 @@ def _events(rng: random.Random, tag: str, count: int, start: dt.datetime, hours:
     return events
 
 
-def _expected(raw: list[Any]) -> dict[str, set[tuple[Any, ...]]]:
+def _expected(raw: list[Any], minute_from: dt.datetime) -> dict[str, set[tuple[Any, ...]]]:
+    """Every table's rows from the raw events; minute rows only from ``minute_from`` on (older hours have none)."""
     usage: dict[tuple[Any, ...], list[Any]] = defaultdict(lambda: [0, 0, 0, 0, 0.0, Counter()])
     by_model: dict[tuple[Any, ...], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
     reliability: dict[tuple[Any, ...], list[Any]] = defaultdict(lambda: [0, 0, 0, Counter()])
     errors: Counter[tuple[Any, ...]] = Counter()
+    minutes: dict[tuple[Any, ...], list[Any]] = defaultdict(lambda: [0, 0, 0, Counter()])
     for r in raw:
         u = usage[(r.org_id, r.hour, r.model, r.project_id, r.api_key_id, r.status_code // 100)]
         u[0] += 1
@@ -93,6 +98,12 @@ def _expected(raw: list[Any]) -> dict[str, set[tuple[Any, ...]]]:
         rel[1] += r.status_code >= 500
         rel[2] += 400 <= r.status_code <= 499
         rel[3][r.idx] += 1
+        if r.hour >= minute_from:
+            minute = minutes[(r.org_id, r.hour, r.minute, r.model)]
+            minute[0] += 1
+            minute[1] += r.status_code >= 500
+            minute[2] += 400 <= r.status_code <= 499
+            minute[3][r.idx] += 1
         if r.status_code >= 400:
             errors[(r.org_id, r.hour, r.model, r.project_id, r.api_key_id, r.status_code, r.error_type)] += 1
     return {
@@ -100,6 +111,7 @@ def _expected(raw: list[Any]) -> dict[str, set[tuple[Any, ...]]]:
         "usage_hourly_model": {(*k, *v) for k, v in by_model.items()},
         "reliability_hourly_model": {(*k, *v[:3], _sketch(v[3])) for k, v in reliability.items()},
         "errors_hourly": {(*k, n) for k, n in errors.items()},
+        "reliability_minute_model": {(*k, *v[:3], _sketch(v[3])) for k, v in minutes.items()},
     }
 
 
@@ -133,12 +145,22 @@ async def _stored(engine: AsyncEngine) -> dict[str, set[tuple[Any, ...]]]:
         errors = await rows(
             "SELECT org_id, hour, model, project_id, api_key_id, status_code, error_type, requests FROM errors_hourly"
         )
+        minutes = await rows(
+            "SELECT org_id, hour, minute, model, requests, errors, client_errors, latency_sketch_packed "
+            "FROM reliability_minute_model"
+        )
     assert all(r.packed_ok for r in reliability)
+    packed = [np.frombuffer(r.latency_sketch_packed, dtype=PACKED) for r in minutes]
+    assert all(bool(np.all(np.diff(p["index"].astype(np.int64)) > 0)) for p in packed)  # stored: ascending
     return {
         "usage_hourly": {(*r[:10], r[10], _stored_sketch(r[11])) for r in usage},
         "usage_hourly_model": {tuple(r) for r in by_model},
         "reliability_hourly_model": {(*r[:6], _stored_sketch(r[6])) for r in reliability},
         "errors_hourly": {tuple(r) for r in errors},
+        "reliability_minute_model": {
+            (*r[:7], tuple(zip(p["index"].tolist(), p["count"].tolist(), strict=True)))
+            for r, p in zip(minutes, packed, strict=True)
+        },
     }
 
 
@@ -165,6 +187,10 @@ async def test_rollups_equal_raw_aggregates_after_cycles_with_late_events(own_en
         raw = (await connection.execute(text(RAW))).all()
     assert through is not None and all(r.hour < through for r in raw)
     assert len(raw) == 1900
-    expected, stored = _expected(raw), await _stored(own_engine)
+    async with own_engine.connect() as connection:
+        minute_from = await connection.scalar(text("SELECT minute_from FROM rollup_state"))
+    # Minute rows start with the first rolled hour; the late events' earlier hours have none (raw for reports).
+    assert minute_from == START and any(r.hour < minute_from for r in raw)
+    expected, stored = _expected(raw, minute_from), await _stored(own_engine)
     for table in expected:
         assert stored[table] == expected[table], table
