@@ -12,6 +12,7 @@ The statement's text leaves out what a question does not need (see ``_Shape``).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import decimal
 import functools
@@ -146,25 +147,26 @@ class _Shape:
     priced: bool = True
     edges: bool = True
     splits: bool = True
+    direct: bool = False  # HOUR from the per-model rollup: each rollup row is already one result row
 
     @classmethod
-    def of(cls, query: UsageQuery, steps: Plan) -> _Shape:
-        return cls(
+    def of(cls, query: UsageQuery, steps: Plan, everything: bool = False) -> _Shape:
+        shape = cls(
             query.org_id is not None, query.granularity, query.group_by, query.models is not None,
-            query.project_ids is not None, query.api_key_ids is not None, priced=query.spend,
-            edges=steps.rollup_from != query.start or steps.rollup_to != query.end,
+            query.project_ids is not None, query.api_key_ids is not None,
+        )  # fmt: skip
+        if everything:
+            return shape
+        return dataclasses.replace(
+            shape, priced=query.spend, edges=steps.rollup_from != query.start or steps.rollup_to != query.end,
             splits=bool(steps.split_hours) and query.org_id is not None,
+            direct=query.granularity == "HOUR" and shape.by_model_only,
         )  # fmt: skip
 
     @property
     def by_model_only(self) -> bool:
         """Grouping and filtering by model at most: the per-model rollup, with far fewer rows, answers."""
         return self.group_by <= {"model"} and not self.by_projects and not self.by_api_keys
-
-    @property
-    def direct(self) -> bool:
-        """HOUR from the per-model rollup: each rollup row is already one result row (no re-aggregation)."""
-        return self.granularity == "HOUR" and self.by_model_only
 
     def filters(self, alias: str) -> str:
         clauses = [f"AND {alias}.{column} = ANY(${param}::text[])"
@@ -284,12 +286,14 @@ async def usage_records(
 
 
 def usage_statement(
-    query: UsageQuery, materialized_through: dt.datetime | None, *, ordered: bool = True
+    query: UsageQuery, materialized_through: dt.datetime | None, *, ordered: bool = True, everything: bool = False
 ) -> tuple[str, tuple[object, ...]]:
     """The SQL and arguments of :func:`usage_rows` (benchmarks run it bare, as the floor). ``ordered=False``:
-    without the API's ORDER BY, for a caller that wraps the statement and sorts it its own way."""
+    without the API's ORDER BY, for a caller that wraps the statement and sorts it its own way.
+    ``everything=True``: with every part whatever the question needs (prices, the range's edges, split hours,
+    re-aggregation of rollup rows), the reference that the tests prove the leaner statements equal to."""
     steps = plan(query, materialized_through)
-    sql = _sql(_Shape.of(query, steps), ordered)
+    sql = _sql(_Shape.of(query, steps, everything), ordered)
     args = (
         query.org_id, query.start, query.end, steps.rollup_from, steps.rollup_to,
         steps.split_hours if query.org_id is not None else [], query.time_zone,
