@@ -31,25 +31,35 @@ CREATE TEMP TABLE IF NOT EXISTS usage_stage (
 """
 
 _COLUMNS = ", ".join(EVENT_COLUMNS)
-_KEY = "org_id, source, event_id"
-_SAME_EVENT = "{b}.org_id = {a}.org_id AND {b}.source = {a}.source AND {b}.event_id = {a}.event_id"
+# An event's identity is (source, id), whatever its org (shared/contracts/README.md, docs/events.md): the same
+# (source, id) sent again for another org is a duplicate like any other re-send. ``event_receipts`` is keyed by it
+# (migration 0011).
+_KEY = "source, event_id"
 
-# One statement per shared table, each keyed or grouped by org_id, in the caller's transaction. No statement writes
-# two shared tables (a database distributed by org_id could not push such a data-modifying CTE down to its shards;
-# docs/scaling.md). The staging table ends up holding exactly this batch's new events, which the later statements
-# read. Repeats of an identity within the batch never reach the database (``insert_batch`` keeps the first).
+# One statement per shared table, in the caller's transaction. No statement writes two shared tables (a
+# distributed database could not push such a data-modifying CTE down to its shards; docs/scaling.md). The staging
+# table ends up holding exactly this batch's new events, which the later statements read. Repeats of an identity
+# within the batch never reach the database (``insert_batch`` keeps the first).
 #
-# 1. Receipts, first write wins across batches and ingesters (a concurrent writer of the same identity makes this
-#    wait for its commit or rollback); the staging table keeps only the events whose receipt this wrote. The other
-#    table this statement changes is the session's own temporary table, never a shared one.
+# ``usage_events`` and ``rollup_dirty`` are keyed or grouped by org_id and would be distributed by it. A table
+# distributed by org_id cannot enforce a key without org_id, so ``event_receipts``, keyed by (source, event_id),
+# would be distributed by ``source`` (hash) or kept on the coordinator: statement 1 is then a write that is not
+# co-located with the others, in the same distributed transaction (docs/scaling.md, step 3).
+#
+# 1. Receipts, first write wins across batches, ingesters and orgs (a concurrent writer of the same identity makes
+#    this wait for its commit or rollback; every batch inserts in key order). ON CONFLICT has no target: the
+#    table's only unique key is the identity. The staging table keeps only the events whose receipt this wrote
+#    (it holds one row per identity, so source and event_id find it). The other table this statement changes is
+#    the session's own temporary table, never a shared one.
 INSERT_RECEIPTS = f"""
 WITH fresh AS (
-    INSERT INTO event_receipts ({_KEY}, event_time, batch_id)
-    SELECT {_KEY}, event_time, $1 FROM usage_stage ORDER BY {_KEY}
+    INSERT INTO event_receipts ({_KEY}, org_id, event_time, batch_id)
+    SELECT {_KEY}, org_id, event_time, $1 FROM usage_stage ORDER BY {_KEY}
     ON CONFLICT DO NOTHING
     RETURNING {_KEY}
 )
-DELETE FROM usage_stage s WHERE NOT EXISTS (SELECT FROM fresh f WHERE {_SAME_EVENT.format(a="s", b="f")})
+DELETE FROM usage_stage s
+WHERE NOT EXISTS (SELECT FROM fresh f WHERE f.source = s.source AND f.event_id = s.event_id)
 """
 # 2. The new events.
 INSERT_EVENTS = f"INSERT INTO usage_events ({_COLUMNS}, batch_id) SELECT {_COLUMNS}, $1 FROM usage_stage"
@@ -125,16 +135,16 @@ async def ensure_partitions(connection: asyncpg.Connection, days: Sequence[dt.da
     await connection.execute("SELECT analytics_ensure_usage_partition(d) FROM unnest($1::date[]) AS d", list(days))
 
 
-_IDENTITY = tuple(STAGE_COLUMNS.index(c) for c in ("org_id", "source", "event_id"))
+_IDENTITY = tuple(STAGE_COLUMNS.index(c) for c in ("source", "event_id"))
 
 
 def first_occurrences(records: Sequence[Record]) -> list[Record]:
-    """``records`` without later repeats of an identity (org, source, id), in their order."""
+    """``records`` without later repeats of an identity (source, id), whatever their org, in their order."""
     seen: set[tuple[object, ...]] = set()
     firsts = []
-    org, source, event_id = _IDENTITY
+    source, event_id = _IDENTITY
     for record in records:
-        key = (record[org], record[source], record[event_id])
+        key = (record[source], record[event_id])
         if key not in seen:
             seen.add(key)
             firsts.append(record)
@@ -142,7 +152,7 @@ def first_occurrences(records: Sequence[Record]) -> list[Record]:
 
 
 async def insert_batch(connection: asyncpg.Connection, batch_id: int, records: Sequence[Record]) -> Inserted:
-    """COPY ``records`` (in STAGE_COLUMNS order) and insert the new ones (first write wins, per org)."""
+    """COPY ``records`` (in STAGE_COLUMNS order) and insert the new ones (first write wins, per (source, id))."""
     await connection.execute(CREATE_STAGE)
     await connection.copy_records_to_table("usage_stage", records=first_occurrences(records), columns=STAGE_COLUMNS)
     await connection.execute(INSERT_RECEIPTS, batch_id)

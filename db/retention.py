@@ -123,10 +123,9 @@ async def prune_receipts(connection: AsyncConnection, before: dt.datetime, batch
     One statement per call: the caller commits between calls, so no transaction holds many row locks long."""
     result = await connection.execute(
         text(
-            "WITH doomed AS (SELECT org_id, source, event_id FROM event_receipts WHERE event_time < :before "
+            "WITH doomed AS (SELECT source, event_id FROM event_receipts WHERE event_time < :before "
             "LIMIT :batch FOR UPDATE SKIP LOCKED) "
-            "DELETE FROM event_receipts r USING doomed d "
-            "WHERE r.org_id = d.org_id AND r.source = d.source AND r.event_id = d.event_id"
+            "DELETE FROM event_receipts r USING doomed d WHERE r.source = d.source AND r.event_id = d.event_id"
         ),
         {"before": before, "batch": batch},
     )
