@@ -12,6 +12,7 @@ from starlette.middleware import Middleware
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 
 from gateway import export_download, graphiql, health
+from gateway.allocator import tune_allocator
 from gateway.events_endpoint import post_events
 from gateway.gc_policy import settle_heap
 from gateway.graphql_view import AuthenticatedGraphQL, GraphQLView
@@ -50,6 +51,7 @@ def create_app(
         async with open_resources(settings, roles, metrics) as resources:
             async with run_workers(resources, clock):
                 settle_heap(settings.gc_gen0_threshold)
+                tune_allocator(settings.malloc_mmap_threshold_mb)
                 log.info("gateway.started", roles=sorted(roles), embedded_database=resources.embedded)
                 yield {"resources": resources}
                 clock.begin()

@@ -106,6 +106,8 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(default=20, ge=1)
     # Allocations between young garbage collections once started (see gateway/gc_policy.py).
     gc_gen0_threshold: int = Field(default=50_000, ge=100)
+    # Buffers up to this many MiB come from malloc's heap and are reused (gateway/allocator.py); 0: glibc's default.
+    malloc_mmap_threshold_mb: int = Field(default=32, ge=0, le=32)
     # Bounded cost of every request (docs/security.md): what one caller may send and run.
     graphql_max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     graphql_max_document_bytes: int = Field(default=32 * 1024, ge=256)
