@@ -244,9 +244,6 @@ FROM raw AS rows{join}
 GROUP BY 1, 2, 3, 4, 5
 ) AS grouped
 """
-# The API's order (bucket, then the grouped dimensions, null first, by code point): rows of one bucket and
-# group are consecutive, so the report is built in one pass.
-_ORDER = 'ORDER BY org_id COLLATE "C", bucket, {order_group}\n'
 # Contract spend formula, exact NUMERIC (times 0.000001 rather than / 1e6, which would round).
 _COST = (
     "(({a}.input_tokens - {a}.cached_input_tokens) * p.input + {a}.cached_input_tokens * p.cached"
@@ -327,7 +324,15 @@ def _sql(shape: _Shape, ordered: bool = True) -> str:
         row_unpriced="p.model IS NULL" if priced else "false",
         row_join=_JOIN.format(a="h", t="hour") if priced else "",
     )
-    order = _ORDER.format(order_group=", ".join(f'{c} COLLATE "C" NULLS FIRST' for c in _group_order(shape.group_by)))
+    # The API's order (bucket, then the grouped dimensions, null first, by code point): rows of one bucket and
+    # group are consecutive, so the report is built in one pass. Constant columns (the org of a one-org
+    # question, dimensions not grouped: NULL) are left out: they would only cost the sort.
+    order_by = [] if shape.by_org else ['org_id COLLATE "C"']
+    order_by.append("bucket")
+    order_by += [
+        f'{c} COLLATE "C" NULLS FIRST' for c in _group_order(shape.group_by) if c in shape.group_by or c == "model"
+    ]
+    order = "ORDER BY " + ", ".join(order_by) + "\n"
     return head + body + (order if ordered else "")
 
 

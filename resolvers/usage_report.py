@@ -63,7 +63,7 @@ def build_report(query: UsageQuery, rows: Sequence[Row]) -> Report:
     by_model = "model" in query.group_by
     width, zone = FIXED_WIDTH.get(granularity), zoneinfo.ZoneInfo(query.time_zone)
     series: list[SeriesItem] = []
-    append = series.append
+    append, new = series.append, tuple.__new__
     groups: dict[tuple[str | None, str | None, str | None], UsageGroup] = {}  # one object per distinct group
     ends: dict[dt.datetime, dt.datetime] = {}
     with decimal.localcontext(EXACT):
@@ -81,7 +81,8 @@ def build_report(query: UsageQuery, rows: Sequence[Row]) -> Report:
                 group = groups[model, project_id, api_key_id] = UsageGroup(
                     model=model, project_id=project_id, api_key_id=api_key_id
                 )
-            append(SeriesItem(start, end, group, requests, inputs, cached, outputs, inputs + outputs, spend))
+            # tuple.__new__ rather than SeriesItem(...): a named tuple's __new__ is a Python function
+            append(new(SeriesItem, (start, end, group, requests, inputs, cached, outputs, inputs + outputs, spend)))
         totals = _totals(rows, query.spend)
     return Report(totals, series, sorted({str(row[_MODEL]) for row in rows if row[_UNPRICED]}))
 
