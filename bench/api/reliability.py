@@ -32,7 +32,9 @@ from db.engine import create_engine
 from db.reliability import errors_statement, series_statement
 from db.rollup import watermarks
 from db.usage import UsageQuery, driver_connection
+from gateway.allocator import tune_allocator
 from kernel.hours import floor_hour
+from kernel.settings import Settings
 from reliability.report import BREAKDOWN_ROWS, SEASON, _grid, _history, build_report
 from reliability.spikes import lookback
 
@@ -234,6 +236,7 @@ async def decompose(dataset: Dataset, shape: Shape, runs: int) -> dict[str, Any]
     """``build_report`` in this process on a gateway-configured connection, ``runs`` times after a warm-up of 3:
     its wall time, each statement's client-side time (asyncpg's query logger), and so the time of the spike
     attribution statements and of the Python work; then PostgreSQL's own time of the floor's statements."""
+    tune_allocator(Settings().malloc_mmap_threshold_mb)  # as a serving process is (gateway/allocator.py)
     mt = await materialized(dataset)
     query = shape.usage_query(dataset.largest_org)
     floor = make_floor(dataset.largest_org, shape, mt)
