@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 from collections.abc import Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, NamedTuple, cast
 
 import strawberry
 
@@ -95,7 +95,9 @@ def to_report(
             error_rate=error_rate(totals.errors, totals.requests),
             latency=shared(totals.latency),
         ),
-        series=[_bucket(b, shared) for b in report.series],
+        # BucketItem: ReliabilityBucket's attributes, as a tuple (the fast path reads attributes; no Strawberry
+        # object a bucket).
+        series=cast(list[ReliabilityBucket], _buckets(report.series, shared)),
         spikes=[_spike(s) for s in report.spikes],
         breakdown=[_attribution(c) for c in report.breakdown],
         freshness=freshness,
@@ -103,30 +105,49 @@ def to_report(
 
 
 class _Percentiles:
-    """The LatencyPercentile objects of one answer, one per distinct (percentile, ms): a sketch reports one of a
-    few hundred bucket values, so thousands of buckets share them (read-only to the executor) instead of each
-    making its own."""
+    """The LatencyPercentile lists of one answer, one per distinct list of values: a sketch reports one of a few
+    hundred bucket values, so buckets share their objects and often whole lists (read-only to the executor)
+    instead of each making its own."""
 
     def __init__(self, percentiles: Sequence[float]) -> None:
         self.percentiles = percentiles
         self.made: dict[tuple[float, float], LatencyPercentile] = {}
+        self.lists: dict[tuple[float, ...], list[LatencyPercentile]] = {}
 
     def __call__(self, values: Sequence[float]) -> list[LatencyPercentile]:
-        made, out = self.made, []
-        for key in zip(self.percentiles, values, strict=False):
-            item = made.get(key)
-            if item is None:
-                item = made[key] = LatencyPercentile(percentile=key[0], ms=key[1])
-            out.append(item)
-        return out
+        key = tuple(values)
+        shared = self.lists.get(key)
+        if shared is None:
+            shared = self.lists[key] = [self._one(pair) for pair in zip(self.percentiles, values, strict=False)]
+        return shared
+
+    def _one(self, key: tuple[float, float]) -> LatencyPercentile:
+        item = self.made.get(key)
+        if item is None:
+            item = self.made[key] = LatencyPercentile(percentile=key[0], ms=key[1])
+        return item
 
 
-def _bucket(bucket: Bucket, latency: _Percentiles) -> ReliabilityBucket:
-    return ReliabilityBucket(
-        start=bucket.start, end=bucket.end, model=bucket.model, requests=BigInt(bucket.requests),
-        errors=BigInt(bucket.errors), client_errors=BigInt(bucket.client_errors),
-        error_rate=error_rate(bucket.errors, bucket.requests), latency=latency(bucket.latency),
-    )  # fmt: skip
+class BucketItem(NamedTuple):
+    """One bucket of the series, with the attributes of ``schema.reliability.ReliabilityBucket``."""
+
+    start: dt.datetime
+    end: dt.datetime
+    model: str | None
+    requests: int
+    errors: int
+    client_errors: int
+    error_rate: float
+    latency: list[LatencyPercentile]
+
+
+def _buckets(buckets: Sequence[Bucket], latency: _Percentiles) -> list[BucketItem]:
+    new = tuple.__new__  # rather than BucketItem(...): a named tuple's __new__ is a Python function
+    return [
+        new(BucketItem, (b.start, b.end, b.model, b.requests, b.errors, b.client_errors,
+                         b.errors / b.requests if b.requests else 0.0, latency(b.latency)))
+        for b in buckets
+    ]  # fmt: skip
 
 
 def _spike(spike: FoundSpike) -> Spike:
