@@ -17,6 +17,9 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+import numpy.typing as npt
+
 
 class Metric(enum.StrEnum):
     ERROR_RATE = "ERROR_RATE"
@@ -266,10 +269,8 @@ def _latency(
     noise = -1.0  # computed when first needed
     candidates: dict[int, tuple[float, float]] = {}  # index -> (baseline (log), robust z)
     references = _References(logs, season)
-    for t in range(max(evaluate_from, 1), len(counts)):
+    for t in _screened(logs, max(evaluate_from, 1), season, screen):
         x = logs[t]
-        if x != x:  # NaN: too few requests in this bucket
-            continue
         refs = references(t)
         if len(refs) < MIN_REFS or x - screen < min(refs):  # the median is at least the smallest reference
             continue
@@ -302,6 +303,50 @@ def _latency(
             )
         )
     return found
+
+
+def _screened(logs: list[float], start: int, season: int | None, screen: float) -> list[int]:
+    """The buckets from ``start`` on that may be candidates: a value (not NaN), at least MIN_REFS references
+    (:class:`_References`'s choice), and the value at least ``screen`` above the smallest of them (the median is
+    at least the smallest reference). In a few numpy passes over the whole series: the per-bucket loop then runs
+    for these buckets only, and decides exactly as before (this is a necessary condition of its own first test).
+    """
+    values = np.asarray(logs, dtype=np.float64)
+    size = len(values)
+    if size <= start:
+        return []
+    trailing_count, trailing_min = _lagged(values, 1, TRAILING)
+    if season:
+        seasonal_count, seasonal_min = _lagged(values, season, PERIODS)
+        seasonal = seasonal_count >= MIN_REFS
+        count = np.where(seasonal, seasonal_count, trailing_count)
+        smallest = np.where(seasonal, seasonal_min, trailing_min)
+    else:
+        count, smallest = trailing_count, trailing_min
+    with np.errstate(invalid="ignore"):  # NaN values compare False: not kept
+        kept = (count >= MIN_REFS) & (values - screen >= smallest)
+    kept[:start] = False
+    indexes: list[int] = np.flatnonzero(kept).tolist()
+    return indexes
+
+
+def _lagged(
+    values: npt.NDArray[np.float64], step: int, lags: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+    """For every bucket t, over ``values[t - step * k]`` for k = 1..lags that exist and are not NaN: how many
+    there are and the smallest (+inf if none)."""
+    size = len(values)
+    count = np.zeros(size, dtype=np.int64)
+    smallest = np.full(size, np.inf)
+    for k in range(1, lags + 1):
+        shift = step * k
+        if shift >= size:
+            break
+        earlier = values[:-shift]
+        present = ~np.isnan(earlier)
+        count[shift:] += present
+        np.fmin(smallest[shift:], earlier, out=smallest[shift:])  # fmin ignores NaN
+    return count, smallest
 
 
 class _References:

@@ -9,15 +9,21 @@ import time
 from dataclasses import replace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bench.detection_quality import DOC, HEADING, RESULTS, Config, poisson, run, sample_p95_p99, section
 from reliability.spikes import (
+    LATENCY_SCREEN_RATIO,
+    MIN_REFS,
     PERIODS,
     TRAILING,
     Detection,
     Metric,
     Point,
     Severity,
+    _References,
+    _screened,
     detect,
     lookback,
     poisson_sf,
@@ -194,3 +200,32 @@ def test_the_benchmark_section_is_rendered_from_the_recorded_results() -> None:
     start = page.index(HEADING + "\n")
     end = page.find("\n## ", start)
     assert page[start : end + 1 if end >= 0 else len(page)] == section(recorded) + ("\n" if end >= 0 else "")
+
+
+def _screened_one_by_one(logs: list[float], start: int, season: int | None, screen: float) -> list[int]:
+    """The latency loop's first test as it was written bucket by bucket (before ``_screened``)."""
+    references = _References(logs, season)
+    kept = []
+    for t in range(start, len(logs)):
+        x = logs[t]
+        if x != x:
+            continue
+        refs = references(t)
+        if len(refs) < MIN_REFS or x - screen < min(refs):
+            continue
+        kept.append(t)
+    return kept
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    # Log latencies in 0..12 on a 0.01 grid (ties included), about one in twelve NaN (too few requests).
+    logs=st.lists(st.integers(-100, 1200).map(lambda i: math.nan if i < 0 else i / 100), min_size=20, max_size=120),
+    start=st.integers(0, 40),
+    season=st.sampled_from([None, 1, 3, 7, 24]),
+    screen=st.sampled_from([math.log(LATENCY_SCREEN_RATIO), 0.0, 0.5]),
+)
+def test_the_vectorised_screen_keeps_exactly_the_buckets_the_loop_would_test(
+    logs: list[float], start: int, season: int | None, screen: float
+) -> None:
+    assert _screened(logs, start, season, screen) == _screened_one_by_one(logs, start, season, screen)
