@@ -1,7 +1,7 @@
 """Capacity constants for docs/scaling.md (issue 14): what one million fresh events cost the rollup leader, and
-how many bytes an event takes on disk in ``usage_events``, ``event_receipts`` and the hourly rollups; plus the
-capacity model that turns them (and the other benchmarks' figures) into processes and disk for N events/s and
-M orgs.
+how many bytes an event takes on disk in ``usage_events``, ``event_receipts``, the hourly rollups and the
+per-minute reliability rollup (``reliability_minute_model``, kept ``db.rollup.MINUTE_DAYS``); plus the capacity
+model that turns them (and the other benchmarks' figures) into processes and disk for N events/s and M orgs.
 
     python -m bench.capacity                  # 1,000,000 events in bench_capacity_1000000 (reused when complete)
     python -m bench.capacity --fresh          # reload the data set
@@ -12,10 +12,11 @@ Zipf volume, loaded through ``EventWriter`` by ``bench.api.dataset.load_dataset`
 115 orgs) give ~1,450 events per org-hour, the average of the worked example in docs/scaling.md (2,000 events/s
 over 5,000 orgs), so the rollups' rows per event are those of that load, not of a sparse 30-day set.
 
-Measurement: the rollups are emptied and the watermarks reset, then ``db.rollup.run_cycle`` rolls every event
-(``now`` an hour past the data's end, so the current hour is rolled too), ``--repeat`` times; then VACUUM
-ANALYZE and ``pg_total_relation_size`` (heap, indexes, TOAST) of every table against its rows. The machine's
-busy cores during each cycle are recorded: other work on the machine slows the cycle and the results say so.
+Measurement: the rollups (the minute table too) are emptied and the watermarks reset, then
+``db.rollup.run_cycle`` rolls every event (``now`` an hour past the data's end, so the current hour is rolled too,
+and every minute row is within ``MINUTE_DAYS``), ``--repeat`` times; then VACUUM ANALYZE and
+``pg_total_relation_size`` (heap, indexes, TOAST) of every table against its rows. The machine's busy cores during
+each cycle are recorded: other work on the machine slows the cycle and the results say so.
 
 Results: ``bench/results/capacity.json``.
 """
@@ -42,12 +43,17 @@ from bench.harness.entry import run_cancellable
 from bench.harness.output import say
 from bench.harness.runinfo import ROOT, git_commit, machine, postgres_version
 from db.engine import create_engine
-from db.rollup import HOURLY_TABLES, run_cycle
+from db.rollup import HOURLY_TABLES, MINUTE_DAYS, run_cycle
 
 RESULTS = ROOT / "bench" / "results" / "capacity.json"
 RAW_TABLES = ("usage_events", "event_receipts")
 MILLION = 1_000_000
 SECONDS_PER_DAY = 86_400
+MINUTES_PER_DAY = 1_440
+MINUTE_TABLE = "reliability_minute_model"
+# The hourly tables proper: db.rollup's HOURLY_TABLES also names the minute table (deleted and rolled by hour), which
+# grows by org-minute and is kept MINUTE_DAYS, not by group and for a year.
+HOUR_TABLES = tuple(name for name in HOURLY_TABLES if name != MINUTE_TABLE)
 
 
 # --- pure parts: sizes per event and the capacity model -----------------------------------------------------------
@@ -62,11 +68,12 @@ class TableSize:
 
 
 def bytes_per_event(sizes: Mapping[str, TableSize], events: int) -> dict[str, float]:
-    """Each table's bytes divided by the events loaded, plus ``rollups``: the hourly tables together."""
+    """Each table's bytes divided by the events loaded, plus ``rollups``: the hourly tables together (not the
+    minute table, which has its own entry)."""
     if events <= 0:
         raise ValueError("events must be positive")
     per = {name: size.bytes / events for name, size in sizes.items()}
-    per["rollups"] = sum(sizes[name].bytes for name in HOURLY_TABLES if name in sizes) / events
+    per["rollups"] = sum(sizes[name].bytes for name in HOUR_TABLES if name in sizes) / events
     return {name: round(value, 1) for name, value in per.items()}
 
 
@@ -76,7 +83,16 @@ def rollup_bytes_per_group(sizes: Mapping[str, TableSize]) -> float:
     groups = sizes["usage_hourly"].rows
     if groups <= 0:
         raise ValueError("usage_hourly is empty")
-    return round(sum(sizes[name].bytes for name in HOURLY_TABLES if name in sizes) / groups, 1)
+    return round(sum(sizes[name].bytes for name in HOUR_TABLES if name in sizes) / groups, 1)
+
+
+def minute_bytes_per_row(sizes: Mapping[str, TableSize]) -> float:
+    """Bytes of ``reliability_minute_model`` (heap, primary key, hour index, TOAST) per row: one org, UTC minute and
+    model, with its packed latency sketch."""
+    rows = sizes[MINUTE_TABLE].rows
+    if rows <= 0:
+        raise ValueError(f"{MINUTE_TABLE} is empty")
+    return round(sizes[MINUTE_TABLE].bytes / rows, 1)
 
 
 @dataclass(frozen=True)
@@ -92,6 +108,8 @@ class Constants:
     receipt_bytes_per_event: float  # event_receipts with its primary key
     rollup_bytes_per_group: float  # all hourly tables per usage_hourly row
     groups_per_org_hour: float  # usage_hourly rows per active org-hour at the measured load
+    minute_bytes_per_row: float  # reliability_minute_model per row (org, minute, model)
+    minute_rows_per_org_minute: float  # reliability_minute_model rows per active org-minute at the measured load
     postgres_ingest_cpu_s_per_million: float  # PostgreSQL's CPU to write a million events (100-event messages)
     postgres_rollup_cpu_s_per_million: float  # the rollup cycle's backend, a million events
     postgres_query_cpu_s: float  # PostgreSQL's CPU per usage query (HOUR x MODEL 30 d, large org)
@@ -120,7 +138,10 @@ class Plan:
     raw_gb_per_day: float
     receipts_gb_per_day: float
     rollups_gb_per_day: float
-    steady_state_gb: float  # raw and receipts for the retention (+1 day, the sweeper's cut), rollups for a year
+    minute_rollups_gb_per_day: float  # reliability_minute_model
+    # raw and receipts for the retention (+1 day, the sweeper's cut), hourly rollups for a year, minute rows for
+    # MINUTE_DAYS (each cycle prunes them)
+    steady_state_gb: float
 
 
 def processes(load: float, capacity: float, headroom: float) -> int:
@@ -140,9 +161,13 @@ def plan(demand: Demand, c: Constants) -> Plan:
     # Rollup groups: an org-hour holds at most one group per event; busy orgs hold the measured groups.
     events_per_org_hour = demand.events_per_s * 3600 / max(demand.orgs, 1)
     groups_per_day = demand.orgs * 24 * min(events_per_org_hour, c.groups_per_org_hour)
+    # Minute rows likewise: an org-minute holds at most one row per event.
+    events_per_org_minute = demand.events_per_s * 60 / max(demand.orgs, 1)
+    minute_rows_per_day = demand.orgs * MINUTES_PER_DAY * min(events_per_org_minute, c.minute_rows_per_org_minute)
     raw = events_per_day * c.raw_bytes_per_event / 1e9
     receipts = events_per_day * c.receipt_bytes_per_event / 1e9
     rollups = groups_per_day * c.rollup_bytes_per_group / 1e9
+    minutes = minute_rows_per_day * c.minute_bytes_per_row / 1e9
     return Plan(
         ingesters=processes(ingest_load, 1.0, demand.headroom),
         api_processes=processes(queries_per_s, c.api_queries_per_s, demand.headroom),
@@ -156,7 +181,10 @@ def plan(demand: Demand, c: Constants) -> Plan:
         raw_gb_per_day=round(raw, 2),
         receipts_gb_per_day=round(receipts, 2),
         rollups_gb_per_day=round(rollups, 3),
-        steady_state_gb=round((raw + receipts) * (demand.raw_retention_days + 1) + rollups * 365, 1),
+        minute_rollups_gb_per_day=round(minutes, 3),
+        steady_state_gb=round(
+            (raw + receipts) * (demand.raw_retention_days + 1) + rollups * 365 + minutes * MINUTE_DAYS, 1
+        ),
     )
 
 
@@ -181,6 +209,8 @@ def cited_constants(results_dir: Path, measured: Mapping[str, Any]) -> Constants
         receipt_bytes_per_event=float(measured["bytes_per_event"]["event_receipts"]),
         rollup_bytes_per_group=float(measured["rollup_bytes_per_group"]),
         groups_per_org_hour=float(measured["groups_per_org_hour"]),
+        minute_bytes_per_row=float(measured["minute_bytes_per_row"]),
+        minute_rows_per_org_minute=float(measured["minute_rows_per_org_minute"]),
         postgres_ingest_cpu_s_per_million=round(
             min(r["cpu"]["cpu_s"]["postgres"] * MILLION / r["ingest"]["events"] for r in at_defaults), 2
         ),
@@ -235,12 +265,25 @@ async def groups_per_org_hour(url: str) -> float:
     return round(float(value), 1)
 
 
+async def minute_rows_per_org_minute(url: str) -> float:
+    connection = await asyncpg.connect(url)
+    try:
+        value = await connection.fetchval(
+            f"SELECT count(*)::float8 / count(DISTINCT (org_id, minute)) FROM {MINUTE_TABLE}"
+        )
+    finally:
+        await connection.close()
+    return round(float(value), 2)
+
+
 async def reset_rollups(url: str) -> None:
-    """Empty the hourly tables and the watermarks, as before the first cycle."""
+    """Empty the hourly tables (the minute table among them) and the watermarks, as before the first cycle."""
     connection = await asyncpg.connect(url)
     try:
         await connection.execute(f"TRUNCATE {', '.join(HOURLY_TABLES)}, rollup_dirty")
-        await connection.execute("UPDATE rollup_state SET materialized_through = NULL, dirty_before = NULL")
+        await connection.execute(
+            "UPDATE rollup_state SET materialized_through = NULL, dirty_before = NULL, minute_from = NULL"
+        )
     finally:
         await connection.close()
 
@@ -301,6 +344,9 @@ async def measure(dataset: Dataset, repeat: int) -> dict[str, Any]:
         "rollup_bytes_per_group": rollup_bytes_per_group(sizes),
         "groups_per_org_hour": await groups_per_org_hour(dataset.url),
         "events_per_group": round(events / sizes["usage_hourly"].rows, 2),
+        "minute_bytes_per_row": minute_bytes_per_row(sizes),
+        "minute_rows_per_org_minute": await minute_rows_per_org_minute(dataset.url),
+        "events_per_minute_row": round(events / sizes[MINUTE_TABLE].rows, 2),
     }
 
 
