@@ -34,6 +34,7 @@ from typing import Any
 from graphql import (
     GraphQLBoolean,
     GraphQLError,
+    GraphQLFloat,
     GraphQLList,
     GraphQLObjectType,
     GraphQLOutputType,
@@ -64,6 +65,7 @@ UNCHANGED_WHEN: dict[Callable[[Any], Any], str] = {
     serialize_datetime: "{v}.__class__ is _datetime and {v}.tzinfo is _UTC",
     GraphQLString.serialize: "{v}.__class__ is str",
     GraphQLBoolean.serialize: "{v}.__class__ is bool",
+    GraphQLFloat.serialize: "{v}.__class__ is float and {v} - {v} == 0.0",  # finite (inf - inf and NaN are NaN)
 }
 
 

@@ -71,8 +71,29 @@ class Tagged:
     flaky_parts: list[Flaky]
 
 
+class _Real(float):
+    pass
+
+
+@strawberry.type
+class Measured:
+    """Floats that the Float serializer passes, converts or refuses: the projector's inline check must pass
+    through only finite plain floats."""
+
+    x: float
+
+
 @strawberry.type
 class SampleQuery:
+    @strawberry.field
+    def measured(self) -> list[Measured]:
+        values: list[Any] = [1.5, -0.0, 1e308, 2, True, _Real(2.5), 0.1]
+        return [Measured(x=v) for v in values]
+
+    @strawberry.field
+    def not_finite(self) -> list[Measured]:
+        return [Measured(x=1.0), Measured(x=float("inf")), Measured(x=float("nan"))]
+
     @strawberry.field
     def tagged(self) -> list[Tagged]:
         return [
@@ -154,6 +175,8 @@ CORPUS = [
     "{ tagged { n parts { model projectId } maybeParts { apiKeyId __typename } } }",
     "{ tagged { parts { ...G } } } fragment G on UsageGroup { model apiKeyId }",
     "{ tagged { n flakyParts { n boom } } }",
+    "{ measured { x } }",
+    "{ notFinite { x } }",
 ]
 
 
