@@ -9,11 +9,8 @@ import datetime as dt
 
 import asyncpg
 import pytest
-from alembic import command
-from sqlalchemy import Connection
 
-from db.engine import create_engine
-from db.migrate import alembic_config
+from tests.integration.migration_steps import alembic
 
 pytestmark = pytest.mark.slow
 
@@ -28,20 +25,6 @@ T = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
 RECEIPTS = [(f"org_{i % 3}", f"//src/{i % 2}", f"id-{i}", T + dt.timedelta(minutes=i), 100 + i) for i in range(30)]
 
 
-async def _alembic(database_url: str, action: str, revision: str) -> None:
-    engine = create_engine(database_url, pool_size=1)
-
-    def run(connection: Connection) -> None:
-        getattr(command, action)(alembic_config(connection), revision)
-
-    try:
-        async with engine.connect() as connection:
-            await connection.run_sync(run)
-            await connection.commit()
-    finally:
-        await engine.dispose()
-
-
 async def _receipts(connection: asyncpg.Connection) -> list[tuple[object, ...]]:
     rows = await connection.fetch(
         "SELECT org_id, source, event_id, event_time, batch_id FROM event_receipts ORDER BY batch_id, org_id"
@@ -50,14 +33,14 @@ async def _receipts(connection: asyncpg.Connection) -> list[tuple[object, ...]]:
 
 
 async def test_upgrade_from_0008_with_data_then_downgrade_and_upgrade_again(empty_database: str) -> None:
-    await _alembic(empty_database, "upgrade", "0008")
+    await alembic(empty_database, "upgrade", "0008")
     connection = await asyncpg.connect(empty_database)
     try:
         assert await connection.fetchval(PRIMARY_KEY) == ["source", "event_id"]
         await connection.executemany("INSERT INTO event_receipts VALUES ($2, $3, $1, $4, $5)", RECEIPTS)
 
         # To 0009 itself: later revisions (0011) key receipts by (source, event_id) again.
-        await _alembic(empty_database, "upgrade", "0009")
+        await alembic(empty_database, "upgrade", "0009")
         assert await connection.fetchval("SELECT version_num FROM alembic_version") == "0009"
         assert await connection.fetchval(PRIMARY_KEY) == ["org_id", "source", "event_id"]
         assert await _receipts(connection) == RECEIPTS
@@ -70,13 +53,13 @@ async def test_upgrade_from_0008_with_data_then_downgrade_and_upgrade_again(empt
         # And one identity accepted for a third org in an earlier batch than its other receipts.
         assert await connection.execute(insert, source, event_id, "org_early", T, 50) == "INSERT 0 1"
 
-        await _alembic(empty_database, "downgrade", "0008")
+        await alembic(empty_database, "downgrade", "0008")
         assert await connection.fetchval("SELECT version_num FROM alembic_version") == "0008"
         assert await connection.fetchval(PRIMARY_KEY) == ["source", "event_id"]
         # The earliest batch's receipt of the shared identity stays; every other receipt is untouched.
         assert await _receipts(connection) == [("org_early", source, event_id, T, 50), *RECEIPTS[1:]]
 
-        await _alembic(empty_database, "upgrade", "0009")
+        await alembic(empty_database, "upgrade", "0009")
         assert await connection.fetchval(PRIMARY_KEY) == ["org_id", "source", "event_id"]
         assert len(await _receipts(connection)) == len(RECEIPTS)
     finally:

@@ -9,16 +9,14 @@ import random
 
 import asyncpg
 import pytest
-from alembic import command
 from opentelemetry.metrics import get_meter
-from sqlalchemy import Connection
 
 from db.engine import create_engine
-from db.migrate import alembic_config
 from db.rollup import MINUTE_DAYS, floor_hour
 from ingest.events import TimeWindow, validate
 from ingest.metrics import IngestMetrics
 from ingest.writer import EventWriter
+from tests.integration.migration_steps import alembic
 
 pytestmark = pytest.mark.slow
 
@@ -34,22 +32,8 @@ SELECT org_id, minute, model, requests, errors FROM reliability_minute_model ORD
 """
 
 
-async def _alembic(database_url: str, action: str, revision: str) -> None:
-    engine = create_engine(database_url, pool_size=1)
-
-    def run(connection: Connection) -> None:
-        getattr(command, action)(alembic_config(connection), revision)
-
-    try:
-        async with engine.connect() as connection:
-            await connection.run_sync(run)
-            await connection.commit()
-    finally:
-        await engine.dispose()
-
-
 async def test_upgrade_from_0009_fills_the_retention_then_downgrade_and_upgrade_again(empty_database: str) -> None:
-    await _alembic(empty_database, "upgrade", "0009")
+    await alembic(empty_database, "upgrade", "0009")
     rng = random.Random(10)  # noqa: S311 - test data
     window = TimeWindow.around(NOW, retention_days=30)
     events = [
@@ -73,19 +57,19 @@ async def test_upgrade_from_0009_fills_the_retention_then_downgrade_and_upgrade_
     connection = await asyncpg.connect(empty_database)
     try:
         await connection.execute("UPDATE rollup_state SET materialized_through = $1, dirty_before = $1", through)
-        await _alembic(empty_database, "upgrade", "0010")
+        await alembic(empty_database, "upgrade", "0010")
         assert await connection.fetchval("SELECT minute_from FROM rollup_state") == HORIZON
         expected = [tuple(r) for r in await connection.fetch(EXPECTED, HORIZON, through)]
         assert expected and [tuple(r) for r in await connection.fetch(STORED)] == expected
         assert await connection.fetchval("SELECT count(*) FROM usage_events WHERE event_time < $1", HORIZON) > 0
 
-        await _alembic(empty_database, "downgrade", "0009")
+        await alembic(empty_database, "downgrade", "0009")
         assert await connection.fetchval("SELECT to_regclass('reliability_minute_model')") is None
         columns = await connection.fetchval(
             "SELECT array_agg(column_name::text) FROM information_schema.columns WHERE table_name = 'rollup_state'"
         )
         assert "minute_from" not in columns
-        await _alembic(empty_database, "upgrade", "head")
+        await alembic(empty_database, "upgrade", "head")
         assert [tuple(r) for r in await connection.fetch(STORED)] == expected
     finally:
         await connection.close()

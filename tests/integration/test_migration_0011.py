@@ -9,15 +9,13 @@ import datetime as dt
 
 import asyncpg
 import pytest
-from alembic import command
 from opentelemetry.metrics import get_meter
-from sqlalchemy import Connection
 
 from db.engine import create_engine
-from db.migrate import alembic_config
 from ingest.events import TimeWindow, UsageEvent, validate
 from ingest.metrics import IngestMetrics
 from ingest.writer import EventWriter
+from tests.integration.migration_steps import alembic
 
 pytestmark = pytest.mark.slow
 
@@ -41,20 +39,6 @@ INSERT_EVENT = (
     "INSERT INTO usage_events (org_id, source, event_id, event_time, model, input_tokens, cached_input_tokens, "
     "output_tokens, latency_ms, status_code, batch_id) VALUES ($1, $2, $3, $4, 'm1', 1, 0, 1, 5.0, 200, $5)"
 )
-
-
-async def _alembic(database_url: str, action: str, revision: str) -> None:
-    engine = create_engine(database_url, pool_size=1)
-
-    def run(connection: Connection) -> None:
-        getattr(command, action)(alembic_config(connection), revision)
-
-    try:
-        async with engine.connect() as connection:
-            await connection.run_sync(run)
-            await connection.commit()
-    finally:
-        await engine.dispose()
 
 
 async def _receipts(connection: asyncpg.Connection) -> list[tuple[object, ...]]:
@@ -84,7 +68,7 @@ async def _version(connection: asyncpg.Connection) -> str:
 async def test_upgrade_from_0010_keeps_the_earliest_receipt_then_downgrade_and_upgrade_again(
     empty_database: str,
 ) -> None:
-    await _alembic(empty_database, "upgrade", "0010")
+    await alembic(empty_database, "upgrade", "0010")
     connection = await asyncpg.connect(empty_database)
     try:
         assert await connection.fetchval(PRIMARY_KEY) == ["org_id", "source", "event_id"]
@@ -93,7 +77,7 @@ async def test_upgrade_from_0010_keeps_the_earliest_receipt_then_downgrade_and_u
         await connection.executemany(INSERT_EVENT, SHARED + OTHERS)
         assert len(await _receipts(connection)) == 6
 
-        await _alembic(empty_database, "upgrade", "0011")
+        await alembic(empty_database, "upgrade", "0011")
         assert await _version(connection) == "0011"
         assert await connection.fetchval(PRIMARY_KEY) == ["source", "event_id"]
         # Of "//s/0" "x", batch 7's receipt of the lowest org stays; every other identity is untouched.
@@ -120,14 +104,14 @@ async def test_upgrade_from_0010_keeps_the_earliest_receipt_then_downgrade_and_u
         kept = _sorted([SHARED[0], *OTHERS, ("org_new", "//s/1", "z", T, result.batch_id)])
         assert await _receipts(connection) == kept
 
-        await _alembic(empty_database, "downgrade", "0010")
+        await alembic(empty_database, "downgrade", "0010")
         assert await _version(connection) == "0010"
         assert await connection.fetchval(PRIMARY_KEY) == ["org_id", "source", "event_id"]
         assert await _receipts(connection) == kept
         # Per org again: the same (source, id) for another org is a receipt of its own.
         assert await connection.execute(INSERT_RECEIPT, "org_new", "//s/0", "y", T, 2) == "INSERT 0 1"
 
-        await _alembic(empty_database, "upgrade", "0011")
+        await alembic(empty_database, "upgrade", "0011")
         assert await connection.fetchval(PRIMARY_KEY) == ["source", "event_id"]
         # org_new's receipt of "//s/0" "y" is the earliest batch's now (2 < 3): it is the one kept.
         assert await _receipts(connection) == _sorted(
