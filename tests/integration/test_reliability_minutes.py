@@ -31,7 +31,8 @@ NOW = dt.datetime.now(dt.UTC)
 START = floor_hour(NOW) - dt.timedelta(hours=5)
 ORG = "org_minutes"
 TRUTH = f"""
-SELECT date_trunc('minute', event_time, 'UTC') AS minute, model, status_code, {index_sql("latency_ms")} AS idx
+SELECT date_trunc('minute', event_time, 'UTC') AS minute, model, project_id, status_code,
+       {index_sql("latency_ms")} AS idx
 FROM usage_events WHERE org_id = :org AND event_time >= :start AND event_time < :end
 """
 
@@ -52,6 +53,7 @@ def _events(rng: random.Random, tag: str, count: int, start: dt.datetime, end: d
              "time": (start + dt.timedelta(seconds=rng.randrange(span))).isoformat(),
              "data": {"org_id": rng.choice((ORG, "org_other")), "model": f"m{rng.randint(0, 2)}", "input_tokens": 1,
                       "output_tokens": 1, "latency_ms": rng.lognormvariate(5, 1.5),
+                      "project_id": rng.choice(("p1", "p2")),
                       "status_code": rng.choice((200, 200, 200, 404, 429, 500, 503))}},
             window,
         )
@@ -86,6 +88,10 @@ async def _truth(engine: AsyncEngine, query: UsageQuery, per_model: bool) -> dic
     async with engine.connect() as connection:
         events = (await connection.execute(text(TRUTH), {"org": ORG, "start": query.start, "end": query.end})).all()
     for e in events:
+        if (query.models is not None and e.model not in query.models) or (
+            query.project_ids is not None and e.project_id not in query.project_ids
+        ):
+            continue
         bucket = out[(e.minute, e.model if per_model else None)]
         bucket[0] += 1
         bucket[1] += e.status_code >= 500
@@ -126,6 +132,10 @@ async def test_minute_series_is_exact_through_late_events_and_pruning(own_engine
     # Off the minute grid at both ends; the hours before the current one come from minute rows.
     query = _query(START + dt.timedelta(minutes=17, seconds=5), NOW + dt.timedelta(minutes=1))
     await _check(own_engine, query)
+    # Filtered: by model (still minute rows), by project (raw events: minute rows have no project).
+    await _check(own_engine, dataclasses.replace(query, models=["m1", "m2"]))
+    await _check(own_engine, dataclasses.replace(query, project_ids=["p2"]))
+    await _check(own_engine, dataclasses.replace(query, models=["m0"], project_ids=["p1", "p2"]))
 
     # The minute rows are what the query reads: change one hour's and the answer changes by as much.
     hour = START + dt.timedelta(hours=1)
