@@ -25,6 +25,7 @@ import pytest
 from ingest.topology import Topology
 from kernel.hours import floor_hour
 from kernel.settings import Settings
+from reliability.report import SPLIT_BUCKETS
 from reliability.sketch import exact_percentile
 from tests.conftest import TokenFactory
 from tests.helpers import graphql
@@ -199,6 +200,12 @@ async def test_counts_and_percentiles_match_the_events(
         _check_buckets(org, minutes, by_model)
         _check_breakdown(org, minutes)
         assert minutes["series"], "no minute buckets"
+    # Over SPLIT_BUCKETS buckets, from off the grid: the series is read in parts at once (reliability/report.py).
+    long_start = world.this_hour - 6 * HOUR + dt.timedelta(minutes=7, seconds=30)
+    minutes = await _report(client, token, org.org_id, long_start, end, "MINUTE")
+    assert (end - long_start) / dt.timedelta(minutes=1) > SPLIT_BUCKETS
+    _check_buckets(org, minutes, False)
+    assert minutes["totals"]["requests"] == len(org.latencies(long_start, end))
 
 
 async def test_the_burst_is_found_in_its_hours_and_explained_by_its_model(
