@@ -64,17 +64,23 @@ FROM usage_events e {{join}}
 WHERE {{where}} AND e.status_code >= 400
 GROUP BY 1, 2, 3, 4, 5, 6, 7
 """
-_RELIABILITY = f"""
-INSERT INTO reliability_hourly_model (org_id, hour, model, requests, errors, client_errors, latency_sketch)
-SELECT org_id, hour, model, sum(n), sum(server), sum(client), jsonb_object_agg(idx::text, n)
-FROM (
-    SELECT e.org_id, {_HOUR} AS hour, e.model, {index_sql("e.latency_ms")} AS idx, count(*) AS n,
+def _per_index(bucket: str) -> str:
+    """Events per org, ``bucket`` and model and latency bucket index: counts, errors (status >= 500) and client
+    errors (400-499), the rows that the reliability tables' sketches are aggregated from."""
+    return f"""(
+    SELECT e.org_id, {bucket} AS bucket, e.model, {index_sql("e.latency_ms")} AS idx, count(*) AS n,
            count(*) FILTER (WHERE e.status_code >= 500) AS server,
            count(*) FILTER (WHERE e.status_code BETWEEN 400 AND 499) AS client
     FROM usage_events e {{join}}
     WHERE {{where}}
     GROUP BY 1, 2, 3, 4
-) AS per_bucket
+) AS per_index"""
+
+
+_RELIABILITY = f"""
+INSERT INTO reliability_hourly_model (org_id, hour, model, requests, errors, client_errors, latency_sketch)
+SELECT org_id, bucket, model, sum(n), sum(server), sum(client), jsonb_object_agg(idx::text, n)
+FROM {_per_index(_HOUR)}
 GROUP BY 1, 2, 3
 """
 # Per minute and model for MINUTE reliability reports (migration 0010), kept MINUTE_DAYS: rows for rolled-up
@@ -82,17 +88,9 @@ GROUP BY 1, 2, 3
 _MINUTES = f"""
 INSERT INTO reliability_minute_model (org_id, hour, minute, model, requests, errors, client_errors,
                                       latency_sketch_packed)
-SELECT org_id, date_trunc('hour', minute, 'UTC'), minute, model, sum(n), sum(server), sum(client),
+SELECT org_id, date_trunc('hour', bucket, 'UTC'), bucket, model, sum(n), sum(server), sum(client),
        {packed_agg_sql("idx", "n", ordered=True)}
-FROM (
-    SELECT e.org_id, date_bin('1 minute', e.event_time, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS minute, e.model,
-           {index_sql("e.latency_ms")} AS idx, count(*) AS n,
-           count(*) FILTER (WHERE e.status_code >= 500) AS server,
-           count(*) FILTER (WHERE e.status_code BETWEEN 400 AND 499) AS client
-    FROM usage_events e {{join}}
-    WHERE {{where}}
-    GROUP BY 1, 2, 3, 4
-) AS per_bucket
+FROM {_per_index("date_bin('1 minute', e.event_time, TIMESTAMPTZ '2000-01-01 00:00:00+00')")}
 GROUP BY 1, 2, 3, 4
 """
 MINUTE_DAYS = 7

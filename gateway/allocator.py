@@ -17,7 +17,7 @@ sets it; 0 leaves glibc's defaults. Where the C library is not glibc (musl, macO
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 
 import structlog
 
@@ -28,6 +28,19 @@ M_MMAP_THRESHOLD = -3
 MAX_MMAP_THRESHOLD_MB = 32  # glibc's largest on 64-bit systems (HEAP_MAX_SIZE / 2)
 
 
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """The C library the process runs on (its own symbols: no search on disk), if it is glibc."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version.restype = ctypes.c_char_p  # only glibc has it: its mallopt takes our parameters
+        libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+        libc.mallopt.restype = ctypes.c_int
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
 def tune_allocator(mmap_threshold_mb: int) -> bool:
     """Set glibc's mmap threshold to ``mmap_threshold_mb`` MiB and its trim threshold to twice that; whether it
     did (False for 0, or where ``mallopt`` is not glibc's)."""
@@ -35,16 +48,10 @@ def tune_allocator(mmap_threshold_mb: int) -> bool:
         return False
     if not 0 < mmap_threshold_mb <= MAX_MMAP_THRESHOLD_MB:
         raise ValueError(f"mmap threshold {mmap_threshold_mb} MiB: must be 1 to {MAX_MMAP_THRESHOLD_MB}")
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        gnu_get_libc_version = libc.gnu_get_libc_version  # only glibc has it: its mallopt takes these parameters
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    libc = _glibc()
+    if libc is None:
         return False
-    gnu_get_libc_version.restype = ctypes.c_char_p
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    mallopt.restype = ctypes.c_int
+    gnu_get_libc_version, mallopt = libc.gnu_get_libc_version, libc.mallopt
     threshold = mmap_threshold_mb * 1024 * 1024
     done = bool(mallopt(M_MMAP_THRESHOLD, threshold) == 1 and mallopt(M_TRIM_THRESHOLD, 2 * threshold) == 1)
     log.debug("allocator.tuned", glibc=gnu_get_libc_version().decode(), mmap_threshold_mb=mmap_threshold_mb, ok=done)

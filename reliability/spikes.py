@@ -271,9 +271,7 @@ def _latency(
     references = _References(logs, season)
     for t in _screened(logs, max(evaluate_from, 1), season, screen):
         x = logs[t]
-        refs = references(t)
-        if len(refs) < MIN_REFS or x - screen < min(refs):  # the median is at least the smallest reference
-            continue
+        refs = references(t)  # at least MIN_REFS, the smallest at most x - screen (``_screened``)
         refs.sort()
         median = _median_sorted(refs)
         if x - median < screen:

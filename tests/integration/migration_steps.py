@@ -1,5 +1,5 @@
-"""One Alembic command (``upgrade`` or ``downgrade`` to a revision) on a test database, for the tests of single
-migrations on databases that hold data."""
+"""For the tests of single migrations on databases that hold data: one Alembic command (``upgrade`` or
+``downgrade`` to a revision) on a test database, and what they check."""
 
 from __future__ import annotations
 
@@ -8,6 +8,15 @@ from sqlalchemy import Connection
 
 from db.engine import create_engine
 from db.migrate import alembic_config
+
+# The columns of event_receipts' primary key, in order (migrations 0009 and 0011 change it).
+RECEIPTS_KEY = """
+SELECT array_agg(a.attname::text ORDER BY k.ord)
+FROM pg_constraint c
+CROSS JOIN unnest(c.conkey) WITH ORDINALITY AS k(attnum, ord)
+JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum
+WHERE c.conrelid = 'event_receipts'::regclass AND c.contype = 'p'
+"""
 
 
 async def alembic(database_url: str, action: str, revision: str) -> None:

@@ -10,17 +10,10 @@ import datetime as dt
 import asyncpg
 import pytest
 
-from tests.integration.migration_steps import alembic
+from tests.integration.migration_steps import RECEIPTS_KEY, alembic
 
 pytestmark = pytest.mark.slow
 
-PRIMARY_KEY = """
-SELECT array_agg(a.attname::text ORDER BY k.ord)
-FROM pg_constraint c
-CROSS JOIN unnest(c.conkey) WITH ORDINALITY AS k(attnum, ord)
-JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum
-WHERE c.conrelid = 'event_receipts'::regclass AND c.contype = 'p'
-"""
 T = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
 RECEIPTS = [(f"org_{i % 3}", f"//src/{i % 2}", f"id-{i}", T + dt.timedelta(minutes=i), 100 + i) for i in range(30)]
 
@@ -36,13 +29,13 @@ async def test_upgrade_from_0008_with_data_then_downgrade_and_upgrade_again(empt
     await alembic(empty_database, "upgrade", "0008")
     connection = await asyncpg.connect(empty_database)
     try:
-        assert await connection.fetchval(PRIMARY_KEY) == ["source", "event_id"]
+        assert await connection.fetchval(RECEIPTS_KEY) == ["source", "event_id"]
         await connection.executemany("INSERT INTO event_receipts VALUES ($2, $3, $1, $4, $5)", RECEIPTS)
 
         # To 0009 itself: later revisions (0011) key receipts by (source, event_id) again.
         await alembic(empty_database, "upgrade", "0009")
         assert await connection.fetchval("SELECT version_num FROM alembic_version") == "0009"
-        assert await connection.fetchval(PRIMARY_KEY) == ["org_id", "source", "event_id"]
+        assert await connection.fetchval(RECEIPTS_KEY) == ["org_id", "source", "event_id"]
         assert await _receipts(connection) == RECEIPTS
 
         # Per org now: the same (source, id) for another org is a receipt of its own; for the same org, a conflict.
@@ -55,12 +48,12 @@ async def test_upgrade_from_0008_with_data_then_downgrade_and_upgrade_again(empt
 
         await alembic(empty_database, "downgrade", "0008")
         assert await connection.fetchval("SELECT version_num FROM alembic_version") == "0008"
-        assert await connection.fetchval(PRIMARY_KEY) == ["source", "event_id"]
+        assert await connection.fetchval(RECEIPTS_KEY) == ["source", "event_id"]
         # The earliest batch's receipt of the shared identity stays; every other receipt is untouched.
         assert await _receipts(connection) == [("org_early", source, event_id, T, 50), *RECEIPTS[1:]]
 
         await alembic(empty_database, "upgrade", "0009")
-        assert await connection.fetchval(PRIMARY_KEY) == ["org_id", "source", "event_id"]
+        assert await connection.fetchval(RECEIPTS_KEY) == ["org_id", "source", "event_id"]
         assert len(await _receipts(connection)) == len(RECEIPTS)
     finally:
         await connection.close()

@@ -15,17 +15,10 @@ from db.engine import create_engine
 from ingest.events import TimeWindow, UsageEvent, validate
 from ingest.metrics import IngestMetrics
 from ingest.writer import EventWriter
-from tests.integration.migration_steps import alembic
+from tests.integration.migration_steps import RECEIPTS_KEY, alembic
 
 pytestmark = pytest.mark.slow
 
-PRIMARY_KEY = """
-SELECT array_agg(a.attname::text ORDER BY k.ord)
-FROM pg_constraint c
-CROSS JOIN unnest(c.conkey) WITH ORDINALITY AS k(attnum, ord)
-JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum
-WHERE c.conrelid = 'event_receipts'::regclass AND c.contype = 'p'
-"""
 NOW = dt.datetime.now(dt.UTC)
 T = NOW.replace(microsecond=0) - dt.timedelta(hours=1)
 # (org_id, source, event_id, event_time, batch_id): "//s/0" "x" was accepted for three orgs, two in batch 7.
@@ -71,7 +64,7 @@ async def test_upgrade_from_0010_keeps_the_earliest_receipt_then_downgrade_and_u
     await alembic(empty_database, "upgrade", "0010")
     connection = await asyncpg.connect(empty_database)
     try:
-        assert await connection.fetchval(PRIMARY_KEY) == ["org_id", "source", "event_id"]
+        assert await connection.fetchval(RECEIPTS_KEY) == ["org_id", "source", "event_id"]
         await connection.execute("SELECT analytics_ensure_usage_partition($1::date)", T.date())
         await connection.executemany(INSERT_RECEIPT, SHARED + OTHERS)
         await connection.executemany(INSERT_EVENT, SHARED + OTHERS)
@@ -79,7 +72,7 @@ async def test_upgrade_from_0010_keeps_the_earliest_receipt_then_downgrade_and_u
 
         await alembic(empty_database, "upgrade", "0011")
         assert await _version(connection) == "0011"
-        assert await connection.fetchval(PRIMARY_KEY) == ["source", "event_id"]
+        assert await connection.fetchval(RECEIPTS_KEY) == ["source", "event_id"]
         # Of "//s/0" "x", batch 7's receipt of the lowest org stays; every other identity is untouched.
         assert await _receipts(connection) == _sorted([SHARED[0], *OTHERS])
         # The events stored while 0009 was in force stay (nothing counted is rewritten).
@@ -106,13 +99,13 @@ async def test_upgrade_from_0010_keeps_the_earliest_receipt_then_downgrade_and_u
 
         await alembic(empty_database, "downgrade", "0010")
         assert await _version(connection) == "0010"
-        assert await connection.fetchval(PRIMARY_KEY) == ["org_id", "source", "event_id"]
+        assert await connection.fetchval(RECEIPTS_KEY) == ["org_id", "source", "event_id"]
         assert await _receipts(connection) == kept
         # Per org again: the same (source, id) for another org is a receipt of its own.
         assert await connection.execute(INSERT_RECEIPT, "org_new", "//s/0", "y", T, 2) == "INSERT 0 1"
 
         await alembic(empty_database, "upgrade", "0011")
-        assert await connection.fetchval(PRIMARY_KEY) == ["source", "event_id"]
+        assert await connection.fetchval(RECEIPTS_KEY) == ["source", "event_id"]
         # org_new's receipt of "//s/0" "y" is the earliest batch's now (2 < 3): it is the one kept.
         assert await _receipts(connection) == _sorted(
             [("org_new", "//s/0", "y", T, 2), *(r for r in kept if r[1:3] != ("//s/0", "y"))]
