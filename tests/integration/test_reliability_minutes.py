@@ -162,3 +162,35 @@ async def test_minute_series_is_exact_through_late_events_and_pruning(own_engine
     assert rows == 0 and minute_from == floor_hour(later) - dt.timedelta(days=MINUTE_DAYS) > START
     await _check(own_engine, query)
     await _check(own_engine, dataclasses.replace(query, end=floor_hour(NOW)))
+
+
+async def test_a_cycle_that_fails_writing_minute_rows_leaves_nothing_half_done(own_engine: AsyncEngine) -> None:
+    """The minute rows are written in each chunk's transaction with the hourly tables and the watermark: a cycle
+    that dies there (here a trigger refuses the insert, as a killed backend would end it) moves nothing; the next
+    cycle rolls the hours up exactly."""
+    rng = random.Random(11)  # noqa: S311 - test data
+    writer = EventWriter(own_engine, None, None, IngestMetrics(get_meter("test_reliability_minutes")))
+    await writer.write(_events(rng, "k", 500, START, NOW), channel="http")
+    async with own_engine.begin() as connection:
+        await connection.execute(text(
+            "CREATE FUNCTION refuse_minutes() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'refused for the test'; END $$"
+        ))  # fmt: skip
+        await connection.execute(text(
+            "CREATE TRIGGER refuse BEFORE INSERT ON reliability_minute_model FOR EACH STATEMENT "
+            "EXECUTE FUNCTION refuse_minutes()"
+        ))  # fmt: skip
+    with pytest.raises(Exception, match="refused for the test"):
+        await run_cycle(own_engine, NOW)
+    async with own_engine.connect() as connection:
+        marks = await watermarks(connection)
+        hourly = await connection.scalar(text("SELECT count(*) FROM reliability_hourly_model"))
+    assert marks.materialized_through is None and hourly == 0
+    assert await _minute_rows(own_engine) == (0, None)
+
+    async with own_engine.begin() as connection:
+        await connection.execute(text("DROP TRIGGER refuse ON reliability_minute_model"))
+    assert (await run_cycle(own_engine, NOW)).ran
+    rows, minute_from = await _minute_rows(own_engine)
+    assert rows > 0 and minute_from == START
+    await _check(own_engine, _query(START + dt.timedelta(minutes=3), NOW))

@@ -6,8 +6,10 @@ import subprocess
 import sys
 
 import pytest
+from pydantic import ValidationError
 
 from gateway.allocator import tune_allocator
+from kernel.settings import Settings
 
 # A request's worth of large buffers, several alive at once (as a sketch batch's are), allocated and freed 30 times;
 # prints the minor page faults this took.
@@ -43,3 +45,10 @@ def test_zero_leaves_the_defaults_and_out_of_range_is_refused() -> None:
     assert tune_allocator(0) is False
     with pytest.raises(ValueError, match="1 to 32"):
         tune_allocator(33)
+
+
+@pytest.mark.parametrize("value", ["33", "-1", "abc", "1e9", "32.5", ""])
+def test_out_of_range_or_odd_settings_are_refused_by_name(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ANALYTICS_MALLOC_MMAP_THRESHOLD_MB", value)
+    with pytest.raises(ValidationError, match="malloc_mmap_threshold_mb"):
+        Settings()
