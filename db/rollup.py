@@ -64,6 +64,8 @@ FROM usage_events e {{join}}
 WHERE {{where}} AND e.status_code >= 400
 GROUP BY 1, 2, 3, 4, 5, 6, 7
 """
+
+
 def _per_index(bucket: str) -> str:
     """Events per org, ``bucket`` and model and latency bucket index: counts, errors (status >= 500) and client
     errors (400-499), the rows that the reliability tables' sketches are aggregated from."""
