@@ -148,6 +148,9 @@ class _Shape:
     edges: bool = True
     splits: bool = True
     direct: bool = False  # HOUR from the per-model rollup: each rollup row is already one result row
+    # False: rollup rows alone, no raw events (for a range of whole rolled-up hours, no cut hour; the caller
+    # learns in the same snapshot whether an hour is dirty, and then asks again with raw events)
+    raw: bool = True
 
     @classmethod
     def of(cls, query: UsageQuery, steps: Plan, everything: bool = False) -> _Shape:
@@ -184,17 +187,18 @@ WITH params AS (  -- declares the types of parameters that a given query shape m
     SELECT $1::text AS org_id, $2::timestamptz AS range_start, $3::timestamptz AS range_end,
            $6::timestamptz[] AS split_hours, $7::text AS time_zone, $8::text[] AS models,
            $9::text[] AS project_ids, $10::text[] AS api_key_ids
-), raw_hours AS (  -- rolled-up hours read from raw events instead: dirty ones (late events not re-rolled yet)
+){raw_ctes}{prices}
+"""
+_RAW_CTES = """, raw_hours AS (  -- rolled-up hours read from raw events instead: dirty ones (late events not re-rolled)
     SELECT org_id, hour FROM rollup_dirty d
     WHERE d.hour >= $4 AND d.hour < $5 {org_filter_d}{split_union}
-){prices}, raw AS (
+), raw AS (
     {edges}SELECT e.org_id, e.event_time AS t, e.model, e.project_id, e.api_key_id, 1 AS requests, e.input_tokens,
            e.cached_input_tokens, e.output_tokens
     FROM raw_hours r
     JOIN usage_events e ON e.org_id = r.org_id AND e.event_time >= r.hour AND e.event_time < r.hour + interval '1 hour'
     WHERE true {filters_e}
-)
-"""
+)"""
 _SPLITS = """
     UNION  -- and the hours that a bucket boundary cuts
     SELECT $1::text, unnest($6::timestamptz[])"""
@@ -210,7 +214,8 @@ _EDGES = """SELECT e.org_id, e.event_time AS t, e.model, e.project_id, e.api_key
     WHERE ((e.event_time >= $2 AND e.event_time < $4) OR (e.event_time >= $5 AND e.event_time < $3)) {filters_e}
     UNION ALL
     """
-_ROLLUP_WHERE = """WHERE h.hour >= $4 AND h.hour < $5 {filters_h}
+_ROLLUP_WHERE = """WHERE h.hour >= $4 AND h.hour < $5 {filters_h}{not_raw}"""
+_NOT_RAW = """
   AND NOT EXISTS (SELECT 1 FROM raw_hours r WHERE r.org_id = h.org_id AND r.hour = h.hour)"""
 # Rollup rows and raw events together, summed by bucket and group.
 _GROUPED = """SELECT * FROM (
@@ -222,9 +227,7 @@ FROM (
     SELECT h.org_id, h.hour AS t, h.model, {rollup_dims}, h.requests, h.input_tokens, h.cached_input_tokens,
            h.output_tokens
     FROM {rollup} h
-    {rollup_where}
-    UNION ALL
-    SELECT * FROM raw
+    {rollup_where}{raw_union}
 ) AS rows{join}
 GROUP BY 1, 2, 3, 4, 5
 ) AS grouped
@@ -235,15 +238,19 @@ _DIRECT = """SELECT * FROM (
 SELECT h.org_id, h.hour AS bucket, h.model, NULL::text AS project_id, NULL::text AS api_key_id, h.requests,
        h.input_tokens, h.cached_input_tokens, h.output_tokens, {row_spend} AS spend, {row_unpriced} AS unpriced
 FROM usage_hourly_model h{row_join}
-{rollup_where}
+{rollup_where}{raw_union}
+) AS grouped
+"""
+_GROUPED_RAW = """
+    UNION ALL
+    SELECT * FROM raw"""
+_DIRECT_RAW = """
 UNION ALL
 SELECT rows.org_id, date_trunc('hour', rows.t, 'UTC'), rows.model, NULL::text, NULL::text, sum(rows.requests)::bigint,
        sum(rows.input_tokens)::bigint, sum(rows.cached_input_tokens)::bigint, sum(rows.output_tokens)::bigint,
        {spend}, {unpriced}
 FROM raw AS rows{join}
-GROUP BY 1, 2, 3, 4, 5
-) AS grouped
-"""
+GROUP BY 1, 2, 3, 4, 5"""
 # Contract spend formula, exact NUMERIC (times 0.000001 rather than / 1e6, which would round).
 _COST = (
     "(({a}.input_tokens - {a}.cached_input_tokens) * p.input + {a}.cached_input_tokens * p.cached"
@@ -301,39 +308,56 @@ def usage_statement(
 
 @functools.lru_cache(maxsize=256)
 def _sql(shape: _Shape, ordered: bool = True) -> str:
-    by_model_only = shape.by_model_only
-    head = _HEAD.format(
+    head, body = _parts(shape)
+    return head + body + (_order_by(shape) if ordered else "")
+
+
+def _parts(shape: _Shape) -> tuple[str, str]:
+    """The statement's WITH clause and its body (``SELECT * FROM (...) AS grouped``), without an order."""
+    by_model_only, priced = shape.by_model_only, shape.priced
+    raw_ctes = _RAW_CTES.format(
         org_filter_d="AND d.org_id = $1" if shape.by_org else "",
         split_union=_SPLITS if shape.splits else "",
-        prices=_PRICES if shape.priced else "",
         edges=_EDGES.format(filters_e=shape.filters("e")) if shape.edges else "",
         filters_e=shape.filters("e"),
     )
-    priced = shape.priced
+    head = _HEAD.format(raw_ctes=raw_ctes if shape.raw else "", prices=_PRICES if shape.priced else "")
+    aggregates = {
+        "spend": f"trim_scale(coalesce(sum({_COST.format(a='rows')}), 0) * 0.000001)" if priced else "NULL::numeric",
+        "unpriced": "bool_or(p.model IS NULL)" if priced else "false",
+        "join": _JOIN.format(a="rows", t="t") if priced else "",
+    }
+    raw_union = (_DIRECT_RAW.format(**aggregates) if shape.direct else _GROUPED_RAW) if shape.raw else ""
     body = (_DIRECT if shape.direct else _GROUPED).format(
-        rollup_where=_ROLLUP_WHERE.format(filters_h=shape.filters("h")),
+        rollup_where=_ROLLUP_WHERE.format(filters_h=shape.filters("h"), not_raw=_NOT_RAW if shape.raw else ""),
+        raw_union=raw_union,
         rollup="usage_hourly_model" if by_model_only else "usage_hourly",
         rollup_dims="NULL::text, NULL::text" if by_model_only else "h.project_id, h.api_key_id",
         bucket=BUCKET_SQL[shape.granularity] if shape.granularity else "NULL::timestamptz",
         project="rows.project_id" if "project_id" in shape.group_by else "NULL::text",
         api_key="rows.api_key_id" if "api_key_id" in shape.group_by else "NULL::text",
-        spend=f"trim_scale(coalesce(sum({_COST.format(a='rows')}), 0) * 0.000001)" if priced else "NULL::numeric",
-        unpriced="bool_or(p.model IS NULL)" if priced else "false",
-        join=_JOIN.format(a="rows", t="t") if priced else "",
         row_spend=f"trim_scale(coalesce({_COST.format(a='h')}, 0) * 0.000001)" if priced else "NULL::numeric",
         row_unpriced="p.model IS NULL" if priced else "false",
         row_join=_JOIN.format(a="h", t="hour") if priced else "",
+        **aggregates,
     )
-    # The API's order (bucket, then the grouped dimensions, null first, by code point): rows of one bucket and
-    # group are consecutive, so the report is built in one pass. Constant columns (the org of a one-org
-    # question, dimensions not grouped: NULL) are left out: they would only cost the sort.
+    return head, body
+
+
+def order_columns(shape: _Shape) -> list[str]:
+    """The API's order (bucket, then the grouped dimensions, null first, by code point): rows of one bucket and
+    group are consecutive, so the report is built in one pass. Constant columns (the org of a one-org
+    question, dimensions not grouped: NULL) are left out: they would only cost the sort."""
     order_by = [] if shape.by_org else ['org_id COLLATE "C"']
     order_by.append("bucket")
     order_by += [
         f'{c} COLLATE "C" NULLS FIRST' for c in _group_order(shape.group_by) if c in shape.group_by or c == "model"
     ]
-    order = "ORDER BY " + ", ".join(order_by) + "\n"
-    return head + body + (order if ordered else "")
+    return order_by
+
+
+def _order_by(shape: _Shape) -> str:
+    return "ORDER BY " + ", ".join(order_columns(shape)) + "\n"
 
 
 def _group_order(group_by: frozenset[str]) -> tuple[str, ...]:

@@ -28,9 +28,11 @@ from __future__ import annotations
 import datetime as dt
 import threading
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from graphql import (
     GraphQLBoolean,
     GraphQLError,
@@ -45,9 +47,9 @@ from graphql import (
     is_non_null_type,
     is_object_type,
 )
-from graphql.execution.collect_fields import FieldDetailsList
+from graphql.execution.collect_fields import FieldDetails, FieldDetailsList
 from graphql.pyutils import Path
-from graphql.type.definition import GraphQLResolveInfoHelpers
+from graphql.type.definition import GraphQLResolveInfo, GraphQLResolveInfoHelpers
 from strawberry.permission import PermissionExtension
 from strawberry.schema.schema import StrawberryGraphQLCoreExecutionContext
 from strawberry.schema.schema_converter import GraphQLCoreConverter
@@ -107,6 +109,15 @@ class ObjectPlan:
         return (self.type_name, *(field.signature for field in self.fields))
 
 
+@dataclass(frozen=True)
+class RenderedList:
+    """A list answered as JSON text by its resolver (e.g. by the database, see ``resolvers/usage.py``): the
+    items' objects, comma-separated, written for the selection whose plan has ``signature``."""
+
+    json: str
+    signature: tuple[object, ...]
+
+
 def _finished(*_args: Any) -> Any:
     raise RuntimeError("this GraphQL execution has finished")
 
@@ -118,6 +129,10 @@ FINISHED_HELPERS = GraphQLResolveInfoHelpers(gather=_finished, track=_finished)
 class FastExecutionContext(StrawberryGraphQLCoreExecutionContext):
     """graphql-core's executor, with lists of plain-data objects projected in one pass."""
 
+    def execute_operation(self, serially: bool | None = None) -> Any:
+        _executing.set(self)  # for list_plan, in this task and the tasks that it starts
+        return super().execute_operation(serially)
+
     def build_response(self, data: dict[str, Any] | None) -> Any:
         """The response; then, if no work is left in the background, the executor lets go of itself.
 
@@ -128,6 +143,8 @@ class FastExecutionContext(StrawberryGraphQLCoreExecutionContext):
         all when the request ends.
         """
         response = super().build_response(data)
+        if _executing.get() is self:
+            _executing.set(None)
         if not (self.background_futures or self.pending_incremental_futures or self.async_work_finished_hook_task):
             self.async_helpers = FINISHED_HELPERS
         return response
@@ -142,6 +159,8 @@ class FastExecutionContext(StrawberryGraphQLCoreExecutionContext):
         position_context: Any,
     ) -> Any:
         item_type = return_type.of_type
+        if isinstance(result, RenderedList):
+            return self._rendered_list(get_nullable_type(item_type), field_details_list, path, result)
         if isinstance(result, list) and result and is_object_type(get_nullable_type(item_type)):
             plan = self._object_plan(get_nullable_type(item_type), field_details_list)  # type: ignore[arg-type]
             if plan is not None:
@@ -150,6 +169,35 @@ class FastExecutionContext(StrawberryGraphQLCoreExecutionContext):
                 except _Fallback:
                     pass
         return super().complete_list_value(return_type, field_details_list, info, path, result, position_context)
+
+    def _rendered_list(self, item_type: Any, details: FieldDetailsList, path: Path, result: RenderedList) -> Any:
+        """The rendered text as the list (spliced into the response by orjson), with the errors the projector
+        would report: one FORBIDDEN per denied field (rendered as null) at the first item."""
+        plan = self._object_plan(item_type, details) if is_object_type(item_type) else None
+        if plan is None or plan.signature != result.signature:
+            raise RuntimeError("a rendered list does not match its selection")  # a bug of ours: INTERNAL
+        if not result.json:
+            return []
+        for field in plan.fields:
+            if field.denied:
+                self._forbidden_once(field, path.add_key(0, None))
+        return orjson.Fragment("[" + result.json + "]")
+
+    def list_plan(self, info: GraphQLResolveInfo[Any], field_name: str) -> ObjectPlan | None:
+        """The plan of list field ``field_name`` of the object that ``info``'s field returns, when exactly one
+        response key selects it and its items are plain data; else None."""
+        parent = get_nullable_type(info.return_type)
+        if not is_object_type(parent) or field_name not in parent.fields:
+            return None
+        collected = self.collect_subfields(parent, [FieldDetails(node, None) for node in info.field_nodes])
+        if collected.new_defer_usages or collected.forbidden_directive_instances:
+            return None
+        found = [d for d in collected.grouped_field_set.values() if d[0].node.name.value == field_name]
+        list_type = get_nullable_type(parent.fields[field_name].type)
+        if len(found) != 1 or not is_list_type(list_type):
+            return None
+        item_type = get_nullable_type(list_type.of_type)
+        return self._object_plan(item_type, found[0]) if is_object_type(item_type) else None
 
     def _object_plan(self, object_type: GraphQLObjectType, details: FieldDetailsList) -> ObjectPlan | None:
         collected = self.collect_subfields(object_type, details)
@@ -215,6 +263,15 @@ class FastExecutionContext(StrawberryGraphQLCoreExecutionContext):
         assert field.details is not None and field.field_type is not None
         error = GraphQLError(f"requires scope {field.scope}", extensions={"code": ErrorCode.FORBIDDEN.value})
         self.handle_field_error(error, field.field_type, field.details, item_path.add_key(field.key, None))
+
+
+_executing: ContextVar[FastExecutionContext | None] = ContextVar("fast_execution", default=None)
+
+
+def list_plan(info: GraphQLResolveInfo[Any], field_name: str) -> ObjectPlan | None:
+    """:meth:`FastExecutionContext.list_plan` of the operation being executed (None outside one)."""
+    execution = _executing.get()
+    return execution.list_plan(info, field_name) if execution is not None else None
 
 
 def _required_scope(extensions: list[Any]) -> Any:

@@ -14,10 +14,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
-import decimal
 import itertools
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -26,14 +24,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from opentelemetry.metrics import get_meter
-from sqlalchemy import event
 
 from db.engine import create_engine
-from db.migrate import migrate
-from db.prices import Price, upsert_price
 from db.rollup import run_cycle, watermarks
 from db.usage import UsageQuery, usage_statement
-from gateway.resources import Resources
 from ingest.events import TimeWindow, validate
 from ingest.metrics import IngestMetrics
 from ingest.writer import EventWriter
@@ -49,24 +43,6 @@ DIMENSIONS = ("model", "project_id", "api_key_id")
 ZONES = ("UTC", "Asia/Kolkata", "Asia/Kathmandu", "Asia/Kolkata", "America/New_York")
 SPAN_H = 26  # events in the 26 hours before the watermark (every UTC hour of a day), and after it up to now
 SESSION = {"TimeZone": "UTC", "jit": "off"}  # the gateway's session settings (db/engine.py)
-
-
-@pytest.fixture(scope="module")
-async def priced_database(empty_database_module: str) -> str:
-    engine = create_engine(empty_database_module, pool_size=1)
-    try:
-        await migrate(engine)
-        watermark = floor_hour(dt.datetime.now(dt.UTC))
-        async with engine.begin() as connection:
-            for model, since, rates in (
-                ("sel-a", watermark - 100 * HOUR, ("0.1", "1234567.891011", "0.0333333333333333333333333333331")),
-                ("sel-a", watermark - 20 * HOUR, ("2.5", "0.000001", "1.25")),
-                ("sel-b", watermark - 30 * HOUR, ("3", "15", "0.3")),
-            ):
-                await upsert_price(connection, Price(model, since, *map(decimal.Decimal, rates)), "test")
-    finally:
-        await engine.dispose()
-    return empty_database_module
 
 
 def usage_event(org: str, n: int, at: dt.datetime, pick: tuple[int, int, int, int, int, int]) -> dict[str, Any]:
@@ -120,7 +96,8 @@ def questions(draw: st.DrawFn) -> dict[str, Any]:
     }  # fmt: skip
 
 
-async def compare(database_url: str, batch: list[Any], later: list[Any], asked: list[dict[str, Any]]) -> None:
+async def seed(database_url: str, batch: list[Any], later: list[Any]) -> tuple[str, dt.datetime]:
+    """A new org with ``batch`` written and rolled up, then ``later`` written (dirty hours): (org, watermark)."""
     org = f"sel{uuid.uuid4().hex[:8]}"
     now = dt.datetime.now(dt.UTC)
     window = TimeWindow.around(now, retention_days=30)
@@ -150,16 +127,25 @@ async def compare(database_url: str, batch: list[Any], later: list[Any], asked: 
             await writer.write([validate(e, window) for e in second], channel="http")
     finally:
         await engine.dispose()
+    return org, through
+
+
+def usage_query(org: str, through: dt.datetime, question: dict[str, Any]) -> UsageQuery:
+    return UsageQuery(
+        org_id=None if question["every_org"] else org,
+        start=through - dt.timedelta(minutes=question["start"]),
+        end=through - dt.timedelta(minutes=question["end"]),
+        **{k: question[k] for k in ("granularity", "time_zone", "group_by", "models", "project_ids", "api_key_ids",
+                                    "spend")},
+    )  # fmt: skip
+
+
+async def compare(database_url: str, batch: list[Any], later: list[Any], asked: list[dict[str, Any]]) -> None:
+    org, through = await seed(database_url, batch, later)
     connection = await asyncpg.connect(database_url, server_settings=SESSION)
     try:
         for question in asked:
-            query = UsageQuery(
-                org_id=None if question["every_org"] else org,
-                start=through - dt.timedelta(minutes=question["start"]),
-                end=through - dt.timedelta(minutes=question["end"]),
-                **{k: question[k] for k in ("granularity", "time_zone", "group_by", "models", "project_ids",
-                                            "api_key_ids", "spend")},
-            )  # fmt: skip
+            query = usage_query(org, through, question)
             full_sql, full_args = usage_statement(dataclasses.replace(query, spend=True), through, everything=True)
             lean_sql, lean_args = usage_statement(query, through)
             assert lean_args == full_args
@@ -211,27 +197,6 @@ BODIES = {
     "...F } } fragment F on UsageReport { series { ... on UsageBucket { spend }": True,
     "...F } } fragment F on UsageReport { series { requests": False,
 }
-
-
-@pytest.fixture
-async def statements(resources: Resources) -> AsyncIterator[list[str]]:
-    """The statements that the GraphQL pool sends straight through asyncpg."""
-    sent: list[str] = []
-    engine = resources.query_engine
-
-    def log_query(record: object) -> None:
-        sent.append(str(getattr(record, "query", "")))
-
-    def watch_driver(dbapi_connection: object, record: object, proxy: object) -> None:
-        driver = dbapi_connection.driver_connection  # type: ignore[attr-defined]
-        driver.remove_query_logger(log_query)
-        driver.add_query_logger(log_query)
-
-    event.listen(engine.sync_engine, "checkout", watch_driver)
-    try:
-        yield sent
-    finally:
-        event.remove(engine.sync_engine, "checkout", watch_driver)
 
 
 @pytest.mark.parametrize("body", BODIES)
