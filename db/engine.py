@@ -51,6 +51,9 @@ def create_engine(
         # JIT compiles a usage statement over a month of partitions for 100+ ms (measured: 129 ms
         # of compilation for a 12 ms query), on each new connection's first executions.
         "jit": "off",
+        # Timestamps as text in ISO 8601 ("2026-11-30 15:00:00"), whatever the server's default: db/usage_json.py
+        # writes them into JSON.
+        "DateStyle": "ISO, MDY",
     }
     if statement_timeout_ms is not None:
         # Per session, so it holds for every statement; a statement that needs longer (an export's COPY)

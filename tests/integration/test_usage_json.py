@@ -15,6 +15,7 @@ import asyncio
 import datetime as dt
 import decimal
 import json
+import re
 import uuid
 from typing import Any
 
@@ -30,7 +31,7 @@ import resolvers.usage
 from db.engine import create_engine
 from db.usage import UsageQuery, usage_records
 from db.usage_json import Column, Constant, SeriesSpec, renders, usage_json, usage_json_statement
-from ingest.events import TimeWindow, validate
+from ingest.events import ID_PATTERN, MODEL_PATTERN, TimeWindow, validate
 from ingest.metrics import IngestMetrics
 from ingest.synthetic import Traffic, generate
 from ingest.writer import EventWriter
@@ -234,3 +235,29 @@ async def test_the_api_answers_alike_with_and_without_the_json_path(
         assert {e["extensions"]["code"] for e in fast["errors"]} == {"FORBIDDEN"}
     else:
         assert "errors" not in fast, fast
+
+
+def test_identifiers_need_no_json_escapes() -> None:
+    """Models, projects and API keys are written into JSON strings unescaped (db/usage_json.py): ingest must
+    refuse every character that JSON escapes (the quote, the backslash, U+0000 to U+001F)."""
+    escaped = ['"', "\\", *map(chr, range(0x20))]
+    for pattern in (ID_PATTERN, MODEL_PATTERN):
+        assert re.fullmatch(pattern, "gpt-4o") is not None
+        assert [c for c in escaped if re.fullmatch(pattern, f"a{c}b")] == [], pattern
+
+
+async def test_the_gateway_session_writes_timestamps_in_iso(empty_database: str) -> None:
+    """Bucket times go into JSON as PostgreSQL's text of a timestamp: DateStyle ISO even where the database's
+    default is another."""
+    name = empty_database.rsplit("/", 1)[1].split("?")[0]
+    engine = create_engine(empty_database, pool_size=1)
+    try:
+        async with engine.begin() as connection:
+            await connection.exec_driver_sql(f"ALTER DATABASE \"{name}\" SET DateStyle = 'SQL, DMY'")
+        await engine.dispose()  # new sessions from here on
+        async with engine.connect() as connection:
+            shown = (await connection.exec_driver_sql("SHOW DateStyle")).scalar()
+            text = (await connection.exec_driver_sql("SELECT '2026-11-30 15:00+00'::timestamptz::text")).scalar()
+    finally:
+        await engine.dispose()
+    assert (shown, text) == ("ISO, MDY", "2026-11-30 15:00:00+00")
