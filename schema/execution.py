@@ -21,6 +21,12 @@ serializer error, a field with a resolver, @defer) makes the whole list fall
 back to the ordinary executor. A field the caller may not see (``@requires``)
 is null in every item with one FORBIDDEN error at the first item's path, as
 the contract describes.
+
+A resolver may answer such a list with its JSON text instead (``RenderedList``,
+e.g. written by PostgreSQL: ``resolvers/usage.py``). It learns the selection
+with :func:`list_plan` (the plan that the executor computes for that field)
+and must write exactly what the projector would; the executor splices the text
+in with ``orjson.Fragment`` and adds the FORBIDDEN errors of denied fields.
 """
 
 from __future__ import annotations
