@@ -136,11 +136,13 @@ LIMIT $12
 # Slow requests of a window, by model, status code and error type: raw events only (rollups keep no status
 # code or error type per latency bucket); callers bound the window.
 _SLOW = """
-SELECT e.model, e.status_code, CASE WHEN e.status_code >= 400 THEN e.error_type END AS error_type,
-       count(*)::bigint AS requests
-FROM usage_events e, (SELECT $4::text[] AS models, $5::text[] AS project_ids, $6::text[] AS api_key_ids) AS params
-WHERE e.org_id = $1 AND e.event_time >= $2 AND e.event_time < $3 AND e.latency_ms > $7 {filters}
-GROUP BY 1, 2, 3
+SELECT * FROM (
+    SELECT e.model, e.status_code, CASE WHEN e.status_code >= 400 THEN e.error_type END AS error_type,
+           count(*)::bigint AS requests
+    FROM usage_events e, (SELECT $4::text[] AS models, $5::text[] AS project_ids, $6::text[] AS api_key_ids) AS params
+    WHERE e.org_id = $1 AND e.event_time >= $2 AND e.event_time < $3 AND e.latency_ms > $7 {filters}
+    GROUP BY 1, 2, 3
+) AS slow  -- (ordered outside: in the grouping query, error_type in an expression would name the raw column)
 ORDER BY requests DESC, model COLLATE "C", status_code, error_type COLLATE "C" NULLS FIRST
 """
 

@@ -1,10 +1,11 @@
 """``reliability`` end to end: events through the real AMQP ingester, rollups, the GraphQL answer.
 
-Two orgs of the same run over three days of hourly traffic on three models (log-normal latencies with a few
+Three orgs of the same run over three days of hourly traffic on three models (log-normal latencies with a few
 60 s timeouts, a 1 % background of 500s): ``steady`` has nothing else; ``incident`` has a two-hour burst of
-503 ``overloaded`` errors on one model. Every count must equal the ground truth, every percentile be within
-1 % of the exact one computed here from the events, the burst be found in its hours and explained by its
-model, and the steady org show no spike.
+503 ``overloaded`` errors on one model; ``slow`` has two hours in which one model answers four times slower.
+Every count must equal the ground truth, every percentile be within 1 % of the exact one computed here from the
+events, the burst and the slowdown be found in their hours and explained by their model, and the steady org show
+no spike.
 """
 
 from __future__ import annotations
@@ -59,11 +60,14 @@ class Org:
 class World:
     steady: Org
     incident: Org
+    slow: Org
     now: dt.datetime
     this_hour: dt.datetime
 
 
-def _traffic(org_id: str, source: str, this_hour: dt.datetime, rng: random.Random, burst: bool) -> Org:
+def _traffic(
+    org_id: str, source: str, this_hour: dt.datetime, rng: random.Random, burst: bool, slow: bool = False
+) -> Org:
     org = Org(org_id)
     for h in range(-HOURS, 1):
         hour = this_hour + h * HOUR
@@ -74,6 +78,8 @@ def _traffic(org_id: str, source: str, this_hour: dt.datetime, rng: random.Rando
             if hour + offset > dt.datetime.now(dt.UTC):
                 continue
             latency = 60_000.0 if rng.random() < 0.003 else round(rng.lognormvariate(math.log(400), 0.6), 3)
+            if slow and h in BURST_HOURS and model == BURST_MODEL:
+                latency = round(latency * 4, 3)
             status, error_type = 200, None
             if rng.random() < 0.01:
                 status, error_type = 500, "internal"
@@ -98,7 +104,8 @@ async def world(settings: Settings, database_url: str, app: object) -> AsyncIter
     rng = random.Random(20261130)  # noqa: S311 - reproducible traffic, not secrets
     steady = _traffic(f"rel{tag}_steady", source, this_hour, rng, burst=False)
     incident = _traffic(f"rel{tag}_incident", source, this_hour, rng, burst=True)
-    everything = steady.events + incident.events
+    slow = _traffic(f"rel{tag}_slow", source, this_hour, rng, burst=False, slow=True)
+    everything = steady.events + incident.events + slow.events
     async with publisher(settings.amqp_prefix) as pub:
         await publish_mixed(pub, everything)
     await drained(Topology.named(settings.amqp_prefix).queue)
@@ -107,7 +114,7 @@ async def world(settings: Settings, database_url: str, app: object) -> AsyncIter
         return len(await stored(database_url, source)) == len(everything)
 
     await eventually(all_stored, what="every event stored")
-    yield World(steady, incident, now, this_hour)
+    yield World(steady, incident, slow, now, this_hour)
 
 
 RELIABILITY = """query($org: ID!, $r: TimeRange!, $g: Granularity!, $m: Boolean!, $p: [Float!]!, $tz: String! = "UTC") {
@@ -240,6 +247,28 @@ async def test_the_burst_is_found_in_its_hours_and_explained_by_its_model(
     assert counts == sorted(counts, reverse=True)
     in_range = org.in_range(start, end)
     assert sum(counts) == sum(e["data"]["status_code"] >= 500 for e in in_range)
+
+
+async def test_the_slowdown_is_found_in_its_hours_and_explained_by_its_slow_requests(
+    client: httpx.AsyncClient, make_token: TokenFactory, world: World
+) -> None:
+    """A latency spike names the rows that explain the slow requests (raw events slower than the baseline, by
+    model, status code and error type, against the baseline's window). The overall series: one model's hours
+    (about 60 requests) are below the latency detector's minimum volume."""
+    org = world.slow
+    start, end = world.this_hour - 36 * HOUR, world.now
+    burst_start, burst_end = (world.this_hour + h * HOUR for h in (BURST_HOURS[0], BURST_HOURS[-1] + 1))
+    token = make_token("engineer", org=org.org_id)
+    report = await _report(client, token, org.org_id, start, end)
+    slow = [s for s in report["spikes"] if s["metric"] in ("LATENCY_P95", "LATENCY_P99")]
+    assert slow and not [s for s in report["spikes"] if s["metric"] == "ERROR_RATE"], report["spikes"]
+    for spike in slow:
+        assert burst_start <= dt.datetime.fromisoformat(spike["start"]) < dt.datetime.fromisoformat(spike["end"])
+        assert dt.datetime.fromisoformat(spike["end"]) <= burst_end, spike
+        assert spike["observed"] > spike["baseline"] and spike["model"] is None
+        first = spike["topContributors"][0]
+        assert first["model"] == BURST_MODEL and first["statusCode"] in (None, 200), spike["topContributors"]
+        assert all(0 <= c["share"] <= 1 for c in spike["topContributors"])
 
 
 async def test_steady_traffic_has_no_spike(client: httpx.AsyncClient, make_token: TokenFactory, world: World) -> None:
