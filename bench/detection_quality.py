@@ -28,6 +28,7 @@ from typing import Any
 
 from bench.harness.output import Progress, say
 from reliability.attribution import Composition, Contribution, Key, attribute
+from reliability.report import COMPOSITION_SPAN
 from reliability.spikes import Detection, Metric, Point, detect, poisson_sf
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -312,8 +313,12 @@ def _compositions(s: Series, det: Detection, rng: random.Random) -> tuple[Compos
     window = range(det.first, det.last + 1)
     if det.metric == Metric.ERROR_RATE:
         return _error_composition(s, window), _error_composition(s, det.reference)
+    # As the API reads them (reliability/report.py): at most COMPOSITION_SPAN of the spike from its start, and of
+    # its reference before the reference's end (HOUR buckets).
+    span = int(COMPOSITION_SPAN / dt.timedelta(hours=1))
     threshold = math.log(det.baseline)
-    return _slow_composition(s, window, threshold, rng), _slow_composition(s, det.reference, threshold, rng)
+    window, reference = window[:span], det.reference[-span:]
+    return _slow_composition(s, window, threshold, rng), _slow_composition(s, reference, threshold, rng)
 
 
 def _error_composition(s: Series, buckets: Iterable[int]) -> Composition:

@@ -38,7 +38,9 @@ DETECTION_PERCENTILES = (0.95, 0.99)
 BREAKDOWN_ROWS = 50
 MAX_SPIKES = 20
 CONTRIBUTORS = 5
-COMPOSITION_SPAN = dt.timedelta(hours=24)
+# The slow requests of a latency spike, and of its reference, come from raw events: at most this much of each
+# (24 h cost the largest org's reference 35 ms; attribution quality: docs/reliability.md, bench.detection_quality).
+COMPOSITION_SPAN = dt.timedelta(hours=6)
 SPLIT_BUCKETS = 240  # a longer series is read in SERIES_PARTS parts at once
 SERIES_PARTS = 2
 
