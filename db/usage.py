@@ -7,7 +7,7 @@ and hours that a bucket boundary cuts (zones with :30 or :45 offsets) come
 from ``usage_events``. When spend is asked for, every row is joined to the price
 version in effect at its time and spend is summed in exact NUMERIC. One SQL
 statement sees one snapshot, so rollups and raw events never double count.
-The statement's text leaves out what a question does not need (see ``_Shape``).
+The statement's text leaves out what a question does not need (see ``Shape``).
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def _ceil_hour(moment: dt.datetime) -> dt.datetime:
 
 
 @dataclass(frozen=True)
-class _Shape:
+class Shape:
     """What the SQL text depends on (the values go in as parameters): one text per shape, built once.
 
     Besides the question's shape, three flags leave out what the answer does not need: ``priced`` (spend or
@@ -153,7 +153,7 @@ class _Shape:
     raw: bool = True
 
     @classmethod
-    def of(cls, query: UsageQuery, steps: Plan, everything: bool = False) -> _Shape:
+    def of(cls, query: UsageQuery, steps: Plan, everything: bool = False) -> Shape:
         shape = cls(
             query.org_id is not None, query.granularity, query.group_by, query.models is not None,
             query.project_ids is not None, query.api_key_ids is not None,
@@ -296,23 +296,30 @@ def usage_statement(
     without the API's ORDER BY, for a caller that wraps the statement and sorts it its own way.
     ``everything=True``: with every part whatever the question needs (prices, the range's edges, split hours,
     re-aggregation of rollup rows), the reference that the tests prove the leaner statements equal to."""
+    shape, args = statement_shape(query, materialized_through, everything=everything)
+    return _sql(shape, ordered), args
+
+
+def statement_shape(
+    query: UsageQuery, materialized_through: dt.datetime | None, *, everything: bool = False
+) -> tuple[Shape, tuple[object, ...]]:
+    """The shape of the statement for ``query`` (what its text depends on) and its ten arguments."""
     steps = plan(query, materialized_through)
-    sql = _sql(_Shape.of(query, steps, everything), ordered)
     args = (
         query.org_id, query.start, query.end, steps.rollup_from, steps.rollup_to,
         steps.split_hours if query.org_id is not None else [], query.time_zone,
         list(query.models or []), list(query.project_ids or []), list(query.api_key_ids or []),
     )  # fmt: skip
-    return sql, args
+    return Shape.of(query, steps, everything), args
 
 
 @functools.lru_cache(maxsize=256)
-def _sql(shape: _Shape, ordered: bool = True) -> str:
-    head, body = _parts(shape)
+def _sql(shape: Shape, ordered: bool = True) -> str:
+    head, body = statement_parts(shape)
     return head + body + (_order_by(shape) if ordered else "")
 
 
-def _parts(shape: _Shape) -> tuple[str, str]:
+def statement_parts(shape: Shape) -> tuple[str, str]:
     """The statement's WITH clause and its body (``SELECT * FROM (...) AS grouped``), without an order."""
     by_model_only, priced = shape.by_model_only, shape.priced
     raw_ctes = _RAW_CTES.format(
@@ -344,7 +351,7 @@ def _parts(shape: _Shape) -> tuple[str, str]:
     return head, body
 
 
-def order_columns(shape: _Shape) -> list[str]:
+def order_columns(shape: Shape) -> list[str]:
     """The API's order (bucket, then the grouped dimensions, null first, by code point): rows of one bucket and
     group are consecutive, so the report is built in one pass. Constant columns (the org of a one-org
     question, dimensions not grouped: NULL) are left out: they would only cost the sort."""
@@ -356,7 +363,7 @@ def order_columns(shape: _Shape) -> list[str]:
     return order_by
 
 
-def _order_by(shape: _Shape) -> str:
+def _order_by(shape: Shape) -> str:
     return "ORDER BY " + ", ".join(order_columns(shape)) + "\n"
 
 

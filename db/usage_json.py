@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from db.usage import UsageQuery, _parts, _Shape, driver_connection, order_columns, plan, usage_statement
+from db.usage import Shape, UsageQuery, driver_connection, order_columns, statement_parts, statement_shape
 
 # {v}: a timestamp in UTC, whole seconds (bucket starts and ends), as text in DateStyle ISO (db/engine.py pins
 # it): "2026-11-30 15:00:00" becomes "2026-11-30T15:00:00Z", as the API writes DateTime. (Half the cost of
@@ -134,11 +134,9 @@ def usage_json_statement(
     query: UsageQuery, materialized_through: dt.datetime | None, spec: SeriesSpec, *, rollups_alone: bool = True
 ) -> tuple[str, tuple[object, ...]]:
     """The statement and its arguments: :func:`db.usage.usage_statement`'s, then the ``format()`` template."""
-    steps = plan(query, materialized_through)
-    shape = _Shape.of(query, steps)
+    shape, args = statement_shape(query, materialized_through)
     if rollups_alone and not shape.edges and not shape.splits:
         shape = dataclasses.replace(shape, raw=False)
-    _, args = usage_statement(query, materialized_through)
     columns = tuple(sorted(spec.columns()))
     position = {name: index for index, name in enumerate(columns, start=1)}
     return _json_sql(shape, columns), (*args, spec.template(position))
@@ -148,11 +146,11 @@ _DIRTY = "EXISTS (SELECT 1 FROM rollup_dirty d WHERE d.hour >= $4 AND d.hour < $
 
 
 @functools.lru_cache(maxsize=256)
-def _json_sql(shape: _Shape, columns: tuple[str, ...]) -> str:
+def _json_sql(shape: Shape, columns: tuple[str, ...]) -> str:
     """The statement: the series from an ordered subquery (PostgreSQL aggregates the rows in the order it reads
     them, and ``string_agg`` is not run in parallel parts here; the tests check the order), the totals and the
     unpriced models of the same rows."""
-    head, body = _parts(shape)
+    head, body = statement_parts(shape)
     values = "".join(", " + COLUMNS[name].format(width=_END_WIDTH[str(shape.granularity)]) for name in columns)
     order = ", ".join(order_columns(shape))
     dirty = "false" if shape.raw else _DIRTY

@@ -95,7 +95,8 @@ async def priced_database(empty_database_module: str) -> str:
 
 @pytest.fixture
 async def statements(resources: Resources) -> AsyncIterator[list[str]]:
-    """The statements that the GraphQL pool sends straight through asyncpg."""
+    """The statements that the GraphQL pool sends: through SQLAlchemy, and straight through asyncpg (the hot
+    queries). The driver's log records arrive with call_soon: ``await asyncio.sleep(0)`` before reading."""
     sent: list[str] = []
     engine = resources.query_engine
 
@@ -107,8 +108,14 @@ async def statements(resources: Resources) -> AsyncIterator[list[str]]:
         driver.remove_query_logger(log_query)
         driver.add_query_logger(log_query)
 
+    def log_statement(conn: object, cursor: object, statement: str, *args: object) -> None:
+        sent.append(statement)
+
     event.listen(engine.sync_engine, "checkout", watch_driver)
+    event.listen(engine.sync_engine, "before_cursor_execute", log_statement)
     try:
         yield sent
     finally:
         event.remove(engine.sync_engine, "checkout", watch_driver)
+        event.remove(engine.sync_engine, "before_cursor_execute", log_statement)
+        sent.clear()  # the driver's logger stays on pooled connections; nothing more is kept

@@ -51,21 +51,17 @@ def _event(
 
 
 async def _stored(engine: AsyncEngine, source: str) -> list[tuple[str, str, int]]:
-    async with engine.connect() as connection:
-        rows = await connection.execute(
-            text("SELECT org_id, event_id, input_tokens FROM usage_events WHERE source = :s ORDER BY 1, 2"),
-            {"s": source},
-        )
-        return [(r.org_id, r.event_id, r.input_tokens) for r in rows]
+    return await _rows(engine, "SELECT org_id, event_id, input_tokens FROM usage_events WHERE source = :s", source)
 
 
 async def _receipts(engine: AsyncEngine, source: str) -> list[tuple[str, str, int]]:
+    return await _rows(engine, "SELECT org_id, event_id, batch_id FROM event_receipts WHERE source = :s", source)
+
+
+async def _rows(engine: AsyncEngine, sql: str, source: str) -> list[tuple[str, str, int]]:
     async with engine.connect() as connection:
-        rows = await connection.execute(
-            text("SELECT org_id, event_id, batch_id FROM event_receipts WHERE source = :s ORDER BY 1, 2"),
-            {"s": source},
-        )
-        return [(r.org_id, r.event_id, r.batch_id) for r in rows]
+        rows = await connection.execute(text(sql + " ORDER BY 1, 2"), {"s": source})
+        return [(r[0], r[1], r[2]) for r in rows]
 
 
 async def test_first_write_wins_whatever_the_org_within_and_across_batches(own_engine: AsyncEngine) -> None:
