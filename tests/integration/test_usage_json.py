@@ -19,6 +19,7 @@ import re
 import uuid
 from typing import Any
 
+import asyncpg
 import httpx
 import orjson
 import pytest
@@ -261,3 +262,75 @@ async def test_the_gateway_session_writes_timestamps_in_iso(empty_database: str)
     finally:
         await engine.dispose()
     assert (shown, text) == ("ISO, MDY", "2026-11-30 15:00:00+00")
+
+
+def ask(org: str, fields: str, args: str = "") -> str:
+    """A usage question of HOUR buckets over ``$r`` selecting ``fields`` of the series."""
+    head = f'query($r: TimeRange!) {{ usage(orgId: "{org}", range: $r, granularity: HOUR{args})'
+    return head + f" {{ series {{ {fields} }} }} }}"
+
+
+HOSTILE = [  # (org: None for the caller's own, extra arguments, the error's code)
+    ("someone_else", "", "FORBIDDEN"),  # another org's id
+    (None, ', filter: {models: ["gpt\\u0000"]}', "BAD_USER_INPUT"),  # a NUL
+    (None, ', filter: {models: ["gpt-4o\\n"]}', "BAD_USER_INPUT"),  # a trailing newline
+]
+
+
+@pytest.mark.parametrize(("asked", "args", "code"), HOSTILE)
+async def test_hostile_questions_get_their_error_and_run_no_json_statement(
+    client: httpx.AsyncClient, make_token: TokenFactory, statements: list[str], org: str, asked: str | None,
+    args: str, code: str,
+) -> None:  # fmt: skip
+    document = ask(asked or org, "requests", args)
+    body = (await graphql(client, document, make_token("org_admin", org=org), {"r": WHOLE_HOURS})).json()
+    await asyncio.sleep(0)
+    assert body["data"] is None and [e["extensions"]["code"] for e in body["errors"]] == [code], body
+    assert not [s for s in statements if "string_agg(format(" in s]
+
+
+async def test_a_huge_selection_is_refused_or_answered_alike_never_internal(
+    client: httpx.AsyncClient, make_token: TokenFactory, monkeypatch: pytest.MonkeyPatch, org: str
+) -> None:
+    """Hundreds of aliases of one column: the request's limits refuse it, or both paths answer the same."""
+    for count in (40, 400):
+        fields = " ".join(f"a{i}: requests" for i in range(count))
+        document = ask(org, fields)
+        token = make_token("org_admin", org=org)
+        fast = (await graphql(client, document, token, {"r": WHOLE_HOURS})).json()
+        codes = {e["extensions"]["code"] for e in fast.get("errors", [])}
+        assert "INTERNAL" not in codes, fast
+        if not codes:
+            with monkeypatch.context() as patch:
+                patch.setattr(resolvers.usage, "SERIES_FROM_SQL", False)
+                assert (await graphql(client, document, token, {"r": WHOLE_HOURS})).json() == fast
+
+
+async def test_a_session_killed_mid_statement_is_unavailable_and_the_next_request_is_answered(
+    client: httpx.AsyncClient, make_token: TokenFactory, database_url: str, org: str
+) -> None:
+    """The JSON statement's backend is terminated while it waits on a lock: the caller gets UNAVAILABLE (not
+    INTERNAL), and the same question is answered once the lock is gone."""
+    document, token = ask(org, "start requests"), make_token("org_admin", org=org)
+    admin = await asyncpg.connect(database_url)
+    blocker = await asyncpg.connect(database_url)
+    try:
+        await blocker.execute("BEGIN; LOCK TABLE usage_hourly_model IN ACCESS EXCLUSIVE MODE")
+        asked = asyncio.ensure_future(graphql(client, document, token, {"r": WHOLE_HOURS}))
+        waiting = (
+            "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%string_agg(format(%'"
+        )
+        for _ in range(200):  # the request reaching the lock is an event in another process: poll for it
+            pid = await admin.fetchval(waiting)
+            if pid is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert pid is not None and await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+        body = (await asked).json()
+        await blocker.execute("ROLLBACK")
+    finally:
+        await blocker.close()
+        await admin.close()
+    assert [e["extensions"]["code"] for e in body["errors"]] == ["UNAVAILABLE"], body
+    again = (await graphql(client, document, token, {"r": WHOLE_HOURS})).json()
+    assert "errors" not in again and again["data"]["usage"]["series"], again
