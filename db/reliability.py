@@ -19,7 +19,7 @@ import datetime as dt
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -34,6 +34,27 @@ class SeriesRow(NamedTuple):
     errors: int
     client_errors: int
     sketch: bytes  # packed: (bucket index, count) entries, db/sketch.py
+
+
+class SeriesColumns(NamedTuple):
+    """The rows of :func:`series_rows` as columns (row i is entry i of each), ordered by bucket and model."""
+
+    bucket: Sequence[dt.datetime | None]
+    model: Sequence[str | None]
+    requests: Sequence[int]
+    errors: Sequence[int]
+    client_errors: Sequence[int]
+    sketch: Sequence[bytes]
+
+    @classmethod
+    def of(cls, records: Sequence[Any]) -> SeriesColumns:
+        """Columns of records in SeriesRow's order (one pass in C: a 30-day HOUR series has thousands)."""
+        if not records:
+            return cls((), (), (), (), (), ())
+        return cls(*zip(*records, strict=True))
+
+    def rows(self) -> list[SeriesRow]:
+        return [SeriesRow(*row) for row in zip(*self, strict=True)]
 
 
 class ErrorRow(NamedTuple):
@@ -242,17 +263,16 @@ def errors_statement(
 
 async def series_rows(
     connection: AsyncConnection, query: UsageQuery, materialized_through: dt.datetime | None, *, per_model: bool = True
-) -> list[SeriesRow]:
+) -> SeriesColumns:
     """Requests, errors, client errors and sketch rows by bucket (null when ``query.granularity`` is None)
-    and model, ordered by bucket and model; several rows of one bucket and model are merged by the caller.
+    and model, ordered by bucket and model, as columns; several rows of one bucket and model are merged by the
+    caller.
 
     ``per_model=False``: the caller merges a bucket's models anyway, so raw events are aggregated per bucket
     only (model None: fewer, larger rows); rollup rows stay per model."""
     raw = await driver_connection(connection)
     sql, args = series_statement(query, materialized_through, per_model=per_model)
-    records = await raw.fetch(sql, *args)
-    make = SeriesRow._make
-    return [make(record) for record in records]
+    return SeriesColumns.of(await raw.fetch(sql, *args))
 
 
 async def error_rows(
@@ -289,5 +309,6 @@ def window(query: UsageQuery, start: dt.datetime, end: dt.datetime) -> UsageQuer
 
 
 __all__: Sequence[str] = (
-    "ErrorRow", "SeriesRow", "error_rows", "errors_statement", "series_rows", "series_statement", "slow_rows", "window",
+    "ErrorRow", "SeriesColumns", "SeriesRow", "error_rows", "errors_statement", "series_rows", "series_statement",
+    "slow_rows", "window",
 )  # fmt: skip

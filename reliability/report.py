@@ -21,12 +21,14 @@ import itertools
 import zoneinfo
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
 
+import numpy as np
+import numpy.typing as npt
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from db.reliability import ErrorRow, SeriesRow, error_rows, series_rows, slow_rows, window
+from db.reliability import ErrorRow, SeriesColumns, error_rows, series_rows, slow_rows, window
 from db.usage import UsageQuery, bucket_end, bucket_start
 from kernel.hours import EARLIEST
 from reliability import sketch as sketches
@@ -45,18 +47,23 @@ SPLIT_BUCKETS = 240  # a longer series is read in SERIES_PARTS parts at once
 SERIES_PARTS = 2
 
 _T = TypeVar("_T")
+Ints = npt.NDArray[np.int64]
 
 
-@dataclass
-class Bucket:
-    start: dt.datetime
-    end: dt.datetime
-    model: str | None
-    requests: int = 0
-    errors: int = 0
-    client_errors: int = 0
-    latency: list[float] = field(default_factory=list)  # the requested percentiles, in their order
-    detection: tuple[float, float] | None = None  # p95 and p99 (ms), for spike detection; None with no requests
+@dataclass(frozen=True)
+class Series:
+    """The buckets of the answer as columns (bucket i is entry i of each), ordered by start, then model."""
+
+    starts: list[dt.datetime]
+    ends: list[dt.datetime]
+    models: list[str | None]
+    requests: list[int]
+    errors: list[int]
+    client_errors: list[int]
+    latency: list[list[float]]  # the requested percentiles, in their order; [] for a bucket without latencies
+
+    def __len__(self) -> int:
+        return len(self.starts)
 
 
 @dataclass(frozen=True)
@@ -91,7 +98,7 @@ class FoundSpike:
 @dataclass(frozen=True)
 class Report:
     totals: Totals
-    series: list[Bucket]
+    series: Series
     spikes: list[FoundSpike]
     breakdown: list[Cause]
 
@@ -132,14 +139,21 @@ async def build_report(
         _with(connect, series_rows, earlier, materialized_through, per_model=by_model) if earlier else _no_rows(),
         _with(connect, error_rows, unbucketed, materialized_through, limit=BREAKDOWN_ROWS),
     )
-    rows = [row for part in series_parts for row in part]  # the parts are consecutive ranges, each ordered
-    series = _buckets(rows, by_model, query.granularity, zone)
-    past = _buckets(history_rows, by_model, query.granularity, zone)
-    _read_latency(series, percentiles)
-    _read_latency(past, percentiles)
-    totals = _totals(series, percentiles)
+    starts = history + grid
+    grid_of = Grid(starts, query.granularity, zone)
+    models: dict[str | None, int] = {}  # model -> its code, shared by the range and its history
+    series = _collect(_joined(series_parts), by_model, grid_of, models)
+    past = _collect(history_rows, by_model, grid_of, models)
+    wanted = [*percentiles, *DETECTION_PERCENTILES]
+    table, past_table = series.batch.quantile_table(wanted), past.batch.quantile_table(wanted)
+    count = len(percentiles)
+    totals = Totals(
+        requests=int(series.requests.sum()), errors=int(series.errors.sum()),
+        client_errors=int(series.client_errors.sum()), latency=series.batch.merged_quantiles(percentiles) or [],
+    )  # fmt: skip
 
-    spikes = _detect(history + grid, len(history), past.buckets + series.buckets, by_model, SEASON[query.granularity])
+    spikes = _detect(grid_of, len(history), (series, past), (table[:, count:], past_table[:, count:]), models,
+                     by_model, SEASON[query.granularity])  # fmt: skip
     spikes.sort(key=lambda s: (s[1].severity != Severity.CRITICAL, -_relative(s[1])))
     found: list[FoundSpike] = []
     if spikes:
@@ -150,7 +164,8 @@ async def build_report(
             ]
     found.sort(key=lambda s: (s.start, s.metric, s.model or ""))
     total_errors = sum(r.requests for r in breakdown) or 1
-    return Report(totals, series.buckets, found, [_cause(r, r.requests / total_errors) for r in breakdown])
+    columns = _series(series, table[:, :count], grid_of, models)
+    return Report(totals, columns, found, [_cause(r, r.requests / total_errors) for r in breakdown])
 
 
 async def _with(connect: Connect, fetch: Callable[..., Awaitable[_T]], *args: Any, **kwargs: Any) -> _T:
@@ -158,8 +173,15 @@ async def _with(connect: Connect, fetch: Callable[..., Awaitable[_T]], *args: An
         return await fetch(connection, *args, **kwargs)
 
 
-async def _no_rows() -> list[SeriesRow]:
-    return []
+async def _no_rows() -> SeriesColumns:
+    return SeriesColumns.of([])
+
+
+def _joined(parts: Sequence[SeriesColumns]) -> SeriesColumns:
+    """Consecutive ranges' columns as one (each part ordered, so the whole is)."""
+    if len(parts) == 1:
+        return parts[0]
+    return SeriesColumns(*(tuple(itertools.chain.from_iterable(column)) for column in zip(*parts, strict=True)))
 
 
 def _parts(query: UsageQuery, grid: Sequence[dt.datetime]) -> list[UsageQuery]:
@@ -194,86 +216,108 @@ def _history(first: dt.datetime, granularity: str, zone: zoneinfo.ZoneInfo, coun
     return starts[::-1]
 
 
-class Collected(NamedTuple):
-    """A series' buckets and their packed sketches, each tagged with its bucket's position."""
+class Grid:
+    """The buckets' starts (history, then the range) and their positions; a start off the grid (none is: tests)
+    gets a position after it, so it is still answered, but never part of detection."""
 
-    buckets: list[Bucket]
+    def __init__(self, starts: Sequence[dt.datetime], granularity: str, zone: zoneinfo.ZoneInfo) -> None:
+        self.starts = list(starts)
+        self.size = len(self.starts)
+        self.position: dict[dt.datetime | None, int] = {start: index for index, start in enumerate(self.starts)}
+        self.granularity, self.zone = granularity, zone
+        self._ends: dict[int, dt.datetime] = {}
+
+    def positions(self, starts: Sequence[dt.datetime | None]) -> Ints:
+        position = self.position
+        for start in starts:
+            if start not in position:  # pragma: no cover - every bucket start is on the grid
+                assert start is not None
+                position[start] = len(self.starts)
+                self.starts.append(start)
+        return np.fromiter(map(position.__getitem__, starts), dtype=np.int64, count=len(starts))
+
+    def ends(self, positions: list[int]) -> list[dt.datetime]:
+        ends, starts = self._ends, self.starts
+        for p in positions:
+            if p not in ends:
+                ends[p] = bucket_end(starts[p], self.granularity, self.zone)
+        return [ends[p] for p in positions]
+
+
+class Collected(NamedTuple):
+    """A series' buckets as arrays (bucket i: ``position[i]`` on the grid, model code ``model[i]``), with their
+    packed sketches, each tagged with its bucket."""
+
+    position: Ints
+    model: Ints
+    requests: Ints
+    errors: Ints
+    client_errors: Ints
     batch: sketches.Batch
 
 
-def _buckets(rows: Sequence[SeriesRow], by_model: bool, granularity: str, zone: zoneinfo.ZoneInfo) -> Collected:
+def _collect(rows: SeriesColumns, by_model: bool, grid: Grid, models: dict[str | None, int]) -> Collected:
     """One bucket per start (and model), rows added up; ordered by start, then model. Rows come ordered by bucket
     and model, so the rows of one bucket (and model) are consecutive."""
-    buckets: list[Bucket] = []
-    group_of: list[int] = []
-    current: Bucket | None = None
-    end = start = None
-    for row in rows:
-        assert row.bucket is not None
-        model = row.model if by_model else None
-        if current is None or current.start != row.bucket or current.model != model:
-            if row.bucket != start:  # the models of one bucket share its end
-                start, end = row.bucket, bucket_end(row.bucket, granularity, zone)
-            assert end is not None
-            current = Bucket(row.bucket, end, model)
-            buckets.append(current)
-        group_of.append(len(buckets) - 1)
-        current.requests += row.requests
-        current.errors += row.errors
-        current.client_errors += row.client_errors
-    return Collected(buckets, sketches.Batch([row.sketch for row in rows], group_of, len(buckets)))
+    size = len(rows.bucket)
+    position = grid.positions(rows.bucket)
+    if by_model:
+        code = models.setdefault
+        model = np.fromiter((code(m, len(models)) for m in rows.model), dtype=np.int64, count=size)
+    else:
+        models.setdefault(None, 0)
+        model = np.zeros(size, dtype=np.int64)
+    new = np.ones(size, dtype=bool)  # a row that starts a bucket
+    new[1:] = (position[1:] != position[:-1]) | (model[1:] != model[:-1])
+    first = np.flatnonzero(new)
+
+    def summed(column: Sequence[int]) -> Ints:
+        values = np.fromiter(column, dtype=np.int64, count=size)
+        return np.add.reduceat(values, first) if size else values
+
+    group_of = np.cumsum(new) - 1
+    return Collected(position[first], model[first], summed(rows.requests), summed(rows.errors),
+                     summed(rows.client_errors), sketches.Batch(rows.sketch, group_of, len(first)))  # fmt: skip
 
 
-def _read_latency(collected: Collected, wanted: Sequence[float]) -> None:
-    """Each bucket's requested percentiles and its p95 and p99 for detection, from its merged sketches."""
-    count = len(wanted)
-    for bucket, values in zip(collected.buckets, collected.batch.quantiles([*wanted, *DETECTION_PERCENTILES]),
-                              strict=True):  # fmt: skip
-        if values:
-            bucket.latency, bucket.detection = values[:count], (values[count], values[count + 1])
-
-
-def _totals(series: Collected, percentiles: Sequence[float]) -> Totals:
-    buckets = series.buckets
-    return Totals(
-        requests=sum(b.requests for b in buckets),
-        errors=sum(b.errors for b in buckets),
-        client_errors=sum(b.client_errors for b in buckets),
-        latency=series.batch.merged_quantiles(percentiles) or [],
-    )
+def _series(
+    collected: Collected, latency: npt.NDArray[np.float64], grid: Grid, models: dict[str | None, int]
+) -> Series:
+    """The answer's columns (Python values, as the response wants them)."""
+    positions = collected.position.tolist()
+    names = list(models)  # codes are insertion order
+    rows = latency.tolist()
+    if len(rows) and np.isnan(latency[:, 0]).any():
+        rows = [[] if np.isnan(row[0]) else row for row in rows]
+    return Series(
+        starts=[grid.starts[p] for p in positions], ends=grid.ends(positions),
+        models=[names[m] for m in collected.model.tolist()], requests=collected.requests.tolist(),
+        errors=collected.errors.tolist(), client_errors=collected.client_errors.tolist(), latency=rows,
+    )  # fmt: skip
 
 
 def _detect(
-    starts: Sequence[dt.datetime], evaluate_from: int, buckets: Sequence[Bucket], by_model: bool, season: int | None
+    grid: Grid,
+    evaluate_from: int,
+    series: Sequence[Collected],
+    detection: Sequence[npt.NDArray[np.float64]],  # each bucket's p95 and p99 (NaN with no latencies)
+    models: dict[str | None, int],
+    by_model: bool,
+    season: int | None,
 ) -> list[tuple[str | None, Detection]]:
     """Each model's (or the one) series as columns over the whole grid (no traffic: 0 requests, no latency)."""
-    position = {start: index for index, start in enumerate(starts)}
-    size = len(starts)
-    requests: dict[str | None, list[int]] = {}
-    errors: dict[str | None, list[int]] = {}
-    p95: dict[str | None, list[float | None]] = {}
-    p99: dict[str | None, list[float | None]] = {}
-    last_start, index = None, -1
-    for bucket in buckets:
-        model = bucket.model
-        if model not in requests:
-            requests[model], errors[model], p95[model], p99[model] = (
-                [0] * size,
-                [0] * size,
-                [None] * size,
-                [None] * size,
-            )
-        if bucket.start != last_start:  # the models of one bucket share its position
-            last_start, index = bucket.start, position.get(bucket.start, -1)
-        if index < 0:  # pragma: no cover - every bucket start is on the grid
-            continue
-        requests[model][index] = bucket.requests
-        errors[model][index] = bucket.errors
-        if bucket.detection is not None:
-            p95[model][index], p99[model][index] = bucket.detection
-    series = {model: Columns(requests[model], errors[model], p95[model], p99[model]) for model in requests}
+    size = grid.size
+    shape = (len(models), size)
+    requests, errors = np.zeros(shape, dtype=np.int64), np.zeros(shape, dtype=np.int64)
+    p95, p99 = np.full(shape, np.nan), np.full(shape, np.nan)
+    for collected, values in zip(series, detection, strict=True):
+        on = collected.position < size  # every bucket start is on the grid
+        at = (collected.model[on], collected.position[on])
+        requests[at], errors[at] = collected.requests[on], collected.errors[on]
+        p95[at], p99[at] = values[on, 0], values[on, 1]
     found: list[tuple[str | None, Detection]] = []
-    for model, columns in sorted(series.items(), key=lambda item: item[0] or ""):
+    for model, code in sorted(models.items(), key=lambda item: item[0] or ""):
+        columns = Columns(requests[code].tolist(), errors[code].tolist(), p95[code].tolist(), p99[code].tolist())
         found += [(model if by_model else None, d) for d in detect(columns, evaluate_from, season)]
     return found
 
@@ -321,9 +365,10 @@ async def _requests_by_model(
     if scope.start >= scope.end:
         return {}
     totals: dict[str, int] = {}
-    for row in await series_rows(connection, scope, materialized_through):  # per model: every row names one
-        assert row.model is not None
-        totals[row.model] = totals.get(row.model, 0) + row.requests
+    rows = await series_rows(connection, scope, materialized_through)  # per model: every row names one
+    for model, requests in zip(rows.model, rows.requests, strict=True):
+        assert model is not None
+        totals[model] = totals.get(model, 0) + requests
     return totals
 
 

@@ -127,7 +127,7 @@ class Batch:
     (from the group's start) reaches r, as in :func:`quantiles`.
     """
 
-    def __init__(self, packed: Sequence[bytes], group_of: Sequence[int], groups: int) -> None:
+    def __init__(self, packed: Sequence[bytes], group_of: Sequence[int] | Ints, groups: int) -> None:
         if len(packed) != len(group_of):
             raise ValueError(f"{len(packed)} sketches but {len(group_of)} group ids")
         self.groups = groups
@@ -142,8 +142,14 @@ class Batch:
 
     def quantiles(self, qs: Sequence[float]) -> list[list[float] | None]:
         """Per group (by group id), the q-percentiles (ms) in the order of ``qs``; None for an empty group."""
-        out: list[list[float] | None] = [None] * self.groups
-        if not len(self.index):
+        table = self.quantile_table(qs)
+        empty = np.isnan(table[:, 0]).tolist() if len(qs) else [True] * self.groups
+        return [None if none else row for none, row in zip(empty, table.tolist(), strict=True)]
+
+    def quantile_table(self, qs: Sequence[float]) -> npt.NDArray[np.float64]:
+        """Per group (a row by group id), the q-percentiles (ms) in the order of ``qs``; NaN for an empty group."""
+        out = np.full((self.groups, len(qs)), np.nan)
+        if not len(self.index) or not len(qs):
             return out
         index, count, group = self.index, self.count, self.group
         key = (group << 32) + (index + _INDEX_SHIFT)
@@ -151,8 +157,7 @@ class Batch:
             order = np.argsort(key, kind="stable")  # timsort: the sketches come as sorted runs
             index, count, group = index[order], count[order], group[order]
         groups, values = _group_quantiles(index, count, group, qs)
-        for group_id, row in zip(groups, values, strict=True):
-            out[group_id] = row
+        out[groups] = values
         return out
 
     def merged_quantiles(self, qs: Sequence[float]) -> list[float] | None:
@@ -170,11 +175,13 @@ class Batch:
             order = np.argsort(index, kind="stable")
             index, count = index[order], count[order]
         _, values = _group_quantiles(index, count, np.zeros(len(index), dtype=np.int64), qs)
-        return values[0] if values else None
+        return values[0].tolist() if len(values) else None
 
 
-def _group_quantiles(index: Ints, count: Ints, group: Ints, qs: Sequence[float]) -> tuple[list[int], list[list[float]]]:
-    """Entries sorted by (group, index): the groups with requests and, for each, its q-percentiles."""
+def _group_quantiles(
+    index: Ints, count: Ints, group: Ints, qs: Sequence[float]
+) -> tuple[Ints, npt.NDArray[np.float64]]:
+    """Entries sorted by (group, index): the groups with requests and, for each, its q-percentiles (a row)."""
     first = np.flatnonzero(np.concatenate(([True], group[1:] != group[:-1])))
     last = np.concatenate((first[1:], [len(group)])) - 1
     cumulative = np.cumsum(count)
@@ -183,11 +190,10 @@ def _group_quantiles(index: Ints, count: Ints, group: Ints, qs: Sequence[float])
     kept = totals > 0
     first, before, totals = first[kept], before[kept], totals[kept]
     if not len(first):
-        return [], []
+        return np.zeros(0, dtype=np.int64), np.zeros((0, len(qs)))
     targets = np.stack([before + _ranks(q, totals) for q in qs], axis=1)
     at = index[np.searchsorted(cumulative, targets, side="left")]
-    values = _values(at)
-    return group[first].tolist(), values.tolist()
+    return group[first], _values(at)
 
 
 def _ranks(q: float, totals: Ints) -> Ints:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+FloatMatrix = npt.NDArray[np.float64]
+
 
 class Metric(enum.StrEnum):
     ERROR_RATE = "ERROR_RATE"
@@ -264,23 +266,12 @@ def _latency(
 ) -> list[Detection]:
     min_requests, k = guards
     nan, log = math.nan, math.log
-    logs = [log(v) if n >= min_requests and v else nan for n, v in zip(counts, values, strict=True)]
+    # Logs in Python's own arithmetic (numpy's SIMD log may differ in the last bit); every later step is exact
+    # IEEE arithmetic (subtract, divide, sqrt, compare, sort), the same in numpy as in Python.
+    logs = [log(v) if n >= min_requests and v and v == v else nan
+            for n, v in zip(counts, values, strict=True)]  # fmt: skip
     floor, screen = math.log(MIN_LATENCY_RATIO), math.log(LATENCY_SCREEN_RATIO)
-    noise = -1.0  # computed when first needed
-    candidates: dict[int, tuple[float, float]] = {}  # index -> (baseline (log), robust z)
-    references = _References(logs, season)
-    for t in _screened(logs, max(evaluate_from, 1), season, screen):
-        x = logs[t]
-        refs = references(t)  # at least MIN_REFS, the smallest at most x - screen (``_screened``)
-        refs.sort()
-        median = _median_sorted(refs)
-        if x - median < screen:
-            continue
-        spread = MAD_TO_SD * _median_sorted(sorted(abs(r - median) for r in refs))
-        noise = _sampling_noise(logs, counts, season or 1) if noise < 0 else noise
-        z = (x - median) / max(spread, noise / math.sqrt(counts[t]), SCALE_FLOOR)
-        if z >= Z_SCREEN:
-            candidates[t] = (median, z)
+    candidates = _latency_candidates(logs, counts, _screened(logs, max(evaluate_from, 1), season, screen), season)
     found = []
     for first, last in _runs(iter(candidates)):
         run = range(first, last + 1)
@@ -303,11 +294,66 @@ def _latency(
     return found
 
 
+def _latency_candidates(
+    logs: list[float], counts: Sequence[int], screened: list[int], season: int | None
+) -> dict[int, tuple[float, float]]:
+    """Of the screened buckets, those whose robust z reaches Z_SCREEN -> (baseline (log), robust z).
+
+    Per bucket t: its references (the same bucket 1..PERIODS seasons back when at least MIN_REFS of them have a
+    value, else the last TRAILING buckets; NaNs left out), their median, and a scale: the larger of the references'
+    scaled MAD, the sampling noise of t's request count, and SCALE_FLOOR. A bucket is kept when it is at least the
+    screen above the median and its z = (x - median) / scale reaches Z_SCREEN. All screened buckets at once, as rows
+    of a matrix of their references (NaN-padded, so that a sort puts the missing last)."""
+    if not screened:
+        return {}
+    values = np.asarray(logs, dtype=np.float64)
+    at = np.asarray(screened, dtype=np.int64)
+    references = _lagged_rows(values, at, 1, TRAILING)
+    if season:
+        seasonal = _lagged_rows(values, at, season, PERIODS)
+        use = np.count_nonzero(~np.isnan(seasonal), axis=1) >= MIN_REFS
+        references[use] = np.nan
+        references[use, :PERIODS] = seasonal[use]
+    x = values[at]
+    references.sort(axis=1)  # NaN last
+    present = np.count_nonzero(~np.isnan(references), axis=1)
+    median = _row_medians(references, present)
+    above = x - median >= math.log(LATENCY_SCREEN_RATIO)
+    if not above.any():
+        return {}
+    deviations = np.abs(references - median[:, None])
+    deviations.sort(axis=1)
+    spread = MAD_TO_SD * _row_medians(deviations, present)
+    noise = _sampling_noise(values, counts, season or 1)
+    n = np.asarray(counts, dtype=np.float64)[at]
+    z = (x - median) / np.maximum(np.maximum(spread, noise / np.sqrt(n)), SCALE_FLOOR)
+    kept = above & (z >= Z_SCREEN)
+    return dict(zip(at[kept].tolist(), zip(median[kept].tolist(), z[kept].tolist(), strict=True), strict=True))
+
+
+def _lagged_rows(values: npt.NDArray[np.float64], at: npt.NDArray[np.int64], step: int, lags: int) -> FloatMatrix:
+    """Row i: ``values[at[i] - step * k]`` for k = 1..lags, NaN where that is before the series."""
+    positions = at[:, None] - step * np.arange(1, lags + 1)
+    rows: FloatMatrix = values[np.maximum(positions, 0)]
+    rows[positions < 0] = np.nan
+    return rows
+
+
+def _row_medians(rows: FloatMatrix, present: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
+    """The median of the first ``present[i]`` values of each sorted row (``_median_sorted``'s rule)."""
+    mid = present // 2
+    index = np.arange(len(rows))
+    upper = rows[index, mid]
+    lower = rows[index, np.maximum(mid - 1, 0)]
+    return np.where(present % 2 == 1, upper, (lower + upper) / 2)
+
+
 def _screened(logs: list[float], start: int, season: int | None, screen: float) -> list[int]:
     """The buckets from ``start`` on that may be candidates: a value (not NaN), at least MIN_REFS references
-    (:class:`_References`'s choice), and the value at least ``screen`` above the smallest of them (the median is
-    at least the smallest reference). In a few numpy passes over the whole series: the per-bucket loop then runs
-    for these buckets only, and decides exactly as before (this is a necessary condition of its own first test).
+    (:func:`_latency_candidates`'s choice), and the value at least ``screen`` above the smallest of them (the median is
+    at least the smallest reference). In a few numpy passes over the whole series: the
+    reference matrices of :func:`_latency_candidates` are then built for these buckets only (this is a necessary
+    condition of its first test).
     """
     values = np.asarray(logs, dtype=np.float64)
     size = len(values)
@@ -347,40 +393,20 @@ def _lagged(
     return count, smallest
 
 
-class _References:
-    """The same bucket 1..PERIODS seasons back; else (fewer than MIN_REFS) the last TRAILING buckets. NaNs left out.
-
-    Each phase of the season is sliced out once, so a bucket's seasonal references are one contiguous slice.
-    """
-
-    def __init__(self, logs: list[float], season: int | None) -> None:
-        self.logs, self.season = logs, season
-        self.phases = [logs[phase::season] for phase in range(season)] if season else []
-        self.clean = all(v == v for v in logs)
-
-    def __call__(self, t: int) -> list[float]:
-        if self.season:
-            j, phase = divmod(t, self.season)
-            refs = self.phases[phase][max(0, j - PERIODS) : j]
-            refs = refs if self.clean else [v for v in refs if v == v]
-            if len(refs) >= MIN_REFS:
-                return refs
-        trailing = self.logs[max(0, t - TRAILING) : t]
-        return trailing if self.clean else [v for v in trailing if v == v]
-
-
-def _sampling_noise(logs: list[float], counts: Sequence[int], lag: int) -> float:
+def _sampling_noise(logs: npt.NDArray[np.float64], counts: Sequence[int], lag: int) -> float:
     """sigma such that one bucket's log quantile varies by about sigma / sqrt(requests).
 
     Robustly estimated from differences one season apart, each normalized by sqrt(1/n1 + 1/n2): the median absolute
     normalized difference, times 1.4826 (incidents are a minority, so the median ignores them).
     """
-    diffs = sorted(
-        abs(logs[t] - logs[t - lag]) / math.sqrt(1 / counts[t] + 1 / counts[t - lag])
-        for t in range(lag, len(logs))
-        if logs[t] == logs[t] and logs[t - lag] == logs[t - lag]
-    )
-    return MAD_TO_SD * _median_sorted(diffs) if len(diffs) >= 10 else 0.0
+    if lag >= len(logs):
+        return 0.0
+    later, earlier = logs[lag:], logs[:-lag]
+    both = ~np.isnan(later) & ~np.isnan(earlier)
+    n = np.asarray(counts, dtype=np.float64)
+    diffs = np.abs(later[both] - earlier[both]) / np.sqrt(1 / n[lag:][both] + 1 / n[:-lag][both])
+    diffs.sort()
+    return MAD_TO_SD * _median_sorted(diffs.tolist()) if len(diffs) >= 10 else 0.0
 
 
 def _median_sorted(values: Sequence[float]) -> float:

@@ -11,12 +11,14 @@ import strawberry
 
 from db.usage import UsageQuery
 from kernel.errors import BadUserInput
-from reliability.report import Bucket, Cause, FoundSpike, Report, build_report, error_rate
+from reliability.report import Cause, FoundSpike, Report, Series, build_report, error_rate
 from resolvers.freshness import to_freshness
+from resolvers.reliability_json import render_series
 from resolvers.usage import usage_query
 from resolvers.validation import org_argument
 from schema.context import Context
 from schema.enums import Granularity, Severity, SpikeMetric, UsageDimension
+from schema.execution import ObjectPlan, list_plan
 from schema.inputs import TimeRange, UsageFilter
 from schema.reliability import (
     Attribution,
@@ -29,6 +31,7 @@ from schema.reliability import (
 from schema.scalars import BigInt
 
 MAX_PERCENTILES = 10
+SERIES_AS_JSON = True  # the series as JSON text where it can be written exactly (tests turn it off to compare)
 
 
 def check_percentiles(values: Sequence[float]) -> list[float]:
@@ -71,17 +74,22 @@ async def resolve_reliability(
     query = reliability_query(org_id, range, granularity, filter, group_by_model, time_zone)
     freshness = await context.loaders.freshness.load(org_id)  # also says where the rollups end
     report = await build_report(context.resources.query_engine.connect, query, wanted, freshness.materialized_through)
+    plan = list_plan(info._raw_info, "series") if SERIES_AS_JSON else None
     return to_report(org_id, range, granularity, time_zone, wanted, report, to_freshness(
         freshness, context.resources.settings, dt.datetime.now(dt.UTC)
-    ))  # fmt: skip
+    ), plan)  # fmt: skip
 
 
 def to_report(
     org_id: str, range: TimeRange, granularity: Granularity, time_zone: str, percentiles: Sequence[float],
-    report: Report, freshness: Any,
+    report: Report, freshness: Any, plan: ObjectPlan | None = None,
 ) -> ReliabilityReport:  # fmt: skip
+    """The answer; with the executor's ``plan`` of ``series``, its buckets as JSON text where that can be written
+    exactly (resolvers/reliability_json.py), else as BucketItems for the executor to project."""
     totals = report.totals
     shared = _Percentiles(percentiles)
+    rates = error_rates(report.series)
+    rendered = render_series(plan, report.series, rates, percentiles) if plan is not None else None
     return ReliabilityReport(
         org_id=strawberry.ID(org_id),
         from_=range.from_,
@@ -95,9 +103,9 @@ def to_report(
             error_rate=error_rate(totals.errors, totals.requests),
             latency=shared(totals.latency),
         ),
-        # BucketItem: ReliabilityBucket's attributes, as a tuple (the fast path reads attributes; no Strawberry
-        # object a bucket).
-        series=cast(list[ReliabilityBucket], _buckets(report.series, shared)),
+        # JSON text, or BucketItems: ReliabilityBucket's attributes as tuples (the fast path reads attributes;
+        # no Strawberry object a bucket).
+        series=cast(list[ReliabilityBucket], rendered or _buckets(report.series, shared, rates)),
         spikes=[_spike(s) for s in report.spikes],
         breakdown=[_attribution(c) for c in report.breakdown],
         freshness=freshness,
@@ -141,13 +149,15 @@ class BucketItem(NamedTuple):
     latency: list[LatencyPercentile]
 
 
-def _buckets(buckets: Sequence[Bucket], latency: _Percentiles) -> list[BucketItem]:
+def _buckets(series: Series, latency: _Percentiles, rates: list[float]) -> list[BucketItem]:
     new = tuple.__new__  # rather than BucketItem(...): a named tuple's __new__ is a Python function
-    return [
-        new(BucketItem, (b.start, b.end, b.model, b.requests, b.errors, b.client_errors,
-                         b.errors / b.requests if b.requests else 0.0, latency(b.latency)))
-        for b in buckets
-    ]  # fmt: skip
+    rows = zip(series.starts, series.ends, series.models, series.requests, series.errors, series.client_errors,
+               rates, map(latency, series.latency), strict=True)  # fmt: skip
+    return [new(BucketItem, row) for row in rows]
+
+
+def error_rates(series: Series) -> list[float]:
+    return [e / n if n else 0.0 for e, n in zip(series.errors, series.requests, strict=True)]
 
 
 def _spike(spike: FoundSpike) -> Spike:

@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
+import resolvers.reliability
 from ingest.topology import Topology
 from kernel.hours import floor_hour
 from kernel.settings import Settings
@@ -366,3 +367,56 @@ async def test_hostile_arguments_get_clear_errors_never_internal(
     assert await code_of(base | {"r": {"from": r["to"], "to": r["from"]}}) == "BAD_USER_INPUT"
     expired = make_token("engineer", org=org, ttl=-60)
     assert await code_of(base, bearer=expired) == "UNAUTHENTICATED"
+
+
+SERIES_QUESTION = """query($org: ID!, $r: TimeRange!, $g: Granularity!, $m: Boolean!, $p: [Float!]!YES) {
+  reliability(orgId: $org, range: $r, granularity: $g, groupByModel: $m, percentiles: $p) { BODY }
+}"""
+FRAGMENT = "fragment B on ReliabilityBucket { end n: requests latency { ms } }"
+# (selection, whether the series is written as JSON text)
+SERIES_SELECTIONS = [
+    ("series { start end model requests errors clientErrors errorRate latency { percentile ms } }", True),
+    (
+        "totals { requests } series { __typename when: start ...B m: model ... on ReliabilityBucket { rate: errorRate }"
+        " e: errors @include(if: $yes) c: clientErrors @skip(if: $yes) latency { __typename ms percentile } }",
+        True,
+    ),
+    ("series { latency { ms } } spikes { start }", True),
+    ("series { __typename }", True),
+    ("a: series { requests } b: series { start }", False),  # two keys: the executor projects each
+]
+
+
+@pytest.mark.parametrize(("body", "as_json"), SERIES_SELECTIONS)
+@pytest.mark.parametrize(("granularity", "by_model"), [("HOUR", True), ("HOUR", False), ("MINUTE", False)])
+async def test_the_series_written_as_json_is_what_the_executor_would_answer(
+    client: httpx.AsyncClient, make_token: TokenFactory, world: World, monkeypatch: pytest.MonkeyPatch,
+    body: str, as_json: bool, granularity: str, by_model: bool,
+) -> None:  # fmt: skip
+    """Aliases, fragments, @include/@skip and typenames: the JSON text path answers byte for byte as the
+    projection of BucketItems does, and is taken for every selection it can write."""
+    org = world.incident.org_id
+    hours = 36 if granularity == "HOUR" else 2
+    variables = {"org": org, "r": {"from": (world.now - hours * HOUR).isoformat(), "to": world.now.isoformat()},
+                 "g": granularity, "m": by_model, "p": [0.5, 0.999, 0.01]}  # fmt: skip
+    token = make_token("engineer", org=org)
+    document = SERIES_QUESTION.replace("BODY", body).replace("YES", ", $yes: Boolean!" if "$yes" in body else "")
+    document += "\n" + FRAGMENT if "...B" in body else ""
+    variables |= {"yes": True} if "$yes" in body else {}
+    written: list[bool] = []
+    render = resolvers.reliability.render_series
+
+    def spy(*args: Any) -> Any:
+        result = render(*args)
+        written.append(result is not None)
+        return result
+
+    monkeypatch.setattr(resolvers.reliability, "render_series", spy)
+    fast = await graphql(client, document, token, variables)
+    monkeypatch.setattr(resolvers.reliability, "SERIES_AS_JSON", False)
+    slow = await graphql(client, document, token, variables)
+    assert fast.content == slow.content
+    assert "errors" not in fast.json() and fast.json()["data"]["reliability"]
+    assert any(written) is as_json
+    series = [v for k, v in fast.json()["data"]["reliability"].items() if k in ("series", "a")]
+    assert series and series[0], fast.json()  # something to compare

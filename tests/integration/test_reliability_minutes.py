@@ -72,7 +72,7 @@ async def _served(engine: AsyncEngine, query: UsageQuery, per_model: bool) -> di
     async with engine.connect() as connection:
         through = (await watermarks(connection)).materialized_through
         rows = await series_rows(connection, query, through, per_model=per_model)
-    for row in rows:
+    for row in rows.rows():
         bucket = out[(row.bucket, row.model if per_model else None)]
         bucket[0] += row.requests
         bucket[1] += row.errors

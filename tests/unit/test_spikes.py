@@ -22,7 +22,14 @@ from reliability.spikes import (
     Metric,
     Point,
     Severity,
-    _References,
+    K_LATENCY,
+    MAD_TO_SD,
+    MIN_LATENCY_RATIO,
+    SCALE_FLOOR,
+    Z_SCREEN,
+    _latency,
+    _latency_candidates,
+    _median_sorted,
     _screened,
     detect,
     lookback,
@@ -200,6 +207,85 @@ def test_the_benchmark_section_is_rendered_from_the_recorded_results() -> None:
     start = page.index(HEADING + "\n")
     end = page.find("\n## ", start)
     assert page[start : end + 1 if end >= 0 else len(page)] == section(recorded) + ("\n" if end >= 0 else "")
+
+
+class _References:
+    """The same bucket 1..PERIODS seasons back; else (fewer than MIN_REFS) the last TRAILING buckets. NaNs left out
+    (the latency detector's references, as it once chose them bucket by bucket)."""
+
+    def __init__(self, logs: list[float], season: int | None) -> None:
+        self.logs, self.season = logs, season
+
+    def __call__(self, t: int) -> list[float]:
+        if self.season:
+            refs = [self.logs[t - self.season * k] for k in range(1, PERIODS + 1) if t - self.season * k >= 0]
+            refs = [v for v in refs if v == v]
+            if len(refs) >= MIN_REFS:
+                return refs
+        return [v for v in self.logs[max(0, t - TRAILING) : t] if v == v]
+
+
+def _sampling_noise_one_by_one(logs: list[float], counts: list[int], lag: int) -> float:
+    diffs = sorted(
+        abs(logs[t] - logs[t - lag]) / math.sqrt(1 / counts[t] + 1 / counts[t - lag])
+        for t in range(lag, len(logs))
+        if logs[t] == logs[t] and logs[t - lag] == logs[t - lag]
+    )
+    return MAD_TO_SD * _median_sorted(diffs) if len(diffs) >= 10 else 0.0
+
+
+def _latency_candidates_one_by_one(
+    logs: list[float], counts: list[int], start: int, season: int | None
+) -> dict[int, tuple[float, float]]:
+    """The latency detector's candidates as it once found them, bucket by bucket (before the matrices)."""
+    screen = math.log(LATENCY_SCREEN_RATIO)
+    references = _References(logs, season)
+    noise = -1.0
+    candidates = {}
+    for t in range(max(start, 1), len(logs)):
+        x = logs[t]
+        if x != x:
+            continue
+        refs = references(t)
+        if len(refs) < MIN_REFS:
+            continue
+        refs.sort()
+        median = _median_sorted(refs)
+        if x - median < screen:
+            continue
+        spread = MAD_TO_SD * _median_sorted(sorted(abs(r - median) for r in refs))
+        noise = _sampling_noise_one_by_one(logs, counts, season or 1) if noise < 0 else noise
+        z = (x - median) / max(spread, noise / math.sqrt(counts[t]), SCALE_FLOOR)
+        if z >= Z_SCREEN:
+            candidates[t] = (median, z)
+    return candidates
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    # Latencies on a coarse grid (ties), some buckets with too few requests or none (None), a few outliers.
+    series=st.lists(
+        st.tuples(
+            st.sampled_from([0, 50, 150, 400, 5000]), st.one_of(st.none(), st.integers(1, 60).map(lambda i: i * 25.0))
+        ),
+        min_size=10,
+        max_size=200,
+    ),
+    start=st.integers(0, 60),
+    season=st.sampled_from([None, 1, 3, 7, 24]),
+)
+def test_the_latency_matrices_find_exactly_the_candidates_and_spikes_of_the_bucket_loop(
+    series: list[tuple[int, float | None]], start: int, season: int | None
+) -> None:
+    counts = [n for n, _ in series]
+    values = [v if n else None for n, v in series]
+    logs = [math.log(v) if n >= 100 and v else math.nan for n, v in zip(counts, values, strict=True)]
+    expected = _latency_candidates_one_by_one(logs, counts, start, season)
+    screened = _screened(logs, max(start, 1), season, math.log(LATENCY_SCREEN_RATIO))
+    assert _latency_candidates(logs, counts, screened, season) == expected
+    found = _latency(counts, values, start, season, Metric.LATENCY_P95, (100, K_LATENCY))
+    assert all(d.first in expected and d.last in expected for d in found)
+    assert all(math.log(d.observed / d.baseline) >= math.log(MIN_LATENCY_RATIO) - 1e-12 for d in found)
 
 
 def _screened_one_by_one(logs: list[float], start: int, season: int | None, screen: float) -> list[int]:
