@@ -103,22 +103,59 @@ def _floats(values: Sequence[float]) -> Column | None:
 
 def _latency(plan: ObjectPlan, percentiles: Sequence[float], lists: Sequence[list[float]]) -> Column | None:
     """Each bucket's ``[LatencyPercentile!]``: its values paired with the requested percentiles in order (as
-    ``resolvers.reliability`` pairs them), each distinct list written once."""
+    ``resolvers.reliability`` pairs them). A list of n values is one ``str.format`` template of n items (the
+    percentiles and typenames written in, ``{j}`` for value j), filled from one orjson pass over all values."""
     if plan.type_name != "LatencyPercentile":
         return None
-    distinct = list(dict.fromkeys(map(tuple, lists)))
-    pairs = [pair for values in distinct for pair in zip(percentiles, values, strict=False)]
-    columns: dict[str, Callable[[ObjectPlan | None], Column | None]] = {
-        "percentile": lambda _: _floats([p for p, _ in pairs]),
-        "ms": lambda _: _floats([v for _, v in pairs]),
-    }
-    items = _objects(plan, columns, len(pairs), nested=set())
-    if items is None:
+    texts = _floats([value for values in lists for value in values])
+    if texts is None:
         return None
-    written: dict[tuple[float, ...], str] = {}
+    templates: dict[int, Callable[..., str]] = {}
+    for size in {len(values) for values in lists}:
+        template = _latency_template(plan, percentiles[:size]) if size <= len(percentiles) else None
+        if template is None:
+            return None
+        templates[size] = template.format
+    if len(templates) == 1:  # every list of one size (all buckets have latencies): no slicing
+        [(size, fill)] = templates.items()
+        rows = iter(texts)
+        return [fill(*row) for row in zip(*[rows] * size, strict=True)] if size else [fill()] * len(lists)
+    out: Column = []
     at = 0
-    for values in distinct:
-        size = min(len(values), len(percentiles))
-        written[values] = "[" + ",".join(items[at : at + size]) + "]"
+    for values in lists:
+        size = len(values)
+        out.append(templates[size](*texts[at : at + size]))
         at += size
-    return [written[tuple(values)] for values in lists]
+    return out
+
+
+def _latency_template(plan: ObjectPlan, percentiles: Sequence[float]) -> str | None:
+    """The ``str.format`` template of a list of ``len(percentiles)`` LatencyPercentile items, or None."""
+    items = []
+    for j, percentile in enumerate(percentiles):
+        parts = []
+        for field in plan.fields:
+            key = orjson.dumps(field.key).decode()
+            if field.attribute is None:
+                parts.append(f"{key}:" + orjson.dumps(field.typename).decode())
+            elif field.denied:
+                if field.non_null:
+                    return None
+                parts.append(f"{key}:null")
+            elif field.attribute == "percentile" and field.nested is None and not field.leaf_list:
+                text = _floats([percentile])
+                if text is None:
+                    return None
+                parts.append(f"{key}:{text[0]}")
+            elif field.attribute == "ms" and field.nested is None and not field.leaf_list:
+                parts.append(f"{key}:\0{j}\0")
+            else:
+                return None
+        items.append("{" + ",".join(parts) + "}")
+    return _placeholders(("[" + ",".join(items) + "]").replace("{", "{{").replace("}", "}}"))
+
+
+def _placeholders(text: str) -> str:
+    """``\0j\0`` marks (value j) as ``{j}`` in an already brace-escaped template."""
+    pieces = text.split("\0")
+    return "".join(piece if i % 2 == 0 else "{" + piece + "}" for i, piece in enumerate(pieces))

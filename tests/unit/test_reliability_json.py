@@ -129,3 +129,27 @@ def test_what_it_cannot_write_exactly_is_left_to_the_executor() -> None:
     assert rendered(ObjectPlan("UsageBucket", FULL.fields), series, PERCENTILES) is None
     assert render_series(FULL, Series([], [], [], [], [], [], []), [], PERCENTILES) is None
     assert orjson.loads(rendered(bucket_plan(FieldPlan("m", "model")), series, PERCENTILES) or b"") == [{"m": None}]
+
+
+NESTED = [
+    latency_plan(FieldPlan("ms", "ms")),
+    latency_plan(
+        FieldPlan("__typename", None, typename="LatencyPercentile"),
+        FieldPlan("v", "ms"),
+        FieldPlan("w", "ms"),
+        FieldPlan("p", "percentile"),
+    ),  # fmt: skip
+    latency_plan(FieldPlan("p", "percentile"), FieldPlan("{0}%s", "ms")),  # braces and % in an alias (not GraphQL)
+    latency_plan(FieldPlan("__typename", None, typename="LatencyPercentile")),
+]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    series=series_of(),
+    nested=st.sampled_from(NESTED),
+    percentiles=st.sampled_from([PERCENTILES, [1e-9, 0.5, 1 - 1e-16]]),
+)
+def test_every_latency_selection_is_written_alike(series: Series, nested: ObjectPlan, percentiles: list[float]) -> None:
+    plan = bucket_plan(FieldPlan("requests", "requests"), FieldPlan("l", "latency", nested=nested, object_list=True))
+    assert rendered(plan, series, percentiles) == projected(plan, series, percentiles)
