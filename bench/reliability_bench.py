@@ -3,6 +3,7 @@
     python -m bench.reliability_bench                # full: the 10M-event data set, 30 s windows
     python -m bench.reliability_bench --quick        # smoke run: 200k events, 10 s windows
     python -m bench.reliability_bench --keep-db      # keep bench_graphql_<events> for the next run (reused)
+    python -m bench.reliability_bench --incident     # on a copy with a latency regression and an error burst
 
 Data: the usage benchmark's (``bench.api.dataset.prepare_dataset``: ``bench_graphql_<events>``, reused while its
 marker says it is complete and at the code's migration head), then a rollup cycle to the current hour. The
@@ -49,6 +50,7 @@ from typing import Any
 
 from bench.api import reliability as scenarios
 from bench.api.dataset import prepare_dataset
+from bench.api.incident import prepare_incident_dataset
 from bench.api.queries import token_for
 from bench.api.results import environment
 from bench.api.run import Run
@@ -106,9 +108,12 @@ async def main_async(args: argparse.Namespace) -> int:
     if shutil.which("wrk") is None:
         say("error: wrk is not installed (apt-get install -y wrk)")
         return 2
-    out = Path(args.out) if args.out else RESULTS / ("reliability_quick.json" if args.quick else "reliability.json")
+    default = "reliability_quick.json" if args.quick else "reliability_incident.json" if args.incident else None
+    out = Path(args.out) if args.out else RESULTS / (default or "reliability.json")
     dataset = await prepare_dataset(args.events, fresh=args.fresh, writers=args.load_writers,
                                     before_load=lambda: wait_for_other_benchmarks(args.no_wait))  # fmt: skip
+    if args.incident:
+        dataset = await prepare_incident_dataset(dataset, fresh=args.fresh)
     await wait_for_other_benchmarks(args.no_wait)
     secret = secrets.token_urlsafe(48)
     redis_prefix = f"bench:reliability:{secrets.token_hex(3)}:"
@@ -196,6 +201,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="smoke run: 200k events, 10 s windows")
     parser.add_argument("--keep-db", action="store_true", help="keep the bench database for the next run")
     parser.add_argument("--fresh", action="store_true", help="rebuild the bench database even if complete")
+    parser.add_argument("--incident", action="store_true",
+                        help="on a copy with two injected incidents (bench/api/incident.py)")  # fmt: skip
     parser.add_argument("--only", default="h,m,d,p", help="scenarios to run (default all: h,m,d,p)")
     parser.add_argument("--seconds", type=float, default=None, help="measurement window (default 30; quick 10)")
     parser.add_argument("--warmup", type=float, default=None, help="warm-up before each window (default 5; quick 3)")

@@ -43,6 +43,8 @@ CONTRIBUTORS = 5
 # The slow requests of a latency spike, and of its reference, come from raw events: at most this much of each
 # (24 h cost the largest org's reference 35 ms; attribution quality: docs/reliability.md, bench.detection_quality).
 COMPOSITION_SPAN = dt.timedelta(hours=6)
+ATTRIBUTION_CONNECTIONS = 8  # attribution statements at once (4 a spike: errors or slow requests, and requests)
+STARTING_PASSES = 10  # event loop passes that the attribution tasks get to send their statements
 SPLIT_BUCKETS = 240  # a longer series is read in SERIES_PARTS parts at once
 SERIES_PARTS = 2
 
@@ -115,13 +117,19 @@ async def build_report(
     query: UsageQuery,
     percentiles: Sequence[float],
     materialized_through: dt.datetime | None,
-) -> Report:
-    """``query.group_by`` is ``{"model"}`` for one series per model, empty for one overall series.
+    *,
+    meanwhile: Callable[[Series], _T],
+) -> tuple[Report, _T]:
+    """The report, and what ``meanwhile`` made of its series while the spikes' attribution statements ran (the
+    caller's own work on the series, e.g. writing it as JSON, overlaps with PostgreSQL's).
+
+    ``query.group_by`` is ``{"model"}`` for one series per model, empty for one overall series.
 
     ``connect`` opens a connection (``engine.connect``): the range's series (in two parts when it is long), its
     history and the breakdown are independent statements, run at once on their own connections (each reads the
     rollups and raw events in its own snapshot, as they did one after the other; every event is in exactly one
-    of them, so none counts twice)."""
+    of them, so none counts twice); so are the attribution statements of the spikes found, at most
+    ATTRIBUTION_CONNECTIONS at a time."""
     assert query.granularity is not None
     by_model = "model" in query.group_by
     zone = zoneinfo.ZoneInfo(query.time_zone)
@@ -147,25 +155,27 @@ async def build_report(
     wanted = [*percentiles, *DETECTION_PERCENTILES]
     table, past_table = series.batch.quantile_table(wanted), past.batch.quantile_table(wanted)
     count = len(percentiles)
-    totals = Totals(
-        requests=int(series.requests.sum()), errors=int(series.errors.sum()),
-        client_errors=int(series.client_errors.sum()), latency=series.batch.merged_quantiles(percentiles) or [],
-    )  # fmt: skip
-
     spikes = _detect(grid_of, len(history), (series, past), (table[:, count:], past_table[:, count:]), models,
                      by_model, SEASON[query.granularity])  # fmt: skip
     spikes.sort(key=lambda s: (s[1].severity != Severity.CRITICAL, -_relative(s[1])))
-    found: list[FoundSpike] = []
-    if spikes:
-        async with connect() as connection:
-            found = [
-                await _explain(connection, query, materialized_through, history + grid, model, detection, zone)
-                for model, detection in spikes[:MAX_SPIKES]
-            ]
+    explaining = Attribution(connect, materialized_through)
+    plans = [_plan(explaining, query, starts, model, detection, zone) for model, detection in spikes[:MAX_SPIKES]]
+    try:
+        await explaining.started()
+        # While PostgreSQL explains the spikes: the rest of the report, and the caller's work on the series.
+        totals = Totals(
+            requests=int(series.requests.sum()), errors=int(series.errors.sum()),
+            client_errors=int(series.client_errors.sum()), latency=series.batch.merged_quantiles(percentiles) or [],
+        )  # fmt: skip
+        columns = _series(series, table[:, :count], grid_of, models)
+        made = meanwhile(columns)
+        found = [await plan for plan in plans]
+    except BaseException:
+        await explaining.cancel()
+        raise
     found.sort(key=lambda s: (s.start, s.metric, s.model or ""))
     total_errors = sum(r.requests for r in breakdown) or 1
-    columns = _series(series, table[:, :count], grid_of, models)
-    return Report(totals, columns, found, [_cause(r, r.requests / total_errors) for r in breakdown])
+    return Report(totals, columns, found, [_cause(r, r.requests / total_errors) for r in breakdown]), made
 
 
 async def _with(connect: Connect, fetch: Callable[..., Awaitable[_T]], *args: Any, **kwargs: Any) -> _T:
@@ -326,15 +336,50 @@ def _relative(detection: Detection) -> float:
     return detection.observed / detection.baseline if detection.baseline > 0 else float("inf")
 
 
-async def _explain(
-    connection: AsyncConnection,
+class Attribution:
+    """The attribution statements of a report's spikes, each a task on its own connection (at most
+    ATTRIBUTION_CONNECTIONS at once), all started before the report's remaining Python work."""
+
+    def __init__(self, connect: Connect, materialized_through: dt.datetime | None) -> None:
+        self.connect, self.materialized_through = connect, materialized_through
+        self.limit = asyncio.Semaphore(ATTRIBUTION_CONNECTIONS)
+        self.tasks: list[asyncio.Future[Any]] = []
+        self.sent = 0
+
+    def run(self, fetch: Callable[..., Awaitable[_T]], *args: Any) -> asyncio.Future[_T]:
+        task = asyncio.ensure_future(self._run(fetch, *args))
+        self.tasks.append(task)
+        return task
+
+    async def _run(self, fetch: Callable[..., Awaitable[_T]], *args: Any) -> _T:
+        async with self.limit, self.connect() as connection:
+            self.sent += 1  # its statement goes out in this step (the driver writes it before it waits)
+            return await fetch(connection, *args)
+
+    async def started(self) -> None:
+        """Returns once the first ATTRIBUTION_CONNECTIONS statements are on their way (or done): the event loop
+        runs each task up to its first wait, connection checkout included (a few passes at most)."""
+        for _ in range(STARTING_PASSES):
+            if self.sent >= min(len(self.tasks), ATTRIBUTION_CONNECTIONS) or all(t.done() for t in self.tasks):
+                return
+            await asyncio.sleep(0)
+
+    async def cancel(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+def _plan(
+    explaining: Attribution,
     query: UsageQuery,
-    materialized_through: dt.datetime | None,
     starts: Sequence[dt.datetime],
     model: str | None,
     detection: Detection,
     zone: zoneinfo.ZoneInfo,
-) -> FoundSpike:
+) -> Awaitable[FoundSpike]:
+    """A spike with its causes: its window's composition against its reference's (their statements are started
+    now; the spike is assembled when they are done)."""
     assert query.granularity is not None
     start = starts[detection.first]
     end = min(bucket_end(starts[detection.last], query.granularity, zone), query.end)
@@ -346,48 +391,50 @@ async def _explain(
     else:
         ref_start = ref_end = start
     if detection.metric == Metric.ERROR_RATE:
-        spike = await _errors(connection, window(scope, start, end), materialized_through)
-        reference = await _errors(connection, window(scope, ref_start, ref_end), materialized_through)
+        spike = _composition(explaining, window(scope, start, end))
+        reference = _composition(explaining, window(scope, ref_start, ref_end))
     else:
         spike_end = min(end, start + COMPOSITION_SPAN)
         ref_start = max(ref_start, ref_end - COMPOSITION_SPAN)
-        spike = await _slow(connection, window(scope, start, spike_end), detection.baseline, materialized_through)
-        reference = await _slow(connection, window(scope, ref_start, ref_end), detection.baseline, materialized_through)
-    causes = [_contribution(c, model) for c in attribute(spike, reference, limit=CONTRIBUTORS)]
-    return FoundSpike(
-        start, end, detection.metric, detection.observed, detection.baseline, detection.severity, model, causes
-    )
+        spike = _composition(explaining, window(scope, start, spike_end), detection.baseline)
+        reference = _composition(explaining, window(scope, ref_start, ref_end), detection.baseline)
+    return _assembled(FoundSpike(start, end, detection.metric, detection.observed, detection.baseline,
+                                 detection.severity, model, []), spike, reference)  # fmt: skip
 
 
-async def _requests_by_model(
-    connection: AsyncConnection, scope: UsageQuery, materialized_through: dt.datetime | None
-) -> dict[str, int]:
+async def _assembled(found: FoundSpike, spike: Awaitable[Composition], reference: Awaitable[Composition]) -> FoundSpike:
+    compositions = await spike, await reference
+    causes = [_contribution(c, found.model) for c in attribute(*compositions, limit=CONTRIBUTORS)]
+    return dataclasses.replace(found, causes=causes)
+
+
+def _composition(
+    explaining: Attribution, scope: UsageQuery, slower_than_ms: float | None = None
+) -> Awaitable[Composition]:
+    """A window's errors (or, given a threshold, its requests slower than it) by model, status code and error type,
+    and its requests by model: two statements, started now."""
     if scope.start >= scope.end:
-        return {}
+        return _done(Composition(requests={}, hits={}))
+    through = explaining.materialized_through
+    if slower_than_ms is None:
+        hits = explaining.run(error_rows, scope, through)
+    else:
+        hits = explaining.run(slow_rows, scope, slower_than_ms)
+    requests = explaining.run(series_rows, scope, through)
+    return _composed(hits, requests)
+
+
+async def _composed(hits: Awaitable[list[ErrorRow]], requests: Awaitable[SeriesColumns]) -> Composition:
+    rows = await requests  # per model: every row names one
     totals: dict[str, int] = {}
-    rows = await series_rows(connection, scope, materialized_through)  # per model: every row names one
-    for model, requests in zip(rows.model, rows.requests, strict=True):
+    for model, count in zip(rows.model, rows.requests, strict=True):
         assert model is not None
-        totals[model] = totals.get(model, 0) + requests
-    return totals
+        totals[model] = totals.get(model, 0) + count
+    return Composition(requests=totals, hits=_hits(await hits))
 
 
-async def _errors(
-    connection: AsyncConnection, scope: UsageQuery, materialized_through: dt.datetime | None
-) -> Composition:
-    if scope.start >= scope.end:
-        return Composition(requests={}, hits={})
-    rows = await error_rows(connection, scope, materialized_through)
-    return Composition(requests=await _requests_by_model(connection, scope, materialized_through), hits=_hits(rows))
-
-
-async def _slow(
-    connection: AsyncConnection, scope: UsageQuery, threshold_ms: float, materialized_through: dt.datetime | None
-) -> Composition:
-    if scope.start >= scope.end:
-        return Composition(requests={}, hits={})
-    rows = await slow_rows(connection, scope, threshold_ms)
-    return Composition(requests=await _requests_by_model(connection, scope, materialized_through), hits=_hits(rows))
+async def _done(composition: Composition) -> Composition:
+    return composition
 
 
 def _hits(rows: Sequence[ErrorRow]) -> dict[tuple[str, int, str | None], int]:

@@ -18,7 +18,7 @@ from resolvers.usage import usage_query
 from resolvers.validation import org_argument
 from schema.context import Context
 from schema.enums import Granularity, Severity, SpikeMetric, UsageDimension
-from schema.execution import ObjectPlan, list_plan
+from schema.execution import RenderedList, list_plan
 from schema.inputs import TimeRange, UsageFilter
 from schema.reliability import (
     Attribution,
@@ -73,23 +73,26 @@ async def resolve_reliability(
     wanted = check_percentiles(list(percentiles))
     query = reliability_query(org_id, range, granularity, filter, group_by_model, time_zone)
     freshness = await context.loaders.freshness.load(org_id)  # also says where the rollups end
-    report = await build_report(context.resources.query_engine.connect, query, wanted, freshness.materialized_through)
     plan = list_plan(info._raw_info, "series") if SERIES_AS_JSON else None
+
+    def as_json(series: Series) -> RenderedList | None:  # while the spikes' statements run
+        return render_series(plan, series, error_rates(series), wanted) if plan is not None else None
+
+    report, rendered = await build_report(context.resources.query_engine.connect, query, wanted,
+                                          freshness.materialized_through, meanwhile=as_json)  # fmt: skip
     return to_report(org_id, range, granularity, time_zone, wanted, report, to_freshness(
         freshness, context.resources.settings, dt.datetime.now(dt.UTC)
-    ), plan)  # fmt: skip
+    ), rendered)  # fmt: skip
 
 
 def to_report(
     org_id: str, range: TimeRange, granularity: Granularity, time_zone: str, percentiles: Sequence[float],
-    report: Report, freshness: Any, plan: ObjectPlan | None = None,
+    report: Report, freshness: Any, rendered: RenderedList | None = None,
 ) -> ReliabilityReport:  # fmt: skip
-    """The answer; with the executor's ``plan`` of ``series``, its buckets as JSON text where that can be written
-    exactly (resolvers/reliability_json.py), else as BucketItems for the executor to project."""
+    """The answer; its series as the JSON text ``rendered`` (resolvers/reliability_json.py) when given, else as
+    BucketItems for the executor to project."""
     totals = report.totals
     shared = _Percentiles(percentiles)
-    rates = error_rates(report.series)
-    rendered = render_series(plan, report.series, rates, percentiles) if plan is not None else None
     return ReliabilityReport(
         org_id=strawberry.ID(org_id),
         from_=range.from_,
@@ -105,7 +108,7 @@ def to_report(
         ),
         # JSON text, or BucketItems: ReliabilityBucket's attributes as tuples (the fast path reads attributes;
         # no Strawberry object a bucket).
-        series=cast(list[ReliabilityBucket], rendered or _buckets(report.series, shared, rates)),
+        series=cast(list[ReliabilityBucket], rendered or _buckets(report.series, shared, error_rates(report.series))),
         spikes=[_spike(s) for s in report.spikes],
         breakdown=[_attribution(c) for c in report.breakdown],
         freshness=freshness,

@@ -259,7 +259,7 @@ async def decompose(dataset: Dataset, shape: Shape, runs: int) -> dict[str, Any]
         for index in range(runs + 3):
             logged.clear()
             started = time.perf_counter()
-            report = await build_report(connect, query, PERCENTILES, mt)
+            report, _ = await build_report(connect, query, PERCENTILES, mt, meanwhile=lambda _: None)
             await asyncio.sleep(0)  # asyncpg calls query loggers with call_soon: let the last one run
             if index >= 3:
                 walls.append(time.perf_counter() - started)
