@@ -3,8 +3,9 @@
 The executor would project every bucket into a dict and orjson would encode it (schema/execution.py): for a 30-day
 HOUR series per model, thousands of dicts and nested percentile lists. Here each selected field becomes a column of
 JSON fragments in one pass, mostly in C (orjson encodes a whole column of floats or datetimes and the text is
-split; a bucket's percentile list is written once per distinct list of values), and one ``%`` template per
-selection joins a bucket's fragments. The text is what the projector and orjson would write for the same
+split), and one ``%`` template per selection joins a bucket's fragments. When every bucket has its percentiles,
+their list is part of the template too (a column per percentile); otherwise each bucket's list is written on its
+own. The text is what the projector and orjson would write for the same
 selection (same keys in the same order, ``OPT_UTC_Z`` datetimes, orjson's floats); the executor splices it in
 (``RenderedList``) and reports denied fields as it would for projected items. A selection this module cannot
 write exactly (a field it does not know, a non-null denied field, a value that is not finite) answers None, and
@@ -19,10 +20,11 @@ from collections.abc import Callable, Sequence
 import orjson
 
 from reliability.report import Series
-from schema.execution import ObjectPlan, RenderedList
+from schema.execution import FieldPlan, ObjectPlan, RenderedList
 from schema.json import OPTIONS
 
 Column = list[str]
+Piece = tuple[str, list[Column]]  # a template fragment (JSON text, ``%`` escaped) with a column per ``%s`` in it
 
 
 def render_series(
@@ -31,49 +33,57 @@ def render_series(
     """``series`` as the JSON text of ``plan`` (a ``[ReliabilityBucket]`` selection), or None (see the module)."""
     if plan.type_name != "ReliabilityBucket" or not len(series):
         return None
-    columns: dict[str, Callable[[ObjectPlan | None], Column | None]] = {
-        "start": lambda _: _datetimes(series.starts),
-        "end": lambda _: _datetimes(series.ends),
-        "model": lambda _: _strings(series.models),
-        "requests": lambda _: _integers(series.requests),
-        "errors": lambda _: _integers(series.errors),
-        "client_errors": lambda _: _integers(series.client_errors),
-        "error_rate": lambda _: _floats(error_rates),
-        "latency": lambda nested: _latency(nested, percentiles, series.latency) if nested else None,
+    columns: dict[str, Callable[[FieldPlan], Piece | None]] = {
+        "start": lambda f: _one(f, lambda: _datetimes(series.starts)),
+        "end": lambda f: _one(f, lambda: _datetimes(series.ends)),
+        "model": lambda f: _one(f, lambda: _strings(series.models)),
+        "requests": lambda f: _one(f, lambda: _integers(series.requests)),
+        "errors": lambda f: _one(f, lambda: _integers(series.errors)),
+        "client_errors": lambda f: _one(f, lambda: _integers(series.client_errors)),
+        "error_rate": lambda f: _one(f, lambda: _floats(error_rates)),
+        "latency": lambda f: _latency(f, percentiles, series.latency),
     }
-    objects = _objects(plan, columns, len(series), nested={"latency"})
-    return None if objects is None else RenderedList(",".join(objects), plan.signature)
+    piece = _object(plan, columns)
+    if piece is None:
+        return None
+    template, values = piece
+    if not values:
+        return RenderedList(",".join([template.replace("%%", "%")] * len(series)), plan.signature)
+    return RenderedList(",".join([template % row for row in zip(*values, strict=True)]), plan.signature)
 
 
-def _objects(
-    plan: ObjectPlan, columns: dict[str, Callable[[ObjectPlan | None], Column | None]], count: int, nested: set[str]
-) -> list[str] | None:
-    """Each of ``count`` items as its JSON object for ``plan``: a ``%`` template filled from the selected
-    columns (``nested``: attributes that are lists of objects, rendered by their column for the nested plan)."""
+def _object(plan: ObjectPlan, columns: dict[str, Callable[[FieldPlan], Piece | None]]) -> Piece | None:
+    """One item's JSON object for ``plan`` as a piece: constants written in, each selected column's piece in its
+    place. None when a field cannot be written exactly."""
     parts: list[str] = []
     values: list[Column] = []
     for field in plan.fields:
-        key = orjson.dumps(field.key).decode().replace("%", "%%")
+        key = _escaped(orjson.dumps(field.key).decode())
         if field.attribute is None:  # __typename
-            parts.append(f"{key}:" + orjson.dumps(field.typename).decode().replace("%", "%%"))
+            parts.append(f"{key}:" + _escaped(orjson.dumps(field.typename).decode()))
             continue
         if field.denied:  # null, with the executor's FORBIDDEN error; a non-null one nulls the whole item
             if field.non_null:
                 return None
             parts.append(f"{key}:null")
             continue
-        plain = field.nested is None and not field.leaf_list and not field.object_list
-        listed = field.attribute in nested and field.object_list and field.nested is not None
         make = columns.get(field.attribute)
-        column = make(field.nested) if make is not None and (plain or listed) else None
-        if column is None:
+        piece = make(field) if make is not None else None
+        if piece is None:
             return None
-        parts.append(f"{key}:%s")
-        values.append(column)
-    template = "{" + ",".join(parts) + "}"
-    if not values:
-        return [template.replace("%%", "%")] * count
-    return [template % row for row in zip(*values, strict=True)]
+        parts.append(f"{key}:{piece[0]}")
+        values += piece[1]
+    return "{" + ",".join(parts) + "}", values
+
+
+def _escaped(text: str) -> str:
+    return text.replace("%", "%%")
+
+
+def _one(field: FieldPlan, make: Callable[[], Column | None]) -> Piece | None:
+    """A scalar field's column: one ``%s``."""
+    column = make() if _plain(field) else None
+    return None if column is None else ("%s", [column])
 
 
 def _datetimes(values: Sequence[dt.datetime]) -> Column:
@@ -101,61 +111,59 @@ def _floats(values: Sequence[float]) -> Column | None:
     return None if "null" in text else text
 
 
-def _latency(plan: ObjectPlan, percentiles: Sequence[float], lists: Sequence[list[float]]) -> Column | None:
-    """Each bucket's ``[LatencyPercentile!]``: its values paired with the requested percentiles in order (as
-    ``resolvers.reliability`` pairs them). A list of n values is one ``str.format`` template of n items (the
-    percentiles and typenames written in, ``{j}`` for value j), filled from one orjson pass over all values."""
-    if plan.type_name != "LatencyPercentile":
+def _latency(field: FieldPlan, percentiles: Sequence[float], lists: Sequence[list[float]]) -> Piece | None:
+    """The buckets' ``[LatencyPercentile!]``: each bucket's values paired with the requested percentiles in order
+    (as ``resolvers.reliability`` pairs them). The list of n values is a template with a ``%s`` per selected
+    ``ms`` of each item: when every bucket has n values, it is the whole column's piece (a column of the j-th
+    values for each ``%s`` of item j); else each bucket's list is written with its size's template."""
+    plan = field.nested
+    if plan is None or not field.object_list or plan.type_name != "LatencyPercentile":
         return None
     texts = _floats([value for values in lists for value in values])
-    if texts is None:
+    sizes = {len(values) for values in lists}
+    if texts is None or max(sizes) > len(percentiles):
         return None
-    templates: dict[int, Callable[..., str]] = {}
-    for size in {len(values) for values in lists}:
-        template = _latency_template(plan, percentiles[:size]) if size <= len(percentiles) else None
-        if template is None:
+    templates: dict[int, tuple[str, list[int]]] = {}
+    for size in sizes:
+        made = _latency_list(plan, percentiles[:size])
+        if made is None:
             return None
-        templates[size] = template.format
-    if len(templates) == 1:  # every list of one size (all buckets have latencies): no slicing
-        [(size, fill)] = templates.items()
-        rows = iter(texts)
-        return [fill(*row) for row in zip(*[rows] * size, strict=True)] if size else [fill()] * len(lists)
-    out: Column = []
+        templates[size] = made
+    if len(sizes) == 1:  # every bucket has n values
+        [(size, (text, value_of))] = templates.items()
+        return text, [texts[j::size] for j in value_of]
+    out: Column = []  # each bucket's list, its template filled (a value for the ``%s`` of the bucket's piece)
     at = 0
     for values in lists:
-        size = len(values)
-        out.append(templates[size](*texts[at : at + size]))
-        at += size
-    return out
+        text, value_of = templates[len(values)]
+        out.append(text % tuple(texts[at + j] for j in value_of))
+        at += len(values)
+    return "%s", [out]
 
 
-def _latency_template(plan: ObjectPlan, percentiles: Sequence[float]) -> str | None:
-    """The ``str.format`` template of a list of ``len(percentiles)`` LatencyPercentile items, or None."""
-    items = []
+_VALUE: Column = []  # marks an ``ms`` in a LatencyPercentile item's piece
+
+
+def _latency_list(plan: ObjectPlan, percentiles: Sequence[float]) -> tuple[str, list[int]] | None:
+    """The template of a list of ``len(percentiles)`` LatencyPercentile items, and for each of its ``%s`` the
+    index of the value it stands for (an item may select ``ms`` under several keys, or not at all)."""
+    items: list[str] = []
+    value_of: list[int] = []
     for j, percentile in enumerate(percentiles):
-        parts = []
-        for field in plan.fields:
-            key = orjson.dumps(field.key).decode()
-            if field.attribute is None:
-                parts.append(f"{key}:" + orjson.dumps(field.typename).decode())
-            elif field.denied:
-                if field.non_null:
-                    return None
-                parts.append(f"{key}:null")
-            elif field.attribute == "percentile" and field.nested is None and not field.leaf_list:
-                text = _floats([percentile])
-                if text is None:
-                    return None
-                parts.append(f"{key}:{text[0]}")
-            elif field.attribute == "ms" and field.nested is None and not field.leaf_list:
-                parts.append(f"{key}:\0{j}\0")
-            else:
-                return None
-        items.append("{" + ",".join(parts) + "}")
-    return _placeholders(("[" + ",".join(items) + "]").replace("{", "{{").replace("}", "}}"))
+        piece = _object(plan, {"percentile": _constant(percentile),
+                               "ms": lambda f: ("%s", [_VALUE]) if _plain(f) else None})  # fmt: skip
+        if piece is None:
+            return None
+        items.append(piece[0])
+        value_of += [j] * len(piece[1])
+    return "[" + ",".join(items) + "]", value_of
 
 
-def _placeholders(text: str) -> str:
-    """``\0j\0`` marks (value j) as ``{j}`` in an already brace-escaped template."""
-    pieces = text.split("\0")
-    return "".join(piece if i % 2 == 0 else "{" + piece + "}" for i, piece in enumerate(pieces))
+def _constant(value: float) -> Callable[[FieldPlan], Piece | None]:
+    text = _floats([value])
+    return lambda field: (_escaped(text[0]), []) if text is not None and _plain(field) else None
+
+
+def _plain(field: FieldPlan) -> bool:
+    """A scalar field, as a column writes it (not a list, no nested selection)."""
+    return field.nested is None and not field.leaf_list and not field.object_list
