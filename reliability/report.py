@@ -41,8 +41,9 @@ BREAKDOWN_ROWS = 50
 MAX_SPIKES = 20
 CONTRIBUTORS = 5
 # The slow requests of a latency spike, and of its reference, come from raw events: at most this much of each
-# (24 h cost the largest org's reference 35 ms; attribution quality: docs/reliability.md, bench.detection_quality).
-COMPOSITION_SPAN = dt.timedelta(hours=6)
+# (24 h cost the largest org's reference scan 35 ms, 6 h 7 ms; attribution quality at 3, 6, 12 and 24 h:
+# docs/reliability.md, bench.detection_quality).
+COMPOSITION_SPAN = dt.timedelta(hours=3)
 ATTRIBUTION_CONNECTIONS = 8  # attribution statements at once (4 a spike: errors or slow requests, and requests)
 STARTING_PASSES = 10  # event loop passes that the attribution tasks get to send their statements
 SPLIT_BUCKETS = 240  # a longer series is read in SERIES_PARTS parts at once
