@@ -652,8 +652,9 @@ in the JSON.
 
 **Speed.** `detect` took {per_series:.2f} ms per series (720 buckets, 3 metrics; mean over the run, on a machine
 shared with other work), so 30 days of HOUR × 10 series × 3 metrics takes about {10 * per_series:.0f} ms: more
-than the "well under 10 ms" the brief hopes for. The error-rate pass is one loop over running sums; the latency
-pass sorts up to 7 seasonal references per bucket and metric.
+than the "well under 10 ms" the brief hopes for. The error-rate pass is one loop over running sums (the
+winsorized baseline feeds back into it); the latency pass screens buckets in numpy, then sorts a matrix of the
+screened buckets' references (up to 7 seasonal or 24 trailing) for their medians and MADs.
 """)
 
 
