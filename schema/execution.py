@@ -100,8 +100,11 @@ class FieldPlan:
 
     @property
     def signature(self) -> tuple[object, ...]:
+        """What the compiled projector depends on. The serializer itself, not its id: an enum's is a bound
+        method, a new object at each access (equal to the others, but with its own id), so an id made every
+        request's plan new and compiled its projector again."""
         nested = self.nested.signature if self.nested else None
-        return (self.key, self.attribute, self.typename, id(self.serialize), nested, self.leaf_list,
+        return (self.key, self.attribute, self.typename, self.serialize, nested, self.leaf_list,
                 self.object_list, self.non_null, self.denied)  # fmt: skip
 
 

@@ -22,6 +22,8 @@ from strawberry.schema.schema import StrawberryGraphQLCoreExecutionContext
 
 from kernel.auth import Caller
 from resolvers.root import build_schema
+from schema import execution
+from schema.enums import Severity
 from schema.errors import collapse_list_errors, format_error
 from schema.json import dumps
 from schema.scalars import BigInt
@@ -84,7 +86,19 @@ class Measured:
 
 
 @strawberry.type
+class Graded:
+    """An enum field (as Spike.metric): its serializer is a bound method, a new object at every access."""
+
+    n: int
+    severity: Severity
+
+
+@strawberry.type
 class SampleQuery:
+    @strawberry.field
+    def graded(self) -> list[Graded]:
+        return [Graded(n=i, severity=Severity.CRITICAL if i % 2 else Severity.WARNING) for i in range(3)]
+
     @strawberry.field
     def measured(self) -> list[Measured]:
         values: list[Any] = [1.5, -0.0, 1e308, 2, True, _Real(2.5), 0.1]
@@ -177,6 +191,7 @@ CORPUS = [
     "{ tagged { n flakyParts { n boom } } }",
     "{ measured { x } }",
     "{ notFinite { x } }",
+    "{ graded { n severity } }",
 ]
 
 
@@ -276,3 +291,15 @@ async def test_a_finished_execution_leaves_no_reference_cycles() -> None:
     query = "{ buckets { start requests group { model } } nullableBuckets { spend } }"
     assert await _unreachable_after(ORDINARY, query, 20) >= 20 * 50  # the cycle this guards against
     assert await _unreachable_after(FAST, query, 20) == 0
+
+
+async def test_a_selection_is_compiled_once_however_often_it_is_asked() -> None:
+    """The projector of a selection is cached by its plan's signature: a selection with an enum (whose serializer
+    is a new bound method at each access) must not compile again on every request."""
+    query = "{ graded { n severity } buckets { start requests } }"
+    await FAST.execute(query, context_value=FakeContext(FINANCE))
+    compiled = len(execution._compiled_cache)
+    for _ in range(5):
+        result = await FAST.execute(query, context_value=FakeContext(FINANCE))
+        assert not result.errors and result.data
+    assert len(execution._compiled_cache) == compiled
