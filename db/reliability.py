@@ -154,17 +154,40 @@ LIMIT $12
 """
 )
 
-# Slow requests of a window, by model, status code and error type: raw events only (rollups keep no status
-# code or error type per latency bucket); callers bound the window.
-_SLOW = """
-SELECT * FROM (
-    SELECT e.model, e.status_code, CASE WHEN e.status_code >= 400 THEN e.error_type END AS error_type,
-           count(*)::bigint AS requests
-    FROM usage_events e, (SELECT $4::text[] AS models, $5::text[] AS project_ids, $6::text[] AS api_key_ids) AS params
-    WHERE e.org_id = $1 AND e.event_time >= $2 AND e.event_time < $3 AND e.latency_ms > $7 {filters}
-    GROUP BY 1, 2, 3
-) AS slow  -- (ordered outside: in the grouping query, error_type in an expression would name the raw column)
-ORDER BY requests DESC, model COLLATE "C", status_code, error_type COLLATE "C" NULLS FIRST
+# A window's composition, for a spike's attribution, in one statement (so one snapshot): its requests by model
+# (rows with ``total``), and its hits by model, status code and error type: errors (status >= $11, rollups where
+# whole, as the breakdown) or requests slower than $11 ms (raw events only: rollups keep no status code or error
+# type per latency bucket; callers bound the window).
+_COMPOSITION = (
+    _COMMON
+    + """
+SELECT true AS total, model, NULL::smallint AS status_code, NULL::text AS error_type, sum(n)::bigint AS requests
+FROM (
+    SELECT h.model, h.requests AS n
+    FROM {rollup} h
+    WHERE h.org_id = $1 AND h.hour >= $4 AND h.hour < $5 {filters_h}
+      AND NOT EXISTS (SELECT 1 FROM raw_hours r WHERE r.hour = h.hour)
+    UNION ALL
+    SELECT ev.model, 1 FROM events ev
+) AS requests
+GROUP BY model
+UNION ALL
+SELECT false, model, status_code, error_type, sum(n)::bigint FROM ({hits}) AS hits
+GROUP BY 2, 3, 4
+"""
+)
+_ERROR_HITS = """
+    SELECT h.model, h.status_code, h.error_type, h.requests AS n
+    FROM errors_hourly h
+    WHERE h.org_id = $1 AND h.hour >= $4 AND h.hour < $5 AND h.status_code >= $11 {filters_h}
+      AND NOT EXISTS (SELECT 1 FROM raw_hours r WHERE r.hour = h.hour)
+    UNION ALL
+    SELECT ev.model, ev.status_code, ev.error_type, 1 FROM events ev WHERE ev.status_code >= $11
+"""
+_SLOW_HITS = """
+    SELECT e.model, e.status_code, CASE WHEN e.status_code >= 400 THEN e.error_type END AS error_type, 1 AS n
+    FROM usage_events e
+    WHERE e.org_id = $1 AND e.event_time >= $2 AND e.event_time < $3 AND e.latency_ms > $11 {filters_e}
 """
 
 
@@ -232,8 +255,12 @@ def _errors_sql(shape: _Shape) -> str:
 
 
 @functools.lru_cache(maxsize=64)
-def _slow_sql(shape: _Shape) -> str:
-    return _SLOW.format(filters=shape.filters("e", first_param=4))
+def _composition_sql(shape: _Shape, slow: bool) -> str:
+    hits = (_SLOW_HITS if slow else _ERROR_HITS).format(filters_e=shape.filters("e"), filters_h=shape.filters("h"))
+    return _COMPOSITION.format(
+        hits=hits, filters_e=shape.filters("e"), filters_h=shape.filters("h"), older_than_minutes="",
+        rollup="usage_hourly" if shape.per_key else "reliability_hourly_model",
+    )  # fmt: skip
 
 
 def _args(query: UsageQuery, materialized_through: dt.datetime | None) -> tuple[object, ...]:
@@ -290,14 +317,33 @@ async def error_rows(
     return [ErrorRow._make(record) for record in records]
 
 
-async def slow_rows(connection: AsyncConnection, query: UsageQuery, threshold_ms: float) -> list[ErrorRow]:
-    """Requests slower than ``threshold_ms`` in [query.start, query.end) by model, status code and error type
-    (raw events: keep the window short)."""
+class WindowComposition(NamedTuple):
+    requests: dict[str, int]  # by model
+    hits: list[ErrorRow]  # errors, or slow requests, by model, status code and error type
+
+
+async def composition_rows(
+    connection: AsyncConnection,
+    query: UsageQuery,
+    materialized_through: dt.datetime | None,
+    slower_than_ms: float | None = None,
+) -> WindowComposition:
+    """The requests of [query.start, query.end) by model and its errors (status >= 500), or with
+    ``slower_than_ms`` its requests slower than that (raw events: keep the window short), by model, status code
+    and error type; in one statement. ``query.granularity`` must be None (``window``)."""
     raw = await driver_connection(connection)
-    args = (query.org_id, query.start, query.end, list(query.models or []), list(query.project_ids or []),
-            list(query.api_key_ids or []), threshold_ms)  # fmt: skip
-    records = await raw.fetch(_slow_sql(_Shape.of(query)), *args)
-    return [ErrorRow._make(record) for record in records]
+    slow = slower_than_ms is not None
+    args = (*_args(query, materialized_through), slower_than_ms if slow else 500)
+    requests: dict[str, int] = {}
+    hits: list[ErrorRow] = []
+    for total, model, status_code, error_type, count in await raw.fetch(
+        _composition_sql(_Shape.of(query), slow), *args
+    ):
+        if total:
+            requests[model] = count
+        else:
+            hits.append(ErrorRow(model, status_code, error_type, count))
+    return WindowComposition(requests, hits)
 
 
 def window(query: UsageQuery, start: dt.datetime, end: dt.datetime) -> UsageQuery:
@@ -309,6 +355,6 @@ def window(query: UsageQuery, start: dt.datetime, end: dt.datetime) -> UsageQuer
 
 
 __all__: Sequence[str] = (
-    "ErrorRow", "SeriesColumns", "SeriesRow", "error_rows", "errors_statement", "series_rows", "series_statement",
-    "slow_rows", "window",
+    "ErrorRow", "SeriesColumns", "SeriesRow", "WindowComposition", "composition_rows", "error_rows", "errors_statement",
+    "series_rows", "series_statement", "window",
 )  # fmt: skip

@@ -28,7 +28,7 @@ import numpy as np
 import numpy.typing as npt
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from db.reliability import ErrorRow, SeriesColumns, error_rows, series_rows, slow_rows, window
+from db.reliability import ErrorRow, SeriesColumns, WindowComposition, composition_rows, error_rows, series_rows, window
 from db.usage import UsageQuery, bucket_end, bucket_start
 from kernel.hours import EARLIEST
 from reliability import sketch as sketches
@@ -44,7 +44,7 @@ CONTRIBUTORS = 5
 # (24 h cost the largest org's reference scan 35 ms, 6 h 7 ms; attribution quality at 3, 6, 12 and 24 h:
 # docs/reliability.md, bench.detection_quality).
 COMPOSITION_SPAN = dt.timedelta(hours=3)
-ATTRIBUTION_CONNECTIONS = 8  # attribution statements at once (4 a spike: errors or slow requests, and requests)
+ATTRIBUTION_CONNECTIONS = 8  # attribution statements at once (2 a spike: its window's and its reference's)
 STARTING_PASSES = 10  # event loop passes that the attribution tasks get to send their statements
 SPLIT_BUCKETS = 240  # a longer series is read in SERIES_PARTS parts at once
 SERIES_PARTS = 2
@@ -413,25 +413,15 @@ def _composition(
     explaining: Attribution, scope: UsageQuery, slower_than_ms: float | None = None
 ) -> Awaitable[Composition]:
     """A window's errors (or, given a threshold, its requests slower than it) by model, status code and error type,
-    and its requests by model: two statements, started now."""
+    and its requests by model: one statement, started now."""
     if scope.start >= scope.end:
         return _done(Composition(requests={}, hits={}))
-    through = explaining.materialized_through
-    if slower_than_ms is None:
-        hits = explaining.run(error_rows, scope, through)
-    else:
-        hits = explaining.run(slow_rows, scope, slower_than_ms)
-    requests = explaining.run(series_rows, scope, through)
-    return _composed(hits, requests)
+    return _composed(explaining.run(composition_rows, scope, explaining.materialized_through, slower_than_ms))
 
 
-async def _composed(hits: Awaitable[list[ErrorRow]], requests: Awaitable[SeriesColumns]) -> Composition:
-    rows = await requests  # per model: every row names one
-    totals: dict[str, int] = {}
-    for model, count in zip(rows.model, rows.requests, strict=True):
-        assert model is not None
-        totals[model] = totals.get(model, 0) + count
-    return Composition(requests=totals, hits=_hits(await hits))
+async def _composed(rows: Awaitable[WindowComposition]) -> Composition:
+    found = await rows
+    return Composition(requests=found.requests, hits=_hits(found.hits))
 
 
 async def _done(composition: Composition) -> Composition:
