@@ -138,7 +138,7 @@ NESTED = [
         FieldPlan("v", "ms"),
         FieldPlan("w", "ms"),
         FieldPlan("p", "percentile"),
-    ),  # fmt: skip
+    ),
     latency_plan(FieldPlan("p", "percentile"), FieldPlan("{0}%s", "ms")),  # braces and % in an alias (not GraphQL)
     latency_plan(FieldPlan("__typename", None, typename="LatencyPercentile")),
 ]
