@@ -33,7 +33,7 @@ from db.usage import UsageQuery, bucket_end, bucket_start
 from kernel.hours import EARLIEST
 from reliability import sketch as sketches
 from reliability.attribution import Composition, Contribution, attribute
-from reliability.spikes import Columns, Detection, Metric, Severity, detect, lookback
+from reliability.spikes import Columns, Detection, Metric, Severity, detect_all, lookback
 
 SEASON = {"MINUTE": None, "HOUR": 24, "DAY": 7, "MONTH": None}
 DETECTION_PERCENTILES = (0.95, 0.99)
@@ -326,11 +326,10 @@ def _detect(
         at = (collected.model[on], collected.position[on])
         requests[at], errors[at] = collected.requests[on], collected.errors[on]
         p95[at], p99[at] = values[on, 0], values[on, 1]
-    found: list[tuple[str | None, Detection]] = []
-    for model, code in sorted(models.items(), key=lambda item: item[0] or ""):
-        columns = Columns(requests[code].tolist(), errors[code].tolist(), p95[code].tolist(), p99[code].tolist())
-        found += [(model if by_model else None, d) for d in detect(columns, evaluate_from, season)]
-    return found
+    ordered = sorted(models.items(), key=lambda item: item[0] or "")
+    columns = [Columns(requests[c].tolist(), errors[c].tolist(), p95[c].tolist(), p99[c].tolist()) for _, c in ordered]
+    found = detect_all(columns, evaluate_from, season)
+    return [(model if by_model else None, d) for (model, _), each in zip(ordered, found, strict=True) for d in each]
 
 
 def _relative(detection: Detection) -> float:

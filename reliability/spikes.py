@@ -112,13 +112,23 @@ def detect(points: Sequence[Point] | Columns, evaluate_from: int, season: int | 
     ``season`` is the number of buckets in one seasonal period (24 for HOUR, 7 for DAY) or None (no seasonal term).
     Detections are ordered by metric, then by their first bucket.
     """
-    series = points if isinstance(points, Columns) else Columns.of(points)
-    found = _error_rate(series, evaluate_from, season)
-    for metric, values, min_requests, k in (
-        (Metric.LATENCY_P95, series.p95_ms, MIN_REQUESTS_P95, K_LATENCY),
-        (Metric.LATENCY_P99, series.p99_ms, MIN_REQUESTS_P99, K_LATENCY_P99),
-    ):
-        found += _latency(series.requests, values, evaluate_from, season, metric, (min_requests, k))
+    return detect_all([points], evaluate_from, season)[0]
+
+
+def detect_all(
+    series: Sequence[Sequence[Point] | Columns], evaluate_from: int, season: int | None
+) -> list[list[Detection]]:
+    """:func:`detect` of several series of one grid (a report's models), their latency screens in one numpy pass."""
+    columns = [s if isinstance(s, Columns) else Columns.of(s) for s in series]
+    found = [_error_rate(c, evaluate_from, season) for c in columns]
+    for metric, min_requests, k in ((Metric.LATENCY_P95, MIN_REQUESTS_P95, K_LATENCY),
+                                    (Metric.LATENCY_P99, MIN_REQUESTS_P99, K_LATENCY_P99)):  # fmt: skip
+        logs = [
+            _logs(c.requests, c.p95_ms if metric == Metric.LATENCY_P95 else c.p99_ms, min_requests) for c in columns
+        ]
+        candidates = _latency_candidates(logs, [c.requests for c in columns], evaluate_from, season)
+        for index, (row, kept) in enumerate(zip(logs, candidates, strict=True)):
+            found[index] += _latency_spikes(row, kept, season, metric, k)
     return found
 
 
@@ -256,22 +266,19 @@ def _runs(indexes: Iterator[int]) -> list[tuple[int, int]]:
 # --- latency percentiles -------------------------------------------------------------------------------------------
 
 
-def _latency(
-    counts: Sequence[int],
-    values: Sequence[float | None],
-    evaluate_from: int,
-    season: int | None,
-    metric: Metric,
-    guards: tuple[int, float],  # (fewest requests, robust z to exceed)
-) -> list[Detection]:
-    min_requests, k = guards
+def _logs(counts: Sequence[int], values: Sequence[float | None], min_requests: int) -> list[float]:
+    """Each bucket's log latency, NaN where it has fewer than ``min_requests`` requests or no value. In Python's own
+    arithmetic (numpy's SIMD log may differ in the last bit); every later step is exact IEEE arithmetic (subtract,
+    divide, sqrt, compare, sort), the same in numpy as in Python."""
     nan, log = math.nan, math.log
-    # Logs in Python's own arithmetic (numpy's SIMD log may differ in the last bit); every later step is exact
-    # IEEE arithmetic (subtract, divide, sqrt, compare, sort), the same in numpy as in Python.
-    logs = [log(v) if n >= min_requests and v and v == v else nan
-            for n, v in zip(counts, values, strict=True)]  # fmt: skip
-    floor, screen = math.log(MIN_LATENCY_RATIO), math.log(LATENCY_SCREEN_RATIO)
-    candidates = _latency_candidates(logs, counts, _screened(logs, max(evaluate_from, 1), season, screen), season)
+    return [log(v) if n >= min_requests and v and v == v else nan for n, v in zip(counts, values, strict=True)]
+
+
+def _latency_spikes(
+    logs: list[float], candidates: dict[int, tuple[float, float]], season: int | None, metric: Metric, k: float
+) -> list[Detection]:
+    """Runs of adjacent candidates whose pooled robust z reaches ``k`` and whose mean rise reaches the floor."""
+    floor = math.log(MIN_LATENCY_RATIO)
     found = []
     for first, last in _runs(iter(candidates)):
         run = range(first, last + 1)
@@ -295,46 +302,58 @@ def _latency(
 
 
 def _latency_candidates(
-    logs: list[float], counts: Sequence[int], screened: list[int], season: int | None
-) -> dict[int, tuple[float, float]]:
-    """Of the screened buckets, those whose robust z reaches Z_SCREEN -> (baseline (log), robust z).
+    logs: Sequence[list[float]], counts: Sequence[Sequence[int]], evaluate_from: int, season: int | None
+) -> list[dict[int, tuple[float, float]]]:
+    """For each series (its log latencies and request counts), the buckets from ``evaluate_from`` on whose robust z
+    reaches Z_SCREEN -> (baseline (log), robust z), ascending.
 
     Per bucket t: its references (the same bucket 1..PERIODS seasons back when at least MIN_REFS of them have a
     value, else the last TRAILING buckets; NaNs left out), their median, and a scale: the larger of the references'
     scaled MAD, the sampling noise of t's request count, and SCALE_FLOOR. A bucket is kept when it is at least the
-    screen above the median and its z = (x - median) / scale reaches Z_SCREEN. All screened buckets at once, as rows
-    of a matrix of their references (NaN-padded, so that a sort puts the missing last)."""
-    if not screened:
-        return {}
-    values = np.asarray(logs, dtype=np.float64)
-    at = np.asarray(screened, dtype=np.int64)
-    references = _lagged_rows(values, at, 1, TRAILING)
+    screen above the median and its z = (x - median) / scale reaches Z_SCREEN. The buckets that pass the screen
+    (:func:`_screen`), of every series at once, as rows of a matrix of their references (NaN-padded, so that a sort
+    puts the missing last)."""
+    found: list[dict[int, tuple[float, float]]] = [{} for _ in logs]
+    if not logs:
+        return found
+    values = np.asarray(logs, dtype=np.float64).reshape(len(logs), -1)
+    series, at = np.nonzero(_screen(values, max(evaluate_from, 1), season, math.log(LATENCY_SCREEN_RATIO)))
+    if not len(at):
+        return found
+    references = _lagged_rows(values, series, at, 1, TRAILING)
     if season:
-        seasonal = _lagged_rows(values, at, season, PERIODS)
+        seasonal = _lagged_rows(values, series, at, season, PERIODS)
         use = np.count_nonzero(~np.isnan(seasonal), axis=1) >= MIN_REFS
         references[use] = np.nan
         references[use, :PERIODS] = seasonal[use]
-    x = values[at]
+    x = values[series, at]
     references.sort(axis=1)  # NaN last
     present = np.count_nonzero(~np.isnan(references), axis=1)
     median = _row_medians(references, present)
     above = x - median >= math.log(LATENCY_SCREEN_RATIO)
     if not above.any():
-        return {}
+        return found
     deviations = np.abs(references - median[:, None])
     deviations.sort(axis=1)
     spread = MAD_TO_SD * _row_medians(deviations, present)
-    noise = _sampling_noise(values, counts, season or 1)
-    n = np.asarray(counts, dtype=np.float64)[at]
-    z = (x - median) / np.maximum(np.maximum(spread, noise / np.sqrt(n)), SCALE_FLOOR)
+    n = np.asarray(counts, dtype=np.float64).reshape(values.shape)
+    noise = np.zeros(len(logs))
+    for row in np.unique(series[above]).tolist():
+        noise[row] = _sampling_noise(values[row], n[row], season or 1)
+    z = (x - median) / np.maximum(np.maximum(spread, noise[series] / np.sqrt(n[series, at])), SCALE_FLOOR)
     kept = above & (z >= Z_SCREEN)
-    return dict(zip(at[kept].tolist(), zip(median[kept].tolist(), z[kept].tolist(), strict=True), strict=True))
+    for row, t, m, score in zip(series[kept].tolist(), at[kept].tolist(), median[kept].tolist(), z[kept].tolist(),
+                                strict=True):  # fmt: skip
+        found[row][t] = (m, score)
+    return found
 
 
-def _lagged_rows(values: npt.NDArray[np.float64], at: npt.NDArray[np.int64], step: int, lags: int) -> FloatMatrix:
-    """Row i: ``values[at[i] - step * k]`` for k = 1..lags, NaN where that is before the series."""
+def _lagged_rows(
+    values: FloatMatrix, series: npt.NDArray[np.int64], at: npt.NDArray[np.int64], step: int, lags: int
+) -> FloatMatrix:
+    """Row i: ``values[series[i], at[i] - step * k]`` for k = 1..lags, NaN where that is before the series."""
     positions = at[:, None] - step * np.arange(1, lags + 1)
-    rows: FloatMatrix = values[np.maximum(positions, 0)]
+    rows: FloatMatrix = values[series[:, None], np.maximum(positions, 0)]
     rows[positions < 0] = np.nan
     return rows
 
@@ -348,17 +367,12 @@ def _row_medians(rows: FloatMatrix, present: npt.NDArray[np.int64]) -> npt.NDArr
     return np.where(present % 2 == 1, upper, (lower + upper) / 2)
 
 
-def _screened(logs: list[float], start: int, season: int | None, screen: float) -> list[int]:
-    """The buckets from ``start`` on that may be candidates: a value (not NaN), at least MIN_REFS references
-    (:func:`_latency_candidates`'s choice), and the value at least ``screen`` above the smallest of them (the median is
-    at least the smallest reference). In a few numpy passes over the whole series: the
-    reference matrices of :func:`_latency_candidates` are then built for these buckets only (this is a necessary
-    condition of its first test).
-    """
-    values = np.asarray(logs, dtype=np.float64)
-    size = len(values)
-    if size <= start:
-        return []
+def _screen(values: FloatMatrix, start: int, season: int | None, screen: float) -> npt.NDArray[np.bool_]:
+    """Of each series (a row of log latencies), the buckets from ``start`` on that may be candidates: a value (not
+    NaN), at least MIN_REFS references (:func:`_latency_candidates`'s choice), and the value at least ``screen``
+    above the smallest of them (the median is at least the smallest reference). In a few numpy passes over all the
+    series: the reference matrices of :func:`_latency_candidates` are then built for these buckets only (this is a
+    necessary condition of its first test)."""
     trailing_count, trailing_min = _lagged(values, 1, TRAILING)
     if season:
         seasonal_count, seasonal_min = _lagged(values, season, PERIODS)
@@ -368,32 +382,28 @@ def _screened(logs: list[float], start: int, season: int | None, screen: float) 
     else:
         count, smallest = trailing_count, trailing_min
     with np.errstate(invalid="ignore"):  # NaN values compare False: not kept
-        kept = (count >= MIN_REFS) & (values - screen >= smallest)
-    kept[:start] = False
-    indexes: list[int] = np.flatnonzero(kept).tolist()
-    return indexes
+        kept: npt.NDArray[np.bool_] = (count >= MIN_REFS) & (values - screen >= smallest)
+    kept[:, :start] = False
+    return kept
 
 
-def _lagged(
-    values: npt.NDArray[np.float64], step: int, lags: int
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
-    """For every bucket t, over ``values[t - step * k]`` for k = 1..lags that exist and are not NaN: how many
-    there are and the smallest (+inf if none)."""
-    size = len(values)
-    count = np.zeros(size, dtype=np.int64)
-    smallest = np.full(size, np.inf)
+def _lagged(values: FloatMatrix, step: int, lags: int) -> tuple[npt.NDArray[np.int64], FloatMatrix]:
+    """For every bucket t of every series (row), over ``values[:, t - step * k]`` for k = 1..lags that exist and
+    are not NaN: how many there are and the smallest (+inf if none)."""
+    size = values.shape[-1]
+    count = np.zeros(values.shape, dtype=np.int64)
+    smallest = np.full(values.shape, np.inf)
     for k in range(1, lags + 1):
         shift = step * k
         if shift >= size:
             break
-        earlier = values[:-shift]
-        present = ~np.isnan(earlier)
-        count[shift:] += present
-        np.fmin(smallest[shift:], earlier, out=smallest[shift:])  # fmin ignores NaN
+        earlier = values[:, :-shift]
+        count[:, shift:] += ~np.isnan(earlier)
+        np.fmin(smallest[:, shift:], earlier, out=smallest[:, shift:])  # fmin ignores NaN
     return count, smallest
 
 
-def _sampling_noise(logs: npt.NDArray[np.float64], counts: Sequence[int], lag: int) -> float:
+def _sampling_noise(logs: npt.NDArray[np.float64], counts: npt.NDArray[np.float64], lag: int) -> float:
     """sigma such that one bucket's log quantile varies by about sigma / sqrt(requests).
 
     Robustly estimated from differences one season apart, each normalized by sqrt(1/n1 + 1/n2): the median absolute
@@ -403,8 +413,7 @@ def _sampling_noise(logs: npt.NDArray[np.float64], counts: Sequence[int], lag: i
         return 0.0
     later, earlier = logs[lag:], logs[:-lag]
     both = ~np.isnan(later) & ~np.isnan(earlier)
-    n = np.asarray(counts, dtype=np.float64)
-    diffs = np.abs(later[both] - earlier[both]) / np.sqrt(1 / n[lag:][both] + 1 / n[:-lag][both])
+    diffs = np.abs(later[both] - earlier[both]) / np.sqrt(1 / counts[lag:][both] + 1 / counts[:-lag][both])
     diffs.sort()
     return MAD_TO_SD * _median_sorted(diffs.tolist()) if len(diffs) >= 10 else 0.0
 

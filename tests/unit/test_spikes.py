@@ -8,13 +8,13 @@ import random
 import time
 from dataclasses import replace
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bench.detection_quality import DOC, HEADING, RESULTS, Config, poisson, run, sample_p95_p99, section
 from reliability.spikes import (
-    K_LATENCY,
     LATENCY_SCREEN_RATIO,
     MAD_TO_SD,
     MIN_LATENCY_RATIO,
@@ -23,14 +23,14 @@ from reliability.spikes import (
     SCALE_FLOOR,
     TRAILING,
     Z_SCREEN,
+    Columns,
     Detection,
     Metric,
     Point,
     Severity,
-    _latency,
     _latency_candidates,
     _median_sorted,
-    _screened,
+    _screen,
     detect,
     lookback,
     poisson_sf,
@@ -281,11 +281,23 @@ def test_the_latency_matrices_find_exactly_the_candidates_and_spikes_of_the_buck
     values = [v if n else None for n, v in series]
     logs = [math.log(v) if n >= 100 and v else math.nan for n, v in zip(counts, values, strict=True)]
     expected = _latency_candidates_one_by_one(logs, counts, start, season)
-    screened = _screened(logs, max(start, 1), season, math.log(LATENCY_SCREEN_RATIO))
-    assert _latency_candidates(logs, counts, screened, season) == expected
-    found = _latency(counts, values, start, season, Metric.LATENCY_P95, (100, K_LATENCY))
-    assert all(d.first in expected and d.last in expected for d in found)
+    assert _latency_candidates([logs], [counts], start, season) == [expected]
+    # Several series at once (as a report's models): each finds its own.
+    other = logs[::-1]
+    assert _latency_candidates([logs, other, logs], [counts, counts[::-1], counts], start, season) == [
+        expected,
+        _latency_candidates_one_by_one(other, counts[::-1], start, season),
+        expected,
+    ]
+    nothing = [0] * len(counts)
+    found = detect(Columns(counts, nothing, values, [None] * len(counts)), start, season)
+    assert all(d.metric == Metric.LATENCY_P95 and d.first in expected and d.last in expected for d in found)
     assert all(math.log(d.observed / d.baseline) >= math.log(MIN_LATENCY_RATIO) - 1e-12 for d in found)
+
+
+def _screened(logs: list[float], start: int, season: int | None, screen: float) -> list[int]:
+    """``_screen`` of one series, as indexes."""
+    return np.flatnonzero(_screen(np.asarray(logs, dtype=np.float64)[None, :], start, season, screen)[0]).tolist()
 
 
 def _screened_one_by_one(logs: list[float], start: int, season: int | None, screen: float) -> list[int]:
