@@ -141,27 +141,30 @@ async def build_report(
     # report's breakdown read every raw event of its day again).
     unbucketed = dataclasses.replace(query, granularity=None, time_zone="UTC")
     parts = _parts(query, grid)
-    series_parts, history_rows, breakdown = await asyncio.gather(
-        asyncio.gather(
-            *(_with(connect, series_rows, part, materialized_through, per_model=by_model) for part in parts)
-        ),
-        _with(connect, series_rows, earlier, materialized_through, per_model=by_model) if earlier else _no_rows(),
-        _with(connect, error_rows, unbucketed, materialized_through, limit=BREAKDOWN_ROWS),
+    # The breakdown is needed last: its statement runs while the series are read and their spikes found.
+    breakdown_rows = asyncio.ensure_future(
+        _with(connect, error_rows, unbucketed, materialized_through, limit=BREAKDOWN_ROWS)
     )
-    starts = history + grid
-    grid_of = Grid(starts, query.granularity, zone)
-    models: dict[str | None, int] = {}  # model -> its code, shared by the range and its history
-    series = _collect(_joined(series_parts), by_model, grid_of, models)
-    past = _collect(history_rows, by_model, grid_of, models)
-    wanted = [*percentiles, *DETECTION_PERCENTILES]
-    table, past_table = series.batch.quantile_table(wanted), past.batch.quantile_table(wanted)
-    count = len(percentiles)
-    spikes = _detect(grid_of, len(history), (series, past), (table[:, count:], past_table[:, count:]), models,
-                     by_model, SEASON[query.granularity])  # fmt: skip
-    spikes.sort(key=lambda s: (s[1].severity != Severity.CRITICAL, -_relative(s[1])))
     explaining = Attribution(connect, materialized_through)
-    plans = [_plan(explaining, query, starts, model, detection, zone) for model, detection in spikes[:MAX_SPIKES]]
     try:
+        series_parts, history_rows = await asyncio.gather(
+            asyncio.gather(
+                *(_with(connect, series_rows, part, materialized_through, per_model=by_model) for part in parts)
+            ),
+            _with(connect, series_rows, earlier, materialized_through, per_model=by_model) if earlier else _no_rows(),
+        )
+        starts = history + grid
+        grid_of = Grid(starts, query.granularity, zone)
+        models: dict[str | None, int] = {}  # model -> its code, shared by the range and its history
+        series = _collect(_joined(series_parts), by_model, grid_of, models)
+        past = _collect(history_rows, by_model, grid_of, models)
+        wanted = [*percentiles, *DETECTION_PERCENTILES]
+        table, past_table = series.batch.quantile_table(wanted), past.batch.quantile_table(wanted)
+        count = len(percentiles)
+        spikes = _detect(grid_of, len(history), (series, past), (table[:, count:], past_table[:, count:]), models,
+                         by_model, SEASON[query.granularity])  # fmt: skip
+        spikes.sort(key=lambda s: (s[1].severity != Severity.CRITICAL, -_relative(s[1])))
+        plans = [_plan(explaining, query, starts, model, d, zone) for model, d in spikes[:MAX_SPIKES]]
         await explaining.started()
         # While PostgreSQL explains the spikes: the rest of the report, and the caller's work on the series.
         totals = Totals(
@@ -171,8 +174,11 @@ async def build_report(
         columns = _series(series, table[:, :count], grid_of, models)
         made = meanwhile(columns)
         found = [await plan for plan in plans]
+        breakdown = await breakdown_rows
     except BaseException:
+        breakdown_rows.cancel()
         await explaining.cancel()
+        await asyncio.gather(breakdown_rows, return_exceptions=True)
         raise
     found.sort(key=lambda s: (s.start, s.metric, s.model or ""))
     total_errors = sum(r.requests for r in breakdown) or 1
