@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import functools
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -317,33 +318,59 @@ async def error_rows(
     return [ErrorRow._make(record) for record in records]
 
 
+COMPOSITION_PARAMS = 11  # parameters of one window's statement (_COMPOSITION)
+
+
 class WindowComposition(NamedTuple):
     requests: dict[str, int]  # by model
     hits: list[ErrorRow]  # errors, or slow requests, by model, status code and error type
 
 
-async def composition_rows(
-    connection: AsyncConnection,
-    query: UsageQuery,
-    materialized_through: dt.datetime | None,
-    slower_than_ms: float | None = None,
-) -> WindowComposition:
-    """The requests of [query.start, query.end) by model and its errors (status >= 500), or with
-    ``slower_than_ms`` its requests slower than that (raw events: keep the window short), by model, status code
-    and error type; in one statement. ``query.granularity`` must be None (``window``)."""
+Window = tuple[UsageQuery, float | None]  # a window (``window``) and a latency threshold (ms), None for errors
+
+
+async def compositions(
+    connection: AsyncConnection, windows: Sequence[Window], materialized_through: dt.datetime | None
+) -> list[WindowComposition]:
+    """Each window's requests by model, and its errors (status >= 500) or, given a threshold, its requests slower
+    than that (raw events: keep such windows short), by model, status code and error type; all windows in one
+    statement (one snapshot, one round trip), in their order."""
+    if not windows:
+        return []
+    order = sorted(range(len(windows)), key=lambda i: windows[i][1] is not None)  # errors, then slow: few SQL texts
+    shapes = tuple((_Shape.of(windows[i][0]), windows[i][1] is not None) for i in order)
+    args: list[object] = []
+    for i in order:
+        query, slower_than_ms = windows[i]
+        args += [*_args(query, materialized_through), 500 if slower_than_ms is None else slower_than_ms]
+    found = [WindowComposition({}, []) for _ in windows]
     raw = await driver_connection(connection)
-    slow = slower_than_ms is not None
-    args = (*_args(query, materialized_through), slower_than_ms if slow else 500)
-    requests: dict[str, int] = {}
-    hits: list[ErrorRow] = []
-    for total, model, status_code, error_type, count in await raw.fetch(
-        _composition_sql(_Shape.of(query), slow), *args
-    ):
+    for position, total, model, status_code, error_type, count in await raw.fetch(_compositions_sql(shapes), *args):
+        window_ = found[order[position]]
         if total:
-            requests[model] = count
+            window_.requests[model] = count
         else:
-            hits.append(ErrorRow(model, status_code, error_type, count))
-    return WindowComposition(requests, hits)
+            window_.hits.append(ErrorRow(model, status_code, error_type, count))
+    return found
+
+
+_PARAMETER = re.compile(r"\$(\d+)")
+
+
+def _renumbered(parameter: re.Match[str], offset: int) -> str:
+    return f"${int(parameter.group(1)) + offset}"
+
+
+@functools.lru_cache(maxsize=64)
+def _compositions_sql(shapes: tuple[tuple[_Shape, bool], ...]) -> str:
+    """The windows' statements side by side, each in its own subquery with its own parameters (COMPOSITION_PARAMS
+    a window, numbered on), its rows tagged with its position."""
+    parts = []
+    for position, (shape, slow) in enumerate(shapes):
+        sql = _PARAMETER.sub(functools.partial(_renumbered, offset=position * COMPOSITION_PARAMS),
+                             _composition_sql(shape, slow))  # fmt: skip
+        parts.append(f"SELECT {position} AS position, c.* FROM ({sql}) AS c")
+    return "\nUNION ALL\n".join(parts)
 
 
 def window(query: UsageQuery, start: dt.datetime, end: dt.datetime) -> UsageQuery:
@@ -355,6 +382,6 @@ def window(query: UsageQuery, start: dt.datetime, end: dt.datetime) -> UsageQuer
 
 
 __all__: Sequence[str] = (
-    "ErrorRow", "SeriesColumns", "SeriesRow", "WindowComposition", "composition_rows", "error_rows", "errors_statement",
-    "series_rows", "series_statement", "window",
+    "ErrorRow", "SeriesColumns", "SeriesRow", "Window", "WindowComposition", "compositions", "error_rows",
+    "errors_statement", "series_rows", "series_statement", "window",
 )  # fmt: skip

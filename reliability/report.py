@@ -28,7 +28,16 @@ import numpy as np
 import numpy.typing as npt
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from db.reliability import ErrorRow, SeriesColumns, WindowComposition, composition_rows, error_rows, series_rows, window
+from db.reliability import (
+    ErrorRow,
+    SeriesColumns,
+    Window,
+    WindowComposition,
+    compositions,
+    error_rows,
+    series_rows,
+    window,
+)
 from db.usage import UsageQuery, bucket_end, bucket_start
 from kernel.hours import EARLIEST
 from reliability import sketch as sketches
@@ -44,8 +53,8 @@ CONTRIBUTORS = 5
 # (24 h cost the largest org's reference scan 35 ms, 6 h 7 ms; attribution quality at 3, 6, 12 and 24 h:
 # docs/reliability.md, bench.detection_quality).
 COMPOSITION_SPAN = dt.timedelta(hours=3)
-ATTRIBUTION_CONNECTIONS = 8  # attribution statements at once (2 a spike: its window's and its reference's)
-STARTING_PASSES = 10  # event loop passes that the attribution tasks get to send their statements
+ATTRIBUTION_STATEMENTS = 4  # at once, each on its own connection (class Attribution)
+STARTING_PASSES = 10  # event loop passes that the attribution statements get to be sent
 SPLIT_BUCKETS = 240  # a longer series is read in SERIES_PARTS parts at once
 SERIES_PARTS = 2
 
@@ -129,8 +138,8 @@ async def build_report(
     ``connect`` opens a connection (``engine.connect``): the range's series (in two parts when it is long), its
     history and the breakdown are independent statements, run at once on their own connections (each reads the
     rollups and raw events in its own snapshot, as they did one after the other; every event is in exactly one
-    of them, so none counts twice); so are the attribution statements of the spikes found, at most
-    ATTRIBUTION_CONNECTIONS at a time."""
+    of them, so none counts twice); so are the few statements that read the windows that explain the spikes
+    (:class:`Attribution`)."""
     assert query.granularity is not None
     by_model = "model" in query.group_by
     zone = zoneinfo.ZoneInfo(query.time_zone)
@@ -165,7 +174,7 @@ async def build_report(
                          by_model, SEASON[query.granularity])  # fmt: skip
         spikes.sort(key=lambda s: (s[1].severity != Severity.CRITICAL, -_relative(s[1])))
         plans = [_plan(explaining, query, starts, model, d, zone) for model, d in spikes[:MAX_SPIKES]]
-        await explaining.started()
+        await explaining.start()
         # While PostgreSQL explains the spikes: the rest of the report, and the caller's work on the series.
         totals = Totals(
             requests=int(series.requests.sum()), errors=int(series.errors.sum()),
@@ -343,32 +352,51 @@ def _relative(detection: Detection) -> float:
 
 
 class Attribution:
-    """The attribution statements of a report's spikes, each a task on its own connection (at most
-    ATTRIBUTION_CONNECTIONS at once), all started before the report's remaining Python work."""
+    """The compositions that explain a report's spikes: every window of every spike is registered first, then read by
+    at most ATTRIBUTION_STATEMENTS statements (``db.reliability.compositions``) at once, each on its own connection:
+    the windows of error spikes (rollups, cheap) together, the slow-request windows of latency spikes (raw events)
+    spread over the others. All are sent before the report's remaining Python work, so that PostgreSQL reads while
+    Python writes."""
 
     def __init__(self, connect: Connect, materialized_through: dt.datetime | None) -> None:
         self.connect, self.materialized_through = connect, materialized_through
-        self.limit = asyncio.Semaphore(ATTRIBUTION_CONNECTIONS)
-        self.tasks: list[asyncio.Future[Any]] = []
+        self.windows: list[Window] = []
+        self.tasks: list[asyncio.Future[list[WindowComposition]]] = []
+        self.found: dict[int, tuple[int, int]] = {}  # window -> (its statement, its place in that statement)
         self.sent = 0
 
-    def run(self, fetch: Callable[..., Awaitable[_T]], *args: Any) -> asyncio.Future[_T]:
-        task = asyncio.ensure_future(self._run(fetch, *args))
-        self.tasks.append(task)
-        return task
+    def composition(self, scope: UsageQuery, slower_than_ms: float | None = None) -> Awaitable[Composition]:
+        """A window's errors (or, given a threshold, its requests slower than it) by model, status code and error
+        type, and its requests by model: once :meth:`start` has read them."""
+        if scope.start >= scope.end:
+            return _done(Composition(requests={}, hits={}))
+        self.windows.append((scope, slower_than_ms))
+        return self._composed(len(self.windows) - 1)
 
-    async def _run(self, fetch: Callable[..., Awaitable[_T]], *args: Any) -> _T:
-        async with self.limit, self.connect() as connection:
-            self.sent += 1  # its statement goes out in this step (the driver writes it before it waits)
-            return await fetch(connection, *args)
+    async def _composed(self, index: int) -> Composition:
+        statement, place = self.found[index]
+        found = (await self.tasks[statement])[place]
+        return Composition(requests=found.requests, hits=_hits(found.hits))
 
-    async def started(self) -> None:
-        """Returns once the first ATTRIBUTION_CONNECTIONS statements are on their way (or done): the event loop
-        runs each task up to its first wait, connection checkout included (a few passes at most)."""
+    async def start(self) -> None:
+        """Sends the statements and returns once they are on their way (the event loop runs each task up to its
+        first wait, connection checkout included: a few passes at most) or done."""
+        errors = [i for i, (_, slower) in enumerate(self.windows) if slower is None]
+        slow = [i for i, (_, slower) in enumerate(self.windows) if slower is not None]
+        spread = ATTRIBUTION_STATEMENTS - (1 if errors else 0)
+        groups = [g for g in (errors, *(slow[k::spread] for k in range(spread))) if g]
+        for statement, group in enumerate(groups):
+            self.found |= {index: (statement, place) for place, index in enumerate(group)}
+            self.tasks.append(asyncio.ensure_future(self._read([self.windows[i] for i in group])))
         for _ in range(STARTING_PASSES):
-            if self.sent >= min(len(self.tasks), ATTRIBUTION_CONNECTIONS) or all(t.done() for t in self.tasks):
+            if self.sent == len(self.tasks) or all(task.done() for task in self.tasks):
                 return
             await asyncio.sleep(0)
+
+    async def _read(self, windows: list[Window]) -> list[WindowComposition]:
+        async with self.connect() as connection:
+            self.sent += 1  # the statement goes out in this step (the driver writes it before it waits)
+            return await compositions(connection, windows, self.materialized_through)
 
     async def cancel(self) -> None:
         for task in self.tasks:
@@ -384,8 +412,8 @@ def _plan(
     detection: Detection,
     zone: zoneinfo.ZoneInfo,
 ) -> Awaitable[FoundSpike]:
-    """A spike with its causes: its window's composition against its reference's (their statements are started
-    now; the spike is assembled when they are done)."""
+    """A spike with its causes: its window's composition against its reference's (registered now, read by
+    :meth:`Attribution.start`; the spike is assembled when they are read)."""
     assert query.granularity is not None
     start = starts[detection.first]
     end = min(bucket_end(starts[detection.last], query.granularity, zone), query.end)
@@ -397,13 +425,13 @@ def _plan(
     else:
         ref_start = ref_end = start
     if detection.metric == Metric.ERROR_RATE:
-        spike = _composition(explaining, window(scope, start, end))
-        reference = _composition(explaining, window(scope, ref_start, ref_end))
+        spike = explaining.composition(window(scope, start, end))
+        reference = explaining.composition(window(scope, ref_start, ref_end))
     else:
         spike_end = min(end, start + COMPOSITION_SPAN)
         ref_start = max(ref_start, ref_end - COMPOSITION_SPAN)
-        spike = _composition(explaining, window(scope, start, spike_end), detection.baseline)
-        reference = _composition(explaining, window(scope, ref_start, ref_end), detection.baseline)
+        spike = explaining.composition(window(scope, start, spike_end), detection.baseline)
+        reference = explaining.composition(window(scope, ref_start, ref_end), detection.baseline)
     return _assembled(FoundSpike(start, end, detection.metric, detection.observed, detection.baseline,
                                  detection.severity, model, []), spike, reference)  # fmt: skip
 
@@ -412,21 +440,6 @@ async def _assembled(found: FoundSpike, spike: Awaitable[Composition], reference
     compositions = await spike, await reference
     causes = [_contribution(c, found.model) for c in attribute(*compositions, limit=CONTRIBUTORS)]
     return dataclasses.replace(found, causes=causes)
-
-
-def _composition(
-    explaining: Attribution, scope: UsageQuery, slower_than_ms: float | None = None
-) -> Awaitable[Composition]:
-    """A window's errors (or, given a threshold, its requests slower than it) by model, status code and error type,
-    and its requests by model: one statement, started now."""
-    if scope.start >= scope.end:
-        return _done(Composition(requests={}, hits={}))
-    return _composed(explaining.run(composition_rows, scope, explaining.materialized_through, slower_than_ms))
-
-
-async def _composed(rows: Awaitable[WindowComposition]) -> Composition:
-    found = await rows
-    return Composition(requests=found.requests, hits=_hits(found.hits))
 
 
 async def _done(composition: Composition) -> Composition:

@@ -1,7 +1,7 @@
-"""A spike window's composition (``db.reliability.composition_rows``: requests by model, and errors or slow requests by
-model, status code and error type, in one statement) equals the raw events': over rolled-up hours (rollups), off
-the hour grid (raw edges), with model and project filters (``usage_hourly`` for the project), and with late events
-in rolled-up hours (dirty: raw until re-rolled)."""
+"""The compositions of spike windows (``db.reliability.compositions``: each window's requests by model, and its errors
+or slow requests by model, status code and error type; every window in one statement) equal the raw events': over
+rolled-up hours (rollups), off the hour grid (raw edges), with model and project filters (``usage_hourly`` for the
+project), and with late events in rolled-up hours (dirty: raw until re-rolled)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from db.engine import create_engine
-from db.reliability import composition_rows, window
+from db.reliability import Window, compositions, window
 from db.rollup import floor_hour, run_cycle, watermarks
 from db.usage import UsageQuery
 from ingest.events import TimeWindow, UsageEvent, validate
@@ -60,23 +60,27 @@ def _events(rng: random.Random, tag: str, count: int, start: dt.datetime, end: d
     return events
 
 
-async def _check(engine: AsyncEngine, query: UsageQuery, slower_than_ms: float | None = None) -> None:
+async def _check(engine: AsyncEngine, windows: list[Window]) -> None:
+    """All windows in one statement, each equal to its raw events."""
     async with engine.connect() as connection:
         through = (await watermarks(connection)).materialized_through
-        served = await composition_rows(connection, query, through, slower_than_ms)
-        events = (await connection.execute(text(EVENTS), {"org": ORG, "start": query.start, "end": query.end})).all()
-    kept = [e for e in events if (query.models is None or e.model in query.models)
-            and (query.project_ids is None or e.project_id in query.project_ids)]  # fmt: skip
-    requests = Counter(e.model for e in kept)
-    if slower_than_ms is None:
-        hits = Counter((e.model, e.status_code, e.error_type) for e in kept if e.status_code >= 500)
-    else:
-        hits = Counter((e.model, e.status_code, e.error_type if e.status_code >= 400 else None)
-                       for e in kept if e.latency_ms > slower_than_ms)  # fmt: skip
-    assert requests and hits  # something to compare
-    assert served.requests == dict(requests)
-    assert Counter({(r.model, r.status_code, r.error_type): r.requests for r in served.hits}) == hits
-    assert len(served.hits) == len(hits)  # one row per (model, status code, error type)
+        served = await compositions(connection, windows, through)
+        assert len(served) == len(windows)
+        for (query, slower_than_ms), found in zip(windows, served, strict=True):
+            events = (
+                await connection.execute(text(EVENTS), {"org": ORG, "start": query.start, "end": query.end})
+            ).all()
+            kept = [e for e in events if (query.models is None or e.model in query.models)
+                    and (query.project_ids is None or e.project_id in query.project_ids)]  # fmt: skip
+            if slower_than_ms is None:
+                hits = Counter((e.model, e.status_code, e.error_type) for e in kept if e.status_code >= 500)
+            else:
+                hits = Counter((e.model, e.status_code, e.error_type if e.status_code >= 400 else None)
+                               for e in kept if e.latency_ms > slower_than_ms)  # fmt: skip
+            assert kept and hits  # something to compare
+            assert found.requests == dict(Counter(e.model for e in kept))
+            assert Counter({(r.model, r.status_code, r.error_type): r.requests for r in found.hits}) == hits
+            assert len(found.hits) == len(hits)  # one row per (model, status code, error type)
 
 
 async def test_a_window_composition_is_its_raw_events(own_engine: AsyncEngine) -> None:
@@ -87,27 +91,28 @@ async def test_a_window_composition_is_its_raw_events(own_engine: AsyncEngine) -
     base = UsageQuery(org_id=ORG, start=START, end=NOW, granularity=None, time_zone="UTC", group_by=frozenset())
     whole = window(base, START, floor_hour(NOW))
     ragged = window(base, START + dt.timedelta(minutes=13, seconds=7), NOW)
-    for query in (whole, ragged, dataclasses.replace(ragged, models=["m1"]),
-                  dataclasses.replace(ragged, project_ids=["p2"]),
-                  dataclasses.replace(whole, models=["m0", "m2"], project_ids=["p1"])):  # fmt: skip
-        await _check(own_engine, query)
-        await _check(own_engine, query, slower_than_ms=400.0)
+    queries = [whole, ragged, dataclasses.replace(ragged, models=["m1"]),
+               dataclasses.replace(ragged, project_ids=["p2"]),
+               dataclasses.replace(whole, models=["m0", "m2"], project_ids=["p1"])]  # fmt: skip
+    for query in queries:
+        await _check(own_engine, [(query, None)])
+        await _check(own_engine, [(query, 400.0)])
+    # Every window at once, kinds and shapes mixed (as a report's spikes): each as it is alone.
+    await _check(own_engine, [(q, t) for q in queries for t in (350.0, None)])
 
     # Late events in rolled-up hours: exact at once (dirty hours are read raw), and after the re-roll.
     await writer.write(_events(rng, "late", 500, START, floor_hour(NOW)), channel="amqp")
     async with own_engine.connect() as connection:
         assert await connection.scalar(text("SELECT count(*) FROM rollup_dirty WHERE org_id = :o"), {"o": ORG})
-    await _check(own_engine, whole)
-    await _check(own_engine, dataclasses.replace(ragged, project_ids=["p1"]))
+    await _check(own_engine, [(whole, None), (dataclasses.replace(ragged, project_ids=["p1"]), None)])
     assert (await run_cycle(own_engine, NOW)).rerolled_hours > 0
-    await _check(own_engine, whole)
-    await _check(own_engine, whole, slower_than_ms=150.0)
+    await _check(own_engine, [(whole, 150.0), (whole, None)])
 
 
 async def test_an_empty_window_has_no_composition(own_engine: AsyncEngine) -> None:
     query = UsageQuery(org_id="org_nobody", start=START, end=NOW, granularity=None, time_zone="UTC",
                        group_by=frozenset())  # fmt: skip
     async with own_engine.connect() as connection:
-        for threshold in (None, 1.0):
-            found = await composition_rows(connection, query, floor_hour(NOW), threshold)
+        assert await compositions(connection, [], floor_hour(NOW)) == []
+        for found in await compositions(connection, [(query, None), (query, 1.0)], floor_hour(NOW)):
             assert found.requests == {} and found.hits == []
