@@ -197,7 +197,10 @@ def _candidates(requests: list[int], errors: list[int], size: int) -> dict[int, 
     e_sum = chi_sum = 0.0
     n_sum = k_sum = 0
     found: dict[int, tuple[float, float]] = {}
-    for t in range(n_points):
+    # Buckets before the first with traffic leave every sum and entry at zero: start there (a report's history
+    # often reaches before the org's first request).
+    first = next((t for t, (n, e) in enumerate(zip(requests, errors, strict=True)) if n or e), n_points)
+    for t in range(first, n_points):
         if t >= size:
             old = t - size
             e_sum, n_sum, chi_sum, k_sum = (

@@ -7,16 +7,18 @@ its sketches are spread, ordered or repeated, must give the same floats, and so 
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from db.sketch import PACKED_ENTRY_BYTES, ZERO_INDEX
-from reliability.sketch import Batch, merged, pack, quantiles, rank, unpack
+from reliability.sketch import _TABLE_FROM, _TABLE_TO, Batch, _values, merged, pack, quantiles, rank, unpack, value_of
 
 PERCENTILES = (0.001, 0.1, 0.5, 0.95, 0.99, 0.999)
 
-index = st.one_of(st.integers(-400, 700), st.just(ZERO_INDEX))
+# Valid latencies' indexes (the value table), ZERO_INDEX and indexes beyond the table (computed one by one).
+index = st.one_of(st.integers(-400, 700), st.just(ZERO_INDEX), st.integers(-2000, 3000))
 sketch = st.dictionaries(index, st.integers(1, 10**6), min_size=1, max_size=40)
 percentile = st.one_of(st.sampled_from(PERCENTILES), st.floats(1e-9, 1 - 1e-9), st.just(1e-320))
 
@@ -65,3 +67,12 @@ def test_no_sketches_and_malformed_input() -> None:
         Batch([b"\x00" * 13], [0], 1)
     with pytest.raises(ValueError, match="group ids"):
         Batch([pack({1: 1})], [], 1)
+
+
+def test_the_value_table_is_value_of_at_every_index_and_beyond() -> None:
+    indexes = np.arange(_TABLE_FROM - 3, _TABLE_TO + 3)
+    expected = [value_of(i) for i in indexes.tolist()]
+    assert _values(indexes).tolist() == expected  # some outside the table: computed one by one
+    inside = indexes[3:-3]
+    assert _values(inside).tolist() == expected[3:-3]  # all from the table
+    assert _values(np.array([ZERO_INDEX, 0, 914])).tolist() == [0.0, value_of(0), value_of(914)]
