@@ -18,20 +18,25 @@ Scenarios (one run, so ratios hold; each window is preceded by a warm-up):
        (with their top contributors) and breakdown selected: 1 client (wrk -c1) vs the floor
     m  the same with MINUTE over the last 24 h, one overall series (``groupByModel: false``: per model, this
        selection's estimated cost is over the gateway's budget and the query is refused as QUERY_TOO_COMPLEX)
-    d  where the time goes: ``build_report`` in this process (each statement's client time from asyncpg's
-       query logger: the floor's statements, the spike attribution statements, the Python work between), and
-       PostgreSQL's own time of each floor statement (EXPLAIN ANALYZE, median of 5)
+    d  where the time goes: ``build_report`` in this process (each statement's start and end from asyncpg's
+       query logger: until the floor's statements end, the Python work until the spike attribution statements
+       start, their span, what follows), and PostgreSQL's own time of each floor statement (EXPLAIN ANALYZE,
+       median of 5)
     p  py-spy of the API process under (h)
 
-The floor: the statements ``reliability.report.build_report`` runs before it explains any spike, in its order,
-sequentially on one asyncpg connection (rows to dicts, orjson; packed sketches as hex):
+The floor: the statements ``reliability.report.build_report`` runs before it explains any spike, at once, each on
+its own asyncpg connection (rows to dicts, orjson; packed sketches as hex):
 ``db.reliability.series_statement`` (``per_model`` as the report asks) for the range
 and for the history before it (``reliability.report._history`` of ``lookback``), and
 ``db.reliability.errors_statement(limit=BREAKDOWN_ROWS)``. The per-spike attribution statements are not part of
 it (scenario d measures them). A window that other work disturbed (more than ``--quiet-threshold`` cores used by
 processes that are not part of the benchmark) is rerun (``--retries``) and the least disturbed attempt kept.
 
-Results: ``bench/results/reliability.json`` (``reliability_quick.json`` with ``--quick``), the profile in
+Data set: ``--incident`` measures on a copy of it with a latency regression and an error burst injected for the
+largest org (``bench/api/incident.py``), so that the report finds spikes and explains them.
+
+Results: ``bench/results/reliability.json`` (``reliability_quick.json`` with ``--quick``,
+``reliability_incident.json`` with ``--incident``, its profile ``reliability_profile_incident.txt``), the profile in
 ``bench/results/reliability_profile.txt`` (top functions) and ``reliability_profile_raw.txt`` (collapsed stacks).
 """
 
@@ -152,10 +157,13 @@ async def run_scenarios(run: Run, only: set[str]) -> None:
             entry = await scenarios.decompose(run.dataset, shape, runs=run.args.decompose_runs)
             entry["server_side"] = await scenarios.server_times(run.dataset, shape)
             run.results["where_the_time_goes"][shape.key] = entry
-            say(f"   build_report p50 {entry['build_report_ms'].get('p50')} ms: floor statements "
-                f"{entry['floor_statements_ms'].get('p50')} ms, attribution ({entry['spikes']} spikes, "
-                f"{entry['attribution_statements_per_run']} statements) {entry['attribution_statements_ms'].get('p50')}"
-                f" ms, Python {entry['python_ms'].get('p50')} ms")  # fmt: skip
+            say(
+                f"   build_report p50 {entry['build_report_ms'].get('p50')} ms: floor statements "
+                f"end at {entry['floor_statements_end_ms'].get('p50')} ms, Python until attribution "
+                f"{entry['python_until_attribution_ms'].get('p50')} ms, attribution ({entry['spikes']} spikes, "
+                f"{entry['attribution_statements_per_run']} statements) spans "
+                f"{entry['attribution_span_ms'].get('p50')} ms, then {entry['after_attribution_ms'].get('p50')} ms"
+            )
             run.save()
     if "p" in only:
         run.results["profile"] = await scenarios.scenario_profile(run, hour, token, round(run.args.profile_seconds))
@@ -183,11 +191,13 @@ def new_results(args: argparse.Namespace, name: str, info: dict[str, Any]) -> di
         "definitions": {
             "gateway": "wrk -t1 -c1 against /graphql (POST, Lua script), latency from wrk's histogram",
             "floor": "build_report's statements before spike attribution (series of the range, series of the "
-            "history, breakdown) through one asyncpg connection, sequentially, rows to dicts and orjson (the "
+            "history, breakdown) at once, each on its own asyncpg connection, rows to dicts and orjson (the "
             "packed sketches as hex)",
-            "where_the_time_goes": "build_report in the benchmark process on a gateway-configured connection; "
-            "statement times from asyncpg's query logger (client side: send, execute, receive, decode); python = "
-            "wall - statements; server_side = EXPLAIN (ANALYZE, BUFFERS) of each floor statement, median of 5",
+            "where_the_time_goes": "build_report in the benchmark process on a gateway-configured connection; each "
+            "statement's start and end from asyncpg's query logger (client side: send, execute, receive, decode): "
+            "until the floor's statements have ended, the Python work until the attribution statements start, "
+            "their span (they overlap the report's last Python steps), what follows; server_side = EXPLAIN "
+            "(ANALYZE, BUFFERS) of each floor statement, median of 5",
             "cpu": "utime+stime from /proc over the window; foreign = other + postgres_other_db",
         },
         "single": {},

@@ -25,7 +25,7 @@ from bench.api.queries import iso
 from bench.api.run import Run
 from bench.harness.output import say
 from bench.harness.runinfo import shown
-from bench.harness.stats import latency_summary_ms, pct
+from bench.harness.stats import latency_summary_ms
 from bench.harness.wrk import graphql_target, run_wrk
 from bench.profiles import profile_text, py_spy, start_py_spy
 from db.engine import create_engine
@@ -242,8 +242,8 @@ async def decompose(dataset: Dataset, shape: Shape, runs: int) -> dict[str, Any]
     floor = make_floor(dataset.largest_org, shape, mt)
     engine = create_engine(dataset.url, pool_size=len(floor.statements) + 1)
     walls: list[float] = []
-    per_run: list[list[tuple[str, float]]] = []
-    logged: list[tuple[str, float]] = []
+    per_run: list[list[tuple[str, float, float]]] = []
+    logged: list[tuple[str, float, float]] = []  # (statement, its start and end since the run's start, s)
     listening: set[int] = set()
 
     @contextlib.asynccontextmanager
@@ -252,10 +252,15 @@ async def decompose(dataset: Dataset, shape: Shape, runs: int) -> dict[str, Any]
             raw = await driver_connection(connection)
             if id(raw) not in listening:
                 listening.add(id(raw))
-                raw.add_query_logger(lambda q: logged.append((q.query, q.elapsed)))
+                # Called when the statement has finished (soon after: call_soon): its end, and its start before it.
+                raw.add_query_logger(
+                    lambda q: logged.append((q.query, time.perf_counter() - started - q.elapsed,
+                                             time.perf_counter() - started))
+                )  # fmt: skip
             yield connection
 
     try:
+        started = time.perf_counter()
         for index in range(runs + 3):
             logged.clear()
             started = time.perf_counter()
@@ -269,32 +274,39 @@ async def decompose(dataset: Dataset, shape: Shape, runs: int) -> dict[str, Any]
     return phases(walls, per_run, {s.sql for s in floor.statements}, len(report.spikes))
 
 
-def phases(walls: Sequence[float], per_run: Sequence[Sequence[tuple[str, float]]], floor_sql: Collection[str],
+def phases(walls: Sequence[float], per_run: Sequence[Sequence[tuple[str, float, float]]], floor_sql: Collection[str],
             spikes: int) -> dict[str, Any]:  # fmt: skip
-    """Per run: the floor's statements (those whose text is in ``floor_sql``; they run at once, so they take the
-    longest of them), the attribution statements (the rest, one after the other) and the Python work (wall time
-    minus both); summarised in ms."""
-    each = [[e for sql, e in run if sql in floor_sql] for run in per_run]
-    floor_s = [max(times, default=0.0) for times in each]
-    spikes_s = [sum(e for sql, e in run if sql not in floor_sql) for run in per_run]
-    python_s = [w - f - s for w, f, s in zip(walls, floor_s, spikes_s, strict=True)]
+    """Per run, from each statement's start and end: until the floor's statements (those whose text is in
+    ``floor_sql``, run at once) have all ended; the Python work from there until the attribution statements start
+    (collect, percentiles, detection); the attribution statements' span, first start to last end (they run at once,
+    and overlap the report's last Python steps); and what follows them. Summarised in ms."""
+    floor_end, before, span, after = [], [], [], []
+    for wall, run in zip(walls, per_run, strict=True):
+        ends = [end for sql, _, end in run if sql in floor_sql]
+        attribution = [(start, end) for sql, start, end in run if sql not in floor_sql]
+        done = max(ends, default=0.0)
+        floor_end.append(done)
+        if attribution:
+            first, last = min(s for s, _ in attribution), max(e for _, e in attribution)
+            before.append(first - done)
+            span.append(last - first)
+            after.append(wall - last)
+        else:
+            before.append(wall - done)
+            span.append(0.0)
+            after.append(0.0)
     statements = [len(run) for run in per_run]
-    floor_statements = max(map(len, each), default=0)
+    floor_statements = max((sum(sql in floor_sql for sql, _, _ in run) for run in per_run), default=0)
     return {
         "runs": len(walls),
         "spikes": spikes,
         "statements_per_run": max(statements, default=0),
         "attribution_statements_per_run": max(statements, default=0) - floor_statements,
         "build_report_ms": latency_summary_ms(walls),
-        "floor_statements_ms": latency_summary_ms(floor_s),
-        # Each run's floor statements, longest first (they run at once: the first is the floor's critical path).
-        "floor_statement_p50_ms": [
-            round(pct([sorted(r, reverse=True)[i] for r in each if len(r) > i], 0.5) * 1000, 2)
-            for i in range(floor_statements)
-        ],
-        "attribution_statements_ms": latency_summary_ms(spikes_s),
-        "python_ms": latency_summary_ms(python_s),
-        "without_attribution_p50_ms": round(pct([w - s for w, s in zip(walls, spikes_s, strict=True)], 0.5) * 1000, 2),
+        "floor_statements_end_ms": latency_summary_ms(floor_end),
+        "python_until_attribution_ms": latency_summary_ms(before),
+        "attribution_span_ms": latency_summary_ms(span),
+        "after_attribution_ms": latency_summary_ms(after),
     }
 
 
@@ -358,11 +370,17 @@ AREAS = (
 
 async def scenario_profile(run: Run, shape: Shape, token: str, seconds: int) -> dict[str, Any]:
     """py-spy (raw, 100 Hz) of the API while one client sends ``shape``; writes reliability_profile.txt (top
-    functions and areas) and reliability_profile_raw.txt (collapsed stacks) beside the results."""
+    functions and areas) and reliability_profile_raw.txt (collapsed stacks) beside the results (named after them:
+    reliability_incident.json's are reliability_profile_incident*.txt)."""
     if py_spy() is None:
         say("!! py-spy not found (pip install py-spy): no profile")
         return {"error": "py-spy not found"}
-    raw_path, text_path = run.out.parent / "reliability_profile_raw.txt", run.out.parent / "reliability_profile.txt"
+    stem = (
+        run.out.stem.replace("reliability", "reliability_profile")
+        if "reliability" in run.out.stem
+        else "reliability_profile"
+    )
+    raw_path, text_path = run.out.parent / f"{stem}_raw.txt", run.out.parent / f"{stem}.txt"
     target = graphql_target(RELIABILITY_QUERY, shape.variables(run.dataset.largest_org), token)
     say(f"== profile: py-spy on the API (pid {run.api.pid}) for {seconds} s under 1 client of {shape.key}")
     await run_wrk(run.api.base_url, target, connections=1, seconds=run.warmup, work=run.work)

@@ -37,16 +37,18 @@ def test_floor_runs_the_range_its_history_and_the_breakdown() -> None:
 
 
 def test_phases_split_wall_time_into_floor_attribution_and_python() -> None:
-    # The floor's statements run at once (their longest is on the critical path), in any order; attribution
-    # statements follow one after the other.
-    runs = [[("h", 0.005), ("s", 0.010), ("b", 0.004), ("a1", 0.020)], [("b", 0.004), ("s", 0.012), ("h", 0.003)]]
+    # (statement, start, end) in s since the run's start. The floor's statements run at once and in any order
+    # (the last to end closes them); the attribution statements run at once after the detection.
+    runs = [
+        [("h", 0.000, 0.005), ("s", 0.001, 0.010), ("b", 0.000, 0.004), ("a1", 0.016, 0.030), ("a2", 0.018, 0.040)],
+        [("b", 0.000, 0.004), ("s", 0.000, 0.012), ("h", 0.001, 0.003)],
+    ]
     out = phases([0.050, 0.030], runs, {"s", "h", "b"}, spikes=1)
-    assert out["statements_per_run"] == 4 and out["attribution_statements_per_run"] == 1
-    assert out["floor_statements_ms"]["max"] == 12.0 and out["floor_statements_ms"]["p50"] == 10.0
-    assert out["attribution_statements_ms"]["max"] == 20.0
-    assert out["python_ms"]["max"] == 20.0 and out["python_ms"]["p50"] == 18.0 and out["python_ms"]["count"] == 2
-    assert out["floor_statement_p50_ms"] == [10.0, 4.0, 3.0]
-    assert out["without_attribution_p50_ms"] == 30.0
+    assert out["statements_per_run"] == 5 and out["attribution_statements_per_run"] == 2
+    assert out["floor_statements_end_ms"]["max"] == 12.0 and out["floor_statements_end_ms"]["p50"] == 10.0
+    assert out["python_until_attribution_ms"]["max"] == 18.0  # no spike: everything after the floor
+    assert out["python_until_attribution_ms"]["p50"] == 6.0 and out["python_until_attribution_ms"]["count"] == 2
+    assert out["attribution_span_ms"]["max"] == 24.0 and out["after_attribution_ms"]["max"] == 10.0
 
 
 def test_summary_holds_the_issue_targets() -> None:
