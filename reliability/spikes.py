@@ -172,6 +172,15 @@ def poisson_sf(k: float, mean: float) -> float:
     return max(0.0, 1.0 - math.exp(log_front) * h)
 
 
+def poisson_sf_below(k: float, mean: float, alpha: float) -> bool:
+    """``poisson_sf(k, mean) < alpha``, answered False at once when the first term of the series of P(k, mean),
+    ``mean**k * exp(-mean) / Gamma(k + 1)``, a lower bound of it, already reaches alpha (with a margin far above
+    rounding): most buckets that a noisy window flags are there."""
+    if k > 0 < mean and k * math.log(mean) - mean - math.lgamma(k + 1) >= math.log(alpha) + 1e-9:
+        return False
+    return poisson_sf(k, mean) < alpha
+
+
 def _error_rate(series: Columns, evaluate_from: int, season: int | None) -> list[Detection]:
     size = lookback(season)
     requests, errors = list(series.requests), list(series.errors)
@@ -203,12 +212,10 @@ def _candidates(requests: list[int], errors: list[int], size: int) -> dict[int, 
     for t in range(first, n_points):
         if t >= size:
             old = t - size
-            e_sum, n_sum, chi_sum, k_sum = (
-                e_sum - cleaned[old],
-                n_sum - requests[old],
-                chi_sum - chi2[old],
-                k_sum - tested[old],
-            )
+            e_sum -= cleaned[old]
+            n_sum -= requests[old]
+            chi_sum -= chi2[old]
+            k_sum -= tested[old]
         n, e = requests[t], errors[t]
         kept = float(e)
         if n and n_sum >= MIN_WINDOW_REQUESTS and t >= MIN_WINDOW_BUCKETS:
@@ -216,7 +223,7 @@ def _candidates(requests: list[int], errors: list[int], size: int) -> dict[int, 
             residual = (e - expected) ** 2 / expected
             if n >= MIN_REQUESTS and e >= MIN_RATIO * expected and e > expected:
                 phi = min(MAX_DISPERSION, max(1.0, chi_sum / k_sum)) if k_sum >= MIN_REFS else 1.0
-                if poisson_sf(e / phi, expected / phi) < ALPHA_CANDIDATE:
+                if poisson_sf_below(e / phi, expected / phi, ALPHA_CANDIDATE):
                     found[t] = (expected, phi)
                     kept, residual = min(e, MIN_RATIO * expected), 1.0
             chi2[t], tested[t] = residual, 1

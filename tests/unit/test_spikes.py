@@ -34,6 +34,7 @@ from reliability.spikes import (
     detect,
     lookback,
     poisson_sf,
+    poisson_sf_below,
 )
 
 DAY = 24
@@ -180,6 +181,17 @@ def test_lookback() -> None:
 def test_poisson_tail_matches_the_exact_sum(k: int, mean: float) -> None:
     exact = 1 - sum(math.exp(-mean) * mean**i / math.factorial(i) for i in range(k))
     assert poisson_sf(k, mean) == pytest.approx(exact, rel=1e-9, abs=1e-15)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(
+    k=st.one_of(st.floats(0.01, 500), st.integers(1, 400).map(float)),
+    mean=st.floats(0.001, 400),
+    alpha=st.sampled_from([1e-2, 1e-6, 0.5]),
+)
+def test_the_quick_tail_test_decides_as_the_tail_does(k: float, mean: float, alpha: float) -> None:
+    """The first-term lower bound only ever answers "not below alpha" where the full tail agrees."""
+    assert poisson_sf_below(k, mean, alpha) == (poisson_sf(k, mean) < alpha)
 
 
 def test_detect_is_fast() -> None:
