@@ -19,7 +19,7 @@ import dataclasses
 import datetime as dt
 import itertools
 import zoneinfo
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
@@ -32,7 +32,6 @@ from db.reliability import (
     ErrorRow,
     SeriesColumns,
     Window,
-    WindowComposition,
     compositions,
     error_rows,
     series_rows,
@@ -42,7 +41,7 @@ from db.usage import UsageQuery, bucket_end, bucket_start
 from kernel.hours import EARLIEST
 from reliability import sketch as sketches
 from reliability.attribution import Composition, Contribution, attribute
-from reliability.spikes import Columns, Detection, Metric, Severity, detect_all, lookback
+from reliability.spikes import ALL_METRICS, LATENCY_METRICS, Columns, Detection, Metric, Severity, detect_all, lookback
 
 SEASON = {"MINUTE": None, "HOUR": 24, "DAY": 7, "MONTH": None}
 DETECTION_PERCENTILES = (0.95, 0.99)
@@ -145,6 +144,7 @@ async def build_report(
     zone = zoneinfo.ZoneInfo(query.time_zone)
     grid = _grid(query, zone)
     history = _history(grid[0], query.granularity, zone, lookback(SEASON[query.granularity]))
+    starts = history + grid
     earlier = dataclasses.replace(query, start=history[0], end=grid[0]) if history else None
     # The breakdown is not bucketed: whole hours come from errors_hourly whatever the granularity (a MINUTE
     # report's breakdown read every raw event of its day again).
@@ -155,6 +155,12 @@ async def build_report(
         _with(connect, error_rows, unbucketed, materialized_through, limit=BREAKDOWN_ROWS)
     )
     explaining = Attribution(connect, materialized_through)
+    plans: list[Coroutine[Any, Any, FoundSpike]] = []  # every spike's, closed at the end unless awaited
+
+    def plan(model: str | None, detection: Detection) -> Coroutine[Any, Any, FoundSpike]:
+        plans.append(_plan(explaining, query, starts, model, detection, zone))
+        return plans[-1]
+
     try:
         series_parts, history_rows = await asyncio.gather(
             asyncio.gather(
@@ -162,7 +168,6 @@ async def build_report(
             ),
             _with(connect, series_rows, earlier, materialized_through, per_model=by_model) if earlier else _no_rows(),
         )
-        starts = history + grid
         grid_of = Grid(starts, query.granularity, zone)
         models: dict[str | None, int] = {}  # model -> its code, shared by the range and its history
         series = _collect(_joined(series_parts), by_model, grid_of, models)
@@ -170,10 +175,22 @@ async def build_report(
         wanted = [*percentiles, *DETECTION_PERCENTILES]
         table, past_table = series.batch.quantile_table(wanted), past.batch.quantile_table(wanted)
         count = len(percentiles)
-        spikes = _detect(grid_of, len(history), (series, past), (table[:, count:], past_table[:, count:]), models,
-                         by_model, SEASON[query.granularity])  # fmt: skip
-        spikes.sort(key=lambda s: (s[1].severity != Severity.CRITICAL, -_relative(s[1])))
-        plans = [_plan(explaining, query, starts, model, d, zone) for model, d in spikes[:MAX_SPIKES]]
+        columns_of = _detection_columns(grid_of, (series, past), (table[:, count:], past_table[:, count:]), models)
+        season, explained = SEASON[query.granularity], len(history)
+
+        def flat(*found: list[list[Detection]]) -> list[tuple[str | None, Detection]]:
+            """Each model's detections (error rate, p95, p99), models by name, as (series model, detection)."""
+            return [(model if by_model else None, d) for (model, _), *each in zip(columns_of, *found, strict=True)
+                    for d in itertools.chain(*each)]  # fmt: skip
+
+        # Latency first: its spikes are explained by raw-event scans, the longest statements, which then run while
+        # the error rate is screened. The most severe MAX_SPIKES of all are explained.
+        slower = detect_all([c for _, c in columns_of], explained, season, LATENCY_METRICS)
+        early = {id(d): plan(m, d) for m, d in _most_severe(flat(slower))}
+        await explaining.start()
+        errors = detect_all([c for _, c in columns_of], explained, season, ALL_METRICS - LATENCY_METRICS)
+        # (a latency spike less severe than MAX_SPIKES others has been read, and is not explained)
+        chosen = [early[id(d)] if id(d) in early else plan(m, d) for m, d in _most_severe(flat(errors, slower))]
         await explaining.start()
         # While PostgreSQL explains the spikes: the rest of the report, and the caller's work on the series.
         totals = Totals(
@@ -182,13 +199,16 @@ async def build_report(
         )  # fmt: skip
         columns = _series(series, table[:, :count], grid_of, models)
         made = meanwhile(columns)
-        found = [await plan for plan in plans]
+        found = [await each for each in chosen]
         breakdown = await breakdown_rows
     except BaseException:
         breakdown_rows.cancel()
         await explaining.cancel()
         await asyncio.gather(breakdown_rows, return_exceptions=True)
         raise
+    finally:
+        for each in plans:
+            each.close()  # those not awaited: not chosen, or not reached
     found.sort(key=lambda s: (s.start, s.metric, s.model or ""))
     total_errors = sum(r.requests for r in breakdown) or 1
     return Report(totals, columns, found, [_cause(r, r.requests / total_errors) for r in breakdown]), made
@@ -322,16 +342,14 @@ def _series(
     )  # fmt: skip
 
 
-def _detect(
+def _detection_columns(
     grid: Grid,
-    evaluate_from: int,
     series: Sequence[Collected],
     detection: Sequence[npt.NDArray[np.float64]],  # each bucket's p95 and p99 (NaN with no latencies)
     models: dict[str | None, int],
-    by_model: bool,
-    season: int | None,
-) -> list[tuple[str | None, Detection]]:
-    """Each model's (or the one) series as columns over the whole grid (no traffic: 0 requests, no latency)."""
+) -> list[tuple[str | None, Columns]]:
+    """Each model's (or the one) series as columns over the whole grid (no traffic: 0 requests, no latency), by
+    model name."""
     size = grid.size
     shape = (len(models), size)
     requests, errors = np.zeros(shape, dtype=np.int64), np.zeros(shape, dtype=np.int64)
@@ -341,10 +359,15 @@ def _detect(
         at = (collected.model[on], collected.position[on])
         requests[at], errors[at] = collected.requests[on], collected.errors[on]
         p95[at], p99[at] = values[on, 0], values[on, 1]
-    ordered = sorted(models.items(), key=lambda item: item[0] or "")
-    columns = [Columns(requests[c].tolist(), errors[c].tolist(), p95[c].tolist(), p99[c].tolist()) for _, c in ordered]
-    found = detect_all(columns, evaluate_from, season)
-    return [(model if by_model else None, d) for (model, _), each in zip(ordered, found, strict=True) for d in each]
+    return [
+        (model, Columns(requests[c].tolist(), errors[c].tolist(), p95[c].tolist(), p99[c].tolist()))
+        for model, c in sorted(models.items(), key=lambda item: item[0] or "")
+    ]
+
+
+def _most_severe(spikes: list[tuple[str | None, Detection]]) -> list[tuple[str | None, Detection]]:
+    """At most MAX_SPIKES: critical first, then the largest relative to their baseline."""
+    return sorted(spikes, key=lambda s: (s[1].severity != Severity.CRITICAL, -_relative(s[1])))[:MAX_SPIKES]
 
 
 def _relative(detection: Detection) -> float:
@@ -352,56 +375,68 @@ def _relative(detection: Detection) -> float:
 
 
 class Attribution:
-    """The compositions that explain a report's spikes: every window of every spike is registered first, then read by
-    at most ATTRIBUTION_STATEMENTS statements (``db.reliability.compositions``) at once, each on its own connection:
-    the windows of error spikes (rollups, cheap) together, the slow-request windows of latency spikes (raw events)
-    spread over the others. All are sent before the report's remaining Python work, so that PostgreSQL reads while
-    Python writes."""
+    """The compositions that explain a report's spikes: windows are registered, then each :meth:`start` reads those
+    registered since the last by at most ATTRIBUTION_STATEMENTS statements (``db.reliability.compositions``) at once,
+    each on its own connection: the windows of error spikes (rollups, cheap) together, the slow-request windows of
+    latency spikes (raw events) spread over the others. They are sent before the report's remaining Python work, so
+    that PostgreSQL reads while Python works."""
 
     def __init__(self, connect: Connect, materialized_through: dt.datetime | None) -> None:
         self.connect, self.materialized_through = connect, materialized_through
         self.windows: list[Window] = []
-        self.tasks: list[asyncio.Future[list[WindowComposition]]] = []
-        self.found: dict[int, tuple[int, int]] = {}  # window -> (its statement, its place in that statement)
+        self.futures: list[asyncio.Future[Composition]] = []  # one per window, set by the statement that reads it
+        self.tasks: list[asyncio.Future[None]] = []
+        self.grouped = 0  # windows up to here have their statement
         self.sent = 0
 
-    def composition(self, scope: UsageQuery, slower_than_ms: float | None = None) -> Awaitable[Composition]:
+    def composition(self, scope: UsageQuery, slower_than_ms: float | None = None) -> asyncio.Future[Composition]:
         """A window's errors (or, given a threshold, its requests slower than it) by model, status code and error
         type, and its requests by model: once :meth:`start` has read them."""
+        future: asyncio.Future[Composition] = asyncio.get_running_loop().create_future()
         if scope.start >= scope.end:
-            return _done(Composition(requests={}, hits={}))
-        self.windows.append((scope, slower_than_ms))
-        return self._composed(len(self.windows) - 1)
-
-    async def _composed(self, index: int) -> Composition:
-        statement, place = self.found[index]
-        found = (await self.tasks[statement])[place]
-        return Composition(requests=found.requests, hits=_hits(found.hits))
+            future.set_result(Composition(requests={}, hits={}))
+        else:
+            self.windows.append((scope, slower_than_ms))
+            self.futures.append(future)
+        return future
 
     async def start(self) -> None:
-        """Sends the statements and returns once they are on their way (the event loop runs each task up to its
-        first wait, connection checkout included: a few passes at most) or done."""
-        errors = [i for i, (_, slower) in enumerate(self.windows) if slower is None]
-        slow = [i for i, (_, slower) in enumerate(self.windows) if slower is not None]
+        """Sends the statements of the windows registered since the last call and returns once they are on their
+        way (the event loop runs each task up to its first wait, connection checkout included: a few passes at
+        most) or done."""
+        new = range(self.grouped, len(self.windows))
+        self.grouped = len(self.windows)
+        errors = [i for i in new if self.windows[i][1] is None]
+        slow = [i for i in new if self.windows[i][1] is not None]
         spread = ATTRIBUTION_STATEMENTS - (1 if errors else 0)
-        groups = [g for g in (errors, *(slow[k::spread] for k in range(spread))) if g]
-        for statement, group in enumerate(groups):
-            self.found |= {index: (statement, place) for place, index in enumerate(group)}
-            self.tasks.append(asyncio.ensure_future(self._read([self.windows[i] for i in group])))
+        for group in (g for g in (errors, *(slow[k::spread] for k in range(spread))) if g):
+            self.tasks.append(asyncio.ensure_future(self._read(group)))
         for _ in range(STARTING_PASSES):
             if self.sent == len(self.tasks) or all(task.done() for task in self.tasks):
                 return
             await asyncio.sleep(0)
 
-    async def _read(self, windows: list[Window]) -> list[WindowComposition]:
-        async with self.connect() as connection:
-            self.sent += 1  # the statement goes out in this step (the driver writes it before it waits)
-            return await compositions(connection, windows, self.materialized_through)
+    async def _read(self, group: list[int]) -> None:
+        try:
+            async with self.connect() as connection:
+                self.sent += 1  # the statement goes out in this step (the driver writes it before it waits)
+                found = await compositions(connection, [self.windows[i] for i in group], self.materialized_through)
+        except BaseException as exc:
+            for i in group:
+                if not self.futures[i].done():
+                    self.futures[i].set_exception(exc)
+            raise
+        for i, each in zip(group, found, strict=True):
+            self.futures[i].set_result(Composition(requests=each.requests, hits=_hits(each.hits)))
 
     async def cancel(self) -> None:
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        for future in self.futures:
+            if future.done() and not future.cancelled():
+                future.exception()  # retrieved: the report's own error is the one raised
+            future.cancel()
 
 
 def _plan(
@@ -411,7 +446,7 @@ def _plan(
     model: str | None,
     detection: Detection,
     zone: zoneinfo.ZoneInfo,
-) -> Awaitable[FoundSpike]:
+) -> Coroutine[Any, Any, FoundSpike]:
     """A spike with its causes: its window's composition against its reference's (registered now, read by
     :meth:`Attribution.start`; the spike is assembled when they are read)."""
     assert query.granularity is not None
@@ -440,10 +475,6 @@ async def _assembled(found: FoundSpike, spike: Awaitable[Composition], reference
     compositions = await spike, await reference
     causes = [_contribution(c, found.model) for c in attribute(*compositions, limit=CONTRIBUTORS)]
     return dataclasses.replace(found, causes=causes)
-
-
-async def _done(composition: Composition) -> Composition:
-    return composition
 
 
 def _hits(rows: Sequence[ErrorRow]) -> dict[tuple[str, int, str | None], int]:

@@ -115,14 +115,24 @@ def detect(points: Sequence[Point] | Columns, evaluate_from: int, season: int | 
     return detect_all([points], evaluate_from, season)[0]
 
 
+ALL_METRICS = frozenset(Metric)
+LATENCY_METRICS = frozenset({Metric.LATENCY_P95, Metric.LATENCY_P99})
+
+
 def detect_all(
-    series: Sequence[Sequence[Point] | Columns], evaluate_from: int, season: int | None
+    series: Sequence[Sequence[Point] | Columns],
+    evaluate_from: int,
+    season: int | None,
+    metrics: frozenset[Metric] = ALL_METRICS,
 ) -> list[list[Detection]]:
-    """:func:`detect` of several series of one grid (a report's models), their latency screens in one numpy pass."""
+    """:func:`detect` of several series of one grid (a report's models), their latency screens in one numpy pass;
+    only ``metrics`` (the metrics are independent: a caller may ask for them in turns)."""
     columns = [s if isinstance(s, Columns) else Columns.of(s) for s in series]
-    found = [_error_rate(c, evaluate_from, season) for c in columns]
+    found = [_error_rate(c, evaluate_from, season) if Metric.ERROR_RATE in metrics else [] for c in columns]
     for metric, min_requests, k in ((Metric.LATENCY_P95, MIN_REQUESTS_P95, K_LATENCY),
                                     (Metric.LATENCY_P99, MIN_REQUESTS_P99, K_LATENCY_P99)):  # fmt: skip
+        if metric not in metrics:
+            continue
         logs = [
             _logs(c.requests, c.p95_ms if metric == Metric.LATENCY_P95 else c.p99_ms, min_requests) for c in columns
         ]

@@ -10,24 +10,32 @@ no spike.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import gc
 import json
 import math
 import random
 import uuid
+import warnings
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 
+import reliability.report
+import reliability.spikes
 import resolvers.reliability
+from db.engine import create_engine
+from db.usage import UsageQuery
 from ingest.topology import Topology
 from kernel.hours import floor_hour
 from kernel.settings import Settings
-from reliability.report import SPLIT_BUCKETS
+from reliability.report import SPLIT_BUCKETS, build_report
 from reliability.sketch import exact_percentile
 from tests.conftest import TokenFactory
 from tests.helpers import graphql
@@ -420,3 +428,71 @@ async def test_the_series_written_as_json_is_what_the_executor_would_answer(
     assert any(written) is as_json
     series = [v for k, v in fast.json()["data"]["reliability"].items() if k in ("series", "a")]
     assert series and series[0], fast.json()  # something to compare
+
+
+@pytest.mark.parametrize("fails", ["attribution", "breakdown"])
+async def test_a_statement_that_fails_mid_report_fails_the_report_and_leaves_nothing_running(
+    world: World, database_url: str, monkeypatch: pytest.MonkeyPatch, fails: str
+) -> None:
+    """A report with spikes runs its attribution statements while it writes its series, and its breakdown while it
+    detects: when one of them fails (the server cancels it, a backend is killed), the report raises that error (the
+    API answers UNAVAILABLE for it), the other statements are cancelled, and no task or un-awaited coroutine is
+    left behind."""
+    org = world.slow
+    query = UsageQuery(org_id=org.org_id, start=world.this_hour - 36 * HOUR, end=world.now, granularity="HOUR",
+                       time_zone="UTC", group_by=frozenset())  # fmt: skip
+    # Lenient error-rate tests: the steady 1 % of 500s gives several spikes besides the slowdown.
+    for name, value in (("ALPHA_CANDIDATE", 0.5), ("ALPHA", 0.5), ("MIN_RATIO", 1.0), ("MIN_ERRORS", 1)):
+        monkeypatch.setattr(reliability.spikes, name, value)
+    engine = create_engine(database_url, pool_size=8)
+    report, _ = await build_report(engine.connect, query, PERCENTILES, None, meanwhile=lambda s: None)
+    assert len(report.spikes) >= 3, report.spikes
+    await engine.dispose()
+
+    breakdown_cancelled: list[bool] = []
+
+    async def cancelled_by_the_server(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(0)
+        raise asyncpg.exceptions.QueryCanceledError("canceling statement due to statement timeout")
+
+    async def slow_breakdown(*args: Any, **kwargs: Any) -> Any:
+        try:
+            await asyncio.Event().wait()  # still running when the attribution fails: only a cancel ends it
+        except asyncio.CancelledError:
+            breakdown_cancelled.append(True)
+            raise
+
+    if fails == "attribution":
+        monkeypatch.setattr(reliability.report, "compositions", cancelled_by_the_server)
+        monkeypatch.setattr(reliability.report, "error_rows", slow_breakdown)
+    else:
+        monkeypatch.setattr(reliability.report, "error_rows", cancelled_by_the_server)
+    engine = create_engine(database_url, pool_size=8)
+    written: list[int] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                await asyncio.wait_for(build_report(engine.connect, query, PERCENTILES, None,
+                                                    meanwhile=lambda s: written.append(len(s))), 30)  # fmt: skip
+            except asyncpg.exceptions.QueryCanceledError:
+                pass  # (not kept: its traceback would keep the report's frame and coroutines alive)
+            else:
+                pytest.fail("the report did not fail")
+            await asyncio.sleep(0)
+            left = [t for t in asyncio.all_tasks() if not t.done() and _in_report(t)]
+            gc.collect()  # an un-awaited coroutine warns when it is freed
+        assert left == []
+        assert [str(w.message) for w in caught if "never awaited" in str(w.message)] == []
+        assert written or fails == "breakdown"  # the series was written while the attribution ran
+        assert breakdown_cancelled == ([True] if fails == "attribution" else [])
+        monkeypatch.undo()
+        report, _ = await build_report(engine.connect, query, PERCENTILES, None, meanwhile=lambda s: None)
+        assert report.spikes and report.breakdown  # answered once nothing fails
+    finally:
+        await engine.dispose()
+
+
+def _in_report(task: asyncio.Task[Any]) -> bool:
+    code = getattr(task.get_coro(), "cr_code", None)
+    return code is not None and code.co_filename.endswith("reliability/report.py")
