@@ -158,11 +158,12 @@ async def run_scenarios(run: Run, only: set[str]) -> None:
             entry["server_side"] = await scenarios.server_times(run.dataset, shape)
             run.results["where_the_time_goes"][shape.key] = entry
             say(
-                f"   build_report p50 {entry['build_report_ms'].get('p50')} ms: floor statements "
-                f"end at {entry['floor_statements_end_ms'].get('p50')} ms, Python until attribution "
+                f"   build_report p50 {entry['build_report_ms'].get('p50')} ms: series statements "
+                f"end at {entry['series_statements_end_ms'].get('p50')} ms, Python until attribution "
                 f"{entry['python_until_attribution_ms'].get('p50')} ms, attribution ({entry['spikes']} spikes, "
                 f"{entry['attribution_statements_per_run']} statements) spans "
-                f"{entry['attribution_span_ms'].get('p50')} ms, then {entry['after_attribution_ms'].get('p50')} ms"
+                f"{entry['attribution_span_ms'].get('p50')} ms, then {entry['after_attribution_ms'].get('p50')} ms "
+                f"(the breakdown, beside them, ends at {entry['breakdown_end_ms'].get('p50')} ms)"
             )
             run.save()
     if "p" in only:

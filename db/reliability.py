@@ -138,17 +138,20 @@ ORDER BY bucket, model COLLATE "C"
 """
 )
 
-_ERRORS = (
-    _COMMON
-    + """
-SELECT model, status_code, error_type, sum(n)::bigint AS requests FROM (
+# Requests with status >= $11 by model, status code and error type: rollups where whole, raw events elsewhere.
+_ERROR_HITS = """
     SELECT h.model, h.status_code, h.error_type, h.requests AS n
     FROM errors_hourly h
     WHERE h.org_id = $1 AND h.hour >= $4 AND h.hour < $5 AND h.status_code >= $11 {filters_h}
       AND NOT EXISTS (SELECT 1 FROM raw_hours r WHERE r.hour = h.hour)
     UNION ALL
     SELECT ev.model, ev.status_code, ev.error_type, 1 FROM events ev WHERE ev.status_code >= $11
-) AS rows
+"""
+
+_ERRORS = (
+    _COMMON
+    + """
+SELECT model, status_code, error_type, sum(n)::bigint AS requests FROM ({hits}) AS rows
 GROUP BY 1, 2, 3
 ORDER BY requests DESC, model COLLATE "C", status_code, error_type COLLATE "C" NULLS FIRST
 LIMIT $12
@@ -177,14 +180,6 @@ SELECT false, model, status_code, error_type, sum(n)::bigint FROM ({hits}) AS hi
 GROUP BY 2, 3, 4
 """
 )
-_ERROR_HITS = """
-    SELECT h.model, h.status_code, h.error_type, h.requests AS n
-    FROM errors_hourly h
-    WHERE h.org_id = $1 AND h.hour >= $4 AND h.hour < $5 AND h.status_code >= $11 {filters_h}
-      AND NOT EXISTS (SELECT 1 FROM raw_hours r WHERE r.hour = h.hour)
-    UNION ALL
-    SELECT ev.model, ev.status_code, ev.error_type, 1 FROM events ev WHERE ev.status_code >= $11
-"""
 _SLOW_HITS = """
     SELECT e.model, e.status_code, CASE WHEN e.status_code >= 400 THEN e.error_type END AS error_type, 1 AS n
     FROM usage_events e
@@ -252,7 +247,8 @@ def _series_sql(shape: _Shape, per_model: bool) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _errors_sql(shape: _Shape) -> str:
-    return _ERRORS.format(filters_e=shape.filters("e"), filters_h=shape.filters("h"), older_than_minutes="")
+    hits = _ERROR_HITS.format(filters_h=shape.filters("h"))
+    return _ERRORS.format(hits=hits, filters_e=shape.filters("e"), filters_h=shape.filters("h"), older_than_minutes="")
 
 
 @functools.lru_cache(maxsize=64)

@@ -75,14 +75,19 @@ async def prepare_dataset(events: int, *, fresh: bool, writers: int,
     return dataset
 
 
-async def existing_dataset(name: str, params: dict[str, Any]) -> Dataset | None:
-    """The dataset when its database exists and its marker says it was completely loaded with ``params``."""
+async def marker_of(name: str) -> dict[str, Any] | None:
+    """The latest marker row of database ``name``: None when the database, its marker table or a row is missing."""
     connection = await asyncpg.connect(ADMIN_URL)
     try:
         exists = await connection.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
     finally:
         await connection.close()
-    info = await _marker(database_url(name)) if exists else None
+    return await _marker(database_url(name)) if exists else None
+
+
+async def existing_dataset(name: str, params: dict[str, Any]) -> Dataset | None:
+    """The dataset when its database exists and its marker says it was completely loaded with ``params``."""
+    info = await marker_of(name)
     if info is None or not still_valid(name, info, params):
         return None
     if info.get("migration") != current_head():

@@ -22,9 +22,9 @@ from typing import Any
 
 import asyncpg
 
-from bench.api.dataset import MARKER_TABLE, Dataset
+from bench.api.dataset import MARKER_TABLE, Dataset, marker_of
 from bench.harness.output import say
-from bench.harness.services import ADMIN_URL, admin, database_url
+from bench.harness.services import admin, database_url
 from db.engine import create_engine
 from db.rollup import run_cycle
 from kernel.hours import floor_hour
@@ -43,7 +43,7 @@ def injection(dataset: Dataset) -> dict[str, Any]:
 async def prepare_incident_dataset(dataset: Dataset, *, fresh: bool) -> Dataset:
     name = f"{dataset.name}_incident"
     wanted = injection(dataset)
-    info = None if fresh else await _marker(name)
+    info = None if fresh else await marker_of(name)
     if info is not None and info.get("injection") == wanted:
         say(f"reusing {name} (incidents: {info['incidents']})")
         return Dataset(name, database_url(name), info | {"reused": True})
@@ -61,22 +61,6 @@ async def prepare_incident_dataset(dataset: Dataset, *, fresh: bool) -> Dataset:
         await connection.close()
     say(f"{name} ready in {time.monotonic() - started:,.0f} s: {incidents}")
     return Dataset(name, database_url(name), info | {"reused": False})
-
-
-async def _marker(name: str) -> dict[str, Any] | None:
-    connection = await asyncpg.connect(ADMIN_URL)
-    try:
-        exists = await connection.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
-    finally:
-        await connection.close()
-    if not exists:
-        return None
-    connection = await asyncpg.connect(database_url(name))
-    try:
-        row = await connection.fetchval(f"SELECT info FROM {MARKER_TABLE} ORDER BY completed_at DESC LIMIT 1")
-    finally:
-        await connection.close()
-    return None if row is None else dict(json.loads(row))
 
 
 async def _inject(url: str, dataset: Dataset) -> dict[str, Any]:

@@ -271,21 +271,24 @@ async def decompose(dataset: Dataset, shape: Shape, runs: int) -> dict[str, Any]
                 per_run.append(list(logged))
     finally:
         await engine.dispose()
-    return phases(walls, per_run, {s.sql for s in floor.statements}, len(report.spikes))
+    series = {s.sql for s in floor.statements if s.label != "breakdown"}
+    breakdown = {s.sql for s in floor.statements if s.label == "breakdown"}
+    return phases(walls, per_run, series, breakdown, len(report.spikes))
 
 
-def phases(walls: Sequence[float], per_run: Sequence[Sequence[tuple[str, float, float]]], floor_sql: Collection[str],
-            spikes: int) -> dict[str, Any]:  # fmt: skip
-    """Per run, from each statement's start and end: until the floor's statements (those whose text is in
-    ``floor_sql``, run at once) have all ended; the Python work from there until the attribution statements start
-    (collect, percentiles, detection); the attribution statements' span, first start to last end (they run at once,
-    and overlap the report's last Python steps); and what follows them. Summarised in ms."""
-    floor_end, before, span, after = [], [], [], []
+def phases(walls: Sequence[float], per_run: Sequence[Sequence[tuple[str, float, float]]], series_sql: Collection[str],
+            breakdown_sql: Collection[str], spikes: int) -> dict[str, Any]:  # fmt: skip
+    """Per run, from each statement's start and end: until the series statements (text in ``series_sql``: the
+    range's parts and the history, which detection waits for) have all ended; the Python work from there until the
+    attribution statements (any other text but the breakdown's) start (collect, percentiles, detection); their span,
+    first start to last end (they run at once, and overlap the report's last Python steps); what follows. The
+    breakdown runs beside all of this (awaited last): its end is reported too. Summarised in ms."""
+    series_end, before, span, after, breakdown_end = [], [], [], [], []
     for wall, run in zip(walls, per_run, strict=True):
-        ends = [end for sql, _, end in run if sql in floor_sql]
-        attribution = [(start, end) for sql, start, end in run if sql not in floor_sql]
-        done = max(ends, default=0.0)
-        floor_end.append(done)
+        done = max((end for sql, _, end in run if sql in series_sql), default=0.0)
+        attribution = [(start, end) for sql, start, end in run if sql not in series_sql and sql not in breakdown_sql]
+        series_end.append(done)
+        breakdown_end.append(max((end for sql, _, end in run if sql in breakdown_sql), default=0.0))
         if attribution:
             first, last = min(s for s, _ in attribution), max(e for _, e in attribution)
             before.append(first - done)
@@ -296,17 +299,18 @@ def phases(walls: Sequence[float], per_run: Sequence[Sequence[tuple[str, float, 
             span.append(0.0)
             after.append(0.0)
     statements = [len(run) for run in per_run]
-    floor_statements = max((sum(sql in floor_sql for sql, _, _ in run) for run in per_run), default=0)
+    known = max((sum(sql in series_sql or sql in breakdown_sql for sql, _, _ in run) for run in per_run), default=0)
     return {
         "runs": len(walls),
         "spikes": spikes,
         "statements_per_run": max(statements, default=0),
-        "attribution_statements_per_run": max(statements, default=0) - floor_statements,
+        "attribution_statements_per_run": max(statements, default=0) - known,
         "build_report_ms": latency_summary_ms(walls),
-        "floor_statements_end_ms": latency_summary_ms(floor_end),
+        "series_statements_end_ms": latency_summary_ms(series_end),
         "python_until_attribution_ms": latency_summary_ms(before),
         "attribution_span_ms": latency_summary_ms(span),
         "after_attribution_ms": latency_summary_ms(after),
+        "breakdown_end_ms": latency_summary_ms(breakdown_end),
     }
 
 

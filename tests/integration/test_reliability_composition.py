@@ -9,14 +9,11 @@ import dataclasses
 import datetime as dt
 import random
 from collections import Counter
-from collections.abc import AsyncIterator
 
-import pytest
 from opentelemetry.metrics import get_meter
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from db.engine import create_engine
 from db.reliability import Window, compositions, window
 from db.rollup import floor_hour, run_cycle, watermarks
 from db.usage import UsageQuery
@@ -31,13 +28,6 @@ EVENTS = """
 SELECT model, project_id, status_code, error_type, latency_ms FROM usage_events
 WHERE org_id = :org AND event_time >= :start AND event_time < :end
 """
-
-
-@pytest.fixture
-async def own_engine(migrated_database: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(migrated_database, pool_size=4)
-    yield engine
-    await engine.dispose()
 
 
 def _events(rng: random.Random, tag: str, count: int, start: dt.datetime, end: dt.datetime) -> list[UsageEvent]:
@@ -83,11 +73,11 @@ async def _check(engine: AsyncEngine, windows: list[Window]) -> None:
             assert len(found.hits) == len(hits)  # one row per (model, status code, error type)
 
 
-async def test_a_window_composition_is_its_raw_events(own_engine: AsyncEngine) -> None:
+async def test_a_window_composition_is_its_raw_events(engine: AsyncEngine) -> None:
     rng = random.Random(5)  # noqa: S311 - test data
-    writer = EventWriter(own_engine, None, None, IngestMetrics(get_meter("test_reliability_composition")))
+    writer = EventWriter(engine, None, None, IngestMetrics(get_meter("test_reliability_composition")))
     await writer.write(_events(rng, "a", 3000, START, NOW), channel="http")
-    assert (await run_cycle(own_engine, NOW)).ran
+    assert (await run_cycle(engine, NOW)).ran
     base = UsageQuery(org_id=ORG, start=START, end=NOW, granularity=None, time_zone="UTC", group_by=frozenset())
     whole = window(base, START, floor_hour(NOW))
     ragged = window(base, START + dt.timedelta(minutes=13, seconds=7), NOW)
@@ -95,24 +85,24 @@ async def test_a_window_composition_is_its_raw_events(own_engine: AsyncEngine) -
                dataclasses.replace(ragged, project_ids=["p2"]),
                dataclasses.replace(whole, models=["m0", "m2"], project_ids=["p1"])]  # fmt: skip
     for query in queries:
-        await _check(own_engine, [(query, None)])
-        await _check(own_engine, [(query, 400.0)])
+        await _check(engine, [(query, None)])
+        await _check(engine, [(query, 400.0)])
     # Every window at once, kinds and shapes mixed (as a report's spikes): each as it is alone.
-    await _check(own_engine, [(q, t) for q in queries for t in (350.0, None)])
+    await _check(engine, [(q, t) for q in queries for t in (350.0, None)])
 
     # Late events in rolled-up hours: exact at once (dirty hours are read raw), and after the re-roll.
     await writer.write(_events(rng, "late", 500, START, floor_hour(NOW)), channel="amqp")
-    async with own_engine.connect() as connection:
+    async with engine.connect() as connection:
         assert await connection.scalar(text("SELECT count(*) FROM rollup_dirty WHERE org_id = :o"), {"o": ORG})
-    await _check(own_engine, [(whole, None), (dataclasses.replace(ragged, project_ids=["p1"]), None)])
-    assert (await run_cycle(own_engine, NOW)).rerolled_hours > 0
-    await _check(own_engine, [(whole, 150.0), (whole, None)])
+    await _check(engine, [(whole, None), (dataclasses.replace(ragged, project_ids=["p1"]), None)])
+    assert (await run_cycle(engine, NOW)).rerolled_hours > 0
+    await _check(engine, [(whole, 150.0), (whole, None)])
 
 
-async def test_an_empty_window_has_no_composition(own_engine: AsyncEngine) -> None:
+async def test_an_empty_window_has_no_composition(engine: AsyncEngine) -> None:
     query = UsageQuery(org_id="org_nobody", start=START, end=NOW, granularity=None, time_zone="UTC",
                        group_by=frozenset())  # fmt: skip
-    async with own_engine.connect() as connection:
+    async with engine.connect() as connection:
         assert await compositions(connection, [], floor_hour(NOW)) == []
         for found in await compositions(connection, [(query, None), (query, 1.0)], floor_hour(NOW)):
             assert found.requests == {} and found.hits == []

@@ -37,15 +37,17 @@ def test_floor_runs_the_range_its_history_and_the_breakdown() -> None:
 
 
 def test_phases_split_wall_time_into_floor_attribution_and_python() -> None:
-    # (statement, start, end) in s since the run's start. The floor's statements run at once and in any order
-    # (the last to end closes them); the attribution statements run at once after the detection.
+    # (statement, start, end) in s since the run's start. The series statements run at once and in any order
+    # (the last to end closes them); the attribution statements run at once after the detection; the breakdown
+    # runs beside everything.
     runs = [
-        [("h", 0.000, 0.005), ("s", 0.001, 0.010), ("b", 0.000, 0.004), ("a1", 0.016, 0.030), ("a2", 0.018, 0.040)],
+        [("h", 0.000, 0.005), ("s", 0.001, 0.010), ("b", 0.000, 0.020), ("a1", 0.016, 0.030), ("a2", 0.018, 0.040)],
         [("b", 0.000, 0.004), ("s", 0.000, 0.012), ("h", 0.001, 0.003)],
     ]
-    out = phases([0.050, 0.030], runs, {"s", "h", "b"}, spikes=1)
+    out = phases([0.050, 0.030], runs, {"s", "h"}, {"b"}, spikes=1)
     assert out["statements_per_run"] == 5 and out["attribution_statements_per_run"] == 2
-    assert out["floor_statements_end_ms"]["max"] == 12.0 and out["floor_statements_end_ms"]["p50"] == 10.0
+    assert out["series_statements_end_ms"]["max"] == 12.0 and out["series_statements_end_ms"]["p50"] == 10.0
+    assert out["breakdown_end_ms"]["max"] == 20.0  # it ends after detection began: beside it, not before
     assert out["python_until_attribution_ms"]["max"] == 18.0  # no spike: everything after the floor
     assert out["python_until_attribution_ms"]["p50"] == 6.0 and out["python_until_attribution_ms"]["count"] == 2
     assert out["attribution_span_ms"]["max"] == 24.0 and out["after_attribution_ms"]["max"] == 10.0
