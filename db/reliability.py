@@ -28,34 +28,23 @@ from db.sketch import index_sql, packed_agg_sql
 from db.usage import BUCKET_SQL, UsageQuery, driver_connection, plan
 
 
-class SeriesRow(NamedTuple):
-    bucket: dt.datetime | None
-    model: str | None  # None on raw-event rows of a series not split by model (``per_model=False``)
-    requests: int
-    errors: int
-    client_errors: int
-    sketch: bytes  # packed: (bucket index, count) entries, db/sketch.py
-
-
 class SeriesColumns(NamedTuple):
     """The rows of :func:`series_rows` as columns (row i is entry i of each), ordered by bucket and model."""
 
     bucket: Sequence[dt.datetime | None]
-    model: Sequence[str | None]
+    model: Sequence[str | None]  # None on raw-event rows of a series not split by model (``per_model=False``)
     requests: Sequence[int]
     errors: Sequence[int]
     client_errors: Sequence[int]
-    sketch: Sequence[bytes]
+    sketch: Sequence[bytes]  # packed: (bucket index, count) entries, db/sketch.py
 
     @classmethod
     def of(cls, records: Sequence[Any]) -> SeriesColumns:
-        """Columns of records in SeriesRow's order (one pass in C: a 30-day HOUR series has thousands)."""
+        """Columns of records in the statement's column order (one pass in C: a 30-day HOUR series has
+        thousands)."""
         if not records:
             return cls((), (), (), (), (), ())
         return cls(*zip(*records, strict=True))
-
-    def rows(self) -> list[SeriesRow]:
-        return [SeriesRow(*row) for row in zip(*self, strict=True)]
 
 
 class ErrorRow(NamedTuple):
@@ -378,6 +367,6 @@ def window(query: UsageQuery, start: dt.datetime, end: dt.datetime) -> UsageQuer
 
 
 __all__: Sequence[str] = (
-    "ErrorRow", "SeriesColumns", "SeriesRow", "Window", "WindowComposition", "compositions", "error_rows",
+    "ErrorRow", "SeriesColumns", "Window", "WindowComposition", "compositions", "error_rows",
     "errors_statement", "series_rows", "series_statement", "window",
 )  # fmt: skip

@@ -140,12 +140,6 @@ class Batch:
         self.count: Ints = entries["count"].astype(np.int64)
         self.group: Ints = np.repeat(np.asarray(group_of, dtype=np.int64), sizes)
 
-    def quantiles(self, qs: Sequence[float]) -> list[list[float] | None]:
-        """Per group (by group id), the q-percentiles (ms) in the order of ``qs``; None for an empty group."""
-        table = self.quantile_table(qs)
-        empty = np.isnan(table[:, 0]).tolist() if len(qs) else [True] * self.groups
-        return [None if none else row for none, row in zip(empty, table.tolist(), strict=True)]
-
     def quantile_table(self, qs: Sequence[float]) -> npt.NDArray[np.float64]:
         """Per group (a row by group id), the q-percentiles (ms) in the order of ``qs``; NaN for an empty group."""
         out = np.full((self.groups, len(qs)), np.nan)

@@ -350,7 +350,7 @@ AREAS = (
     ("numpy/", "numpy (sketch batch: sort, cumsum, search)"),
     ("reliability/spikes", "reliability.spikes (detection)"),
     ("reliability/attribution", "reliability.attribution"),
-    ("db/reliability", "db.reliability (SeriesRow per record)"),
+    ("db/reliability", "db.reliability (records to columns)"),
     ("resolvers/reliability", "resolvers.reliability (Strawberry objects)"),
     ("schema/execution", "schema.execution (fast list projection)"),
     ("graphql/", "graphql-core (parse, validate, execute)"),

@@ -72,12 +72,12 @@ async def _served(engine: AsyncEngine, query: UsageQuery, per_model: bool) -> di
     async with engine.connect() as connection:
         through = (await watermarks(connection)).materialized_through
         rows = await series_rows(connection, query, through, per_model=per_model)
-    for row in rows.rows():
-        bucket = out[(row.bucket, row.model if per_model else None)]
-        bucket[0] += row.requests
-        bucket[1] += row.errors
-        bucket[2] += row.client_errors
-        entries = np.frombuffer(row.sketch, dtype=PACKED)
+    for minute, model, requests, errors, client_errors, sketch in zip(*rows, strict=True):
+        bucket = out[(minute, model if per_model else None)]
+        bucket[0] += requests
+        bucket[1] += errors
+        bucket[2] += client_errors
+        entries = np.frombuffer(sketch, dtype=PACKED)
         for index, count in zip(entries["index"].tolist(), entries["count"].tolist(), strict=True):
             bucket[3][index] += count
     return dict(out)

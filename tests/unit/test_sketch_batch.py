@@ -15,6 +15,12 @@ from hypothesis import strategies as st
 from db.sketch import PACKED_ENTRY_BYTES, ZERO_INDEX
 from reliability.sketch import _TABLE_FROM, _TABLE_TO, Batch, _values, merged, pack, quantiles, rank, unpack, value_of
 
+
+def by_group(batch: Batch, qs: list[float]) -> list[list[float] | None]:
+    """``Batch.quantile_table`` as a list by group: each group's percentiles, None for an empty group."""
+    return [None if np.isnan(row[0]) else row for row in batch.quantile_table(qs).tolist()]
+
+
 PERCENTILES = (0.001, 0.1, 0.5, 0.95, 0.99, 0.999)
 
 # Valid latencies' indexes (the value table), ZERO_INDEX and indexes beyond the table (computed one by one).
@@ -35,7 +41,7 @@ def test_every_group_and_the_total_match_the_dict_merge(
 ) -> None:
     group_of = data.draw(st.lists(st.integers(0, groups - 1), min_size=len(sketches), max_size=len(sketches)))
     batch = Batch([pack(s) for s in sketches], group_of, groups)
-    got = batch.quantiles(qs)
+    got = by_group(batch, qs)
     for group in range(groups):
         members = [s for s, g in zip(sketches, group_of, strict=True) if g == group]
         assert got[group] == (quantiles(merged(members), qs) if members else None), group
@@ -46,22 +52,22 @@ def test_repeated_indexes_and_unsorted_entries_merge() -> None:
     first, second = pack({5: 2, 9: 1}), pack({9: 3})
     reversed_entries = b"".join(reversed([first[i : i + PACKED_ENTRY_BYTES] for i in range(0, len(first), 12)]))
     batch = Batch([reversed_entries, second, pack({1: 100})], [0, 0, 1], 3)
-    assert batch.quantiles([0.5])[0] == quantiles({5: 2, 9: 4}, [0.5])
-    assert batch.quantiles([0.5])[2] is None
+    assert by_group(batch, [0.5])[0] == quantiles({5: 2, 9: 4}, [0.5])
+    assert by_group(batch, [0.5])[2] is None
     assert unpack(reversed_entries + second) == {5: 2, 9: 4}
 
 
 def test_ranks_are_exact_for_the_percentile_as_written() -> None:
     # 0.1 * 10 is 1 exactly (the double 0.1 is above 0.1, so float arithmetic would take rank 2).
     sketch = {i: 1 for i in range(10)}
-    assert Batch([pack(sketch)], [0], 1).quantiles([0.1, 0.95]) == [quantiles(sketch, [0.1, 0.95])]
+    assert by_group(Batch([pack(sketch)], [0], 1), [0.1, 0.95]) == [quantiles(sketch, [0.1, 0.95])]
     assert rank(0.1, 10) == 1
     huge = {0: 3 * 10**15, 1: 10**15}  # numerator * n beyond int64: exact Python integers
-    assert Batch([pack(huge)], [0], 1).quantiles([0.123456789012345678]) == [quantiles(huge, [0.123456789012345678])]
+    assert by_group(Batch([pack(huge)], [0], 1), [0.123456789012345678]) == [quantiles(huge, [0.123456789012345678])]
 
 
 def test_no_sketches_and_malformed_input() -> None:
-    assert Batch([], [], 2).quantiles([0.5]) == [None, None]
+    assert by_group(Batch([], [], 2), [0.5]) == [None, None]
     assert Batch([], [], 0).merged_quantiles([0.5]) is None
     with pytest.raises(ValueError, match="whole 12-byte entries"):
         Batch([b"\x00" * 13], [0], 1)
