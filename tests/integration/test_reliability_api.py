@@ -496,3 +496,51 @@ async def test_a_statement_that_fails_mid_report_fails_the_report_and_leaves_not
 def _in_report(task: asyncio.Task[Any]) -> bool:
     code = getattr(task.get_coro(), "cr_code", None)
     return code is not None and code.co_filename.endswith("reliability/report.py")
+
+
+@pytest.mark.parametrize(("count", "refused"), [(12, False), (400, True)])
+async def test_a_huge_series_selection_is_refused_or_answered_alike_never_internal(
+    client: httpx.AsyncClient, make_token: TokenFactory, world: World, monkeypatch: pytest.MonkeyPatch, count: int,
+    refused: bool,
+) -> None:  # fmt: skip
+    """Hundreds of aliases in a bucket and in its percentile list: the request's limits refuse it, or the JSON path
+    and the executor answer the same bytes."""
+    org = world.incident.org_id
+    fields = " ".join(f"r{i}: errorRate" for i in range(count)) + " latency { " + " ".join(
+        f"m{i}: ms" for i in range(count)) + " }"  # fmt: skip
+    document = SERIES_QUESTION.replace("BODY", f"series {{ {fields} }}").replace("YES", "")
+    variables = {"org": org, "r": {"from": (world.now - 6 * HOUR).isoformat(), "to": world.now.isoformat()},
+                 "g": "HOUR", "m": False, "p": [0.5, 0.99]}  # fmt: skip
+    token = make_token("engineer", org=org)
+    fast = await graphql(client, document, token, variables)
+    codes = {e["extensions"]["code"] for e in fast.json().get("errors", [])}
+    assert "INTERNAL" not in codes, fast.json()
+    assert bool(codes) is refused, codes
+    if codes:
+        assert codes <= {"QUERY_TOO_COMPLEX", "BAD_REQUEST", "GRAPHQL_VALIDATION_FAILED"}, codes
+        return
+    monkeypatch.setattr(resolvers.reliability, "SERIES_AS_JSON", False)
+    assert (await graphql(client, document, token, variables)).content == fast.content
+
+
+async def test_odd_bytes_and_other_orgs_never_reach_the_json_path(
+    client: httpx.AsyncClient, make_token: TokenFactory, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A NUL or a trailing newline in the org id, another org's id, an expired token: refused with their code
+    before any report is built or written."""
+    written: list[int] = []
+    monkeypatch.setattr(resolvers.reliability, "render_series", lambda *a: written.append(1))
+    org = world.incident.org_id
+    document = SERIES_QUESTION.replace("BODY", "series { start errorRate }").replace("YES", "")
+    r = {"from": (world.now - 3 * HOUR).isoformat(), "to": world.now.isoformat()}
+    base = {"org": org, "r": r, "g": "HOUR", "m": False, "p": [0.5]}
+    token = make_token("engineer", org=org)
+    for variables, bearer, code in (
+        (base | {"org": org + "\x00"}, token, "BAD_USER_INPUT"),
+        (base | {"org": org + "\n"}, token, "BAD_USER_INPUT"),
+        (base | {"org": world.steady.org_id}, token, "FORBIDDEN"),
+        (base, make_token("engineer", org=org, ttl=-60), "UNAUTHENTICATED"),
+    ):
+        body = (await graphql(client, document, bearer, variables)).json()
+        assert [e["extensions"]["code"] for e in body["errors"]] == [code], body
+    assert written == []
