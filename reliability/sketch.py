@@ -125,6 +125,11 @@ class Batch:
     A group may have any number of sketches, in any order, and sketches may repeat an index: entries are sorted
     by (group, index) and counted cumulatively, so a group's rank r is at the first entry whose running count
     (from the group's start) reaches r, as in :func:`quantiles`.
+
+    The common case, one sketch per group with the groups in ascending order (an HOUR series: a bucket and model
+    is one hourly row), skips the sort and the per-entry group ids: only the sketches whose entries do not ascend
+    (query-time ones, from raw events) are sorted, each on its own. A 30-day HOUR report's 430,000 entries took
+    16 ms of numpy work the general way, about a third of that this way (bench/results/reliability*.json).
     """
 
     def __init__(self, packed: Sequence[bytes], group_of: Sequence[int] | Ints, groups: int) -> None:
@@ -135,24 +140,58 @@ class Batch:
         if len(blob) % PACKED.itemsize:
             raise ValueError(f"packed sketches of {len(blob)} bytes: not whole {PACKED.itemsize}-byte entries")
         entries = np.frombuffer(blob, dtype=PACKED)
-        sizes = np.fromiter(map(len, packed), dtype=np.int64, count=len(packed)) // PACKED.itemsize
+        self._sizes: Ints = np.fromiter(map(len, packed), dtype=np.int64, count=len(packed)) // PACKED.itemsize
+        self._group_of: Ints = np.asarray(group_of, dtype=np.int64)
+        # Native-endian copies (the packed layout is big-endian), one pass each; the batch's own, so a sketch's
+        # entries may be put in order in place (no method depends on the order of entries)
         self.index: Ints = entries["index"].astype(np.int64)
         self.count: Ints = entries["count"].astype(np.int64)
-        self.group: Ints = np.repeat(np.asarray(group_of, dtype=np.int64), sizes)
 
     def quantile_table(self, qs: Sequence[float]) -> npt.NDArray[np.float64]:
         """Per group (a row by group id), the q-percentiles (ms) in the order of ``qs``; NaN for an empty group."""
         out = np.full((self.groups, len(qs)), np.nan)
         if not len(self.index) or not len(qs):
             return out
-        index, count, group = self.index, self.count, self.group
-        key = (group << 32) + (index + _INDEX_SHIFT)
-        if not bool(np.all(key[1:] >= key[:-1])):  # often already in order: one sketch a group, ascending
-            order = np.argsort(key, kind="stable")  # timsort: the sketches come as sorted runs
-            index, count, group = index[order], count[order], group[order]
-        groups, values = _group_quantiles(index, count, group, qs)
+        group_of = self._group_of
+        if bool(np.all(group_of[1:] > group_of[:-1])):
+            groups, values = self._one_sketch_a_group(qs)
+        else:
+            index, count = self.index, self.count
+            group = np.repeat(group_of, self._sizes)
+            key = (group << 32) + (index + _INDEX_SHIFT)
+            if not bool(np.all(key[1:] >= key[:-1])):  # often already in order: one sketch a group, ascending
+                order = np.argsort(key, kind="stable")  # timsort: the sketches come as sorted runs
+                index, count, group = index[order], count[order], group[order]
+            groups, values = _group_quantiles(index, count, group, qs)
         out[groups] = values
         return out
+
+    def _one_sketch_a_group(self, qs: Sequence[float]) -> tuple[Ints, npt.NDArray[np.float64]]:
+        """:func:`_group_quantiles` when group i's entries are sketch i's: each sketch's entries put in ascending
+        order (most already are; the rest are sorted in place, each on its own), then one cumulative sum and one
+        search per (group, percentile)."""
+        index, count, sizes = self.index, self.count, self._sizes
+        ends = np.cumsum(sizes)
+        starts = ends - sizes
+        falls = np.flatnonzero(index[1:] < index[:-1]) + 1  # an entry below its predecessor...
+        sketch_of = np.searchsorted(ends, falls, side="right")
+        for sketch in np.unique(sketch_of[falls > starts[sketch_of]]).tolist():  # ...in its own sketch
+            part = slice(int(starts[sketch]), int(ends[sketch]))
+            order = np.argsort(index[part], kind="stable")
+            index[part], count[part] = index[part][order], count[part][order]
+        cumulative = np.empty(len(count) + 1, dtype=np.int64)  # cumulative[k + 1]: the count through entry k
+        cumulative[0] = 0
+        np.cumsum(count, out=cumulative[1:])
+        before = cumulative[starts]
+        totals = cumulative[ends] - before
+        kept = totals > 0
+        before, totals = before[kept], totals[kept]
+        if not len(before):
+            return np.zeros(0, dtype=np.int64), np.zeros((0, len(qs)))
+        targets = np.stack([before + _ranks(q, totals) for q in qs], axis=1)
+        # the first entry whose running count reaches the target (cumulative[k + 1] is through entry k)
+        at = index[np.searchsorted(cumulative, targets, side="left") - 1]
+        return self._group_of[kept], _values(at)
 
     def merged_quantiles(self, qs: Sequence[float]) -> list[float] | None:
         """The q-percentiles (ms) of all sketches merged, whatever their groups; None when there are none."""
@@ -176,6 +215,8 @@ def _group_quantiles(
     index: Ints, count: Ints, group: Ints, qs: Sequence[float]
 ) -> tuple[Ints, npt.NDArray[np.float64]]:
     """Entries sorted by (group, index): the groups with requests and, for each, its q-percentiles (a row)."""
+    if not len(group):  # (a merge of nothing but zero counts)
+        return np.zeros(0, dtype=np.int64), np.zeros((0, len(qs)))
     first = np.flatnonzero(np.concatenate(([True], group[1:] != group[:-1])))
     last = np.concatenate((first[1:], [len(group)])) - 1
     cumulative = np.cumsum(count)

@@ -7,6 +7,7 @@ its sketches are spread, ordered or repeated, must give the same floats, and so 
 
 from __future__ import annotations
 
+import itertools
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -46,6 +47,43 @@ def test_every_group_and_the_total_match_the_dict_merge(
         members = [s for s, g in zip(sketches, group_of, strict=True) if g == group]
         assert got[group] == (quantiles(merged(members), qs) if members else None), group
     assert batch.merged_quantiles(qs) == quantiles(merged(sketches), qs)
+
+
+def shuffled_entries(entries: list[tuple[int, int]], order: list[int]) -> bytes:
+    """A packed sketch of ``entries`` (repeats allowed) in the order given by sorting on ``order``."""
+    ranked = [e for _, e in sorted(zip(order, entries, strict=True))]
+    out = np.empty(len(ranked), dtype=[("index", ">i4"), ("count", ">i8")])
+    out["index"], out["count"] = [i for i, _ in ranked], [c for _, c in ranked]
+    return out.tobytes()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    sketches=st.lists(st.lists(st.tuples(index, st.integers(0, 10**6)), max_size=30), min_size=1, max_size=30),
+    data=st.data(),
+    qs=st.lists(percentile, min_size=1, max_size=5),
+)
+def test_one_sketch_a_group_in_any_entry_order_matches_the_dict_merge(
+    sketches: list[list[tuple[int, int]]], data: st.DataObject, qs: list[float]
+) -> None:
+    """The path an HOUR series takes (each group one sketch, groups ascending, with gaps): some sketches come in
+    order, others (query-time ones) in any order, with repeated indexes, zero counts and empty sketches."""
+    gaps = data.draw(st.lists(st.integers(1, 3), min_size=len(sketches), max_size=len(sketches)))
+    group_of = list(itertools.accumulate(gaps, initial=-1))[1:]
+    packed = []
+    for entries in sketches:
+        in_order = data.draw(st.booleans())
+        order = list(range(len(entries))) if not in_order else [i for i, _ in entries]
+        packed.append(shuffled_entries(entries, data.draw(st.permutations(order)) if not in_order else order))
+    batch = Batch(packed, group_of, group_of[-1] + 2)
+    got = by_group(batch, qs)
+    expected: list[list[float] | None] = [None] * (group_of[-1] + 2)
+    for g, entries in zip(group_of, sketches, strict=True):
+        expected[g] = quantiles(merged({i: c} for i, c in entries), qs)
+    assert got == expected
+    everything = merged({i: c} for entries in sketches for i, c in entries)
+    assert batch.merged_quantiles(qs) == quantiles(everything, qs)
+    assert by_group(batch, qs) == expected  # asked again: the sketches put in order in place answer the same
 
 
 def test_repeated_indexes_and_unsorted_entries_merge() -> None:
