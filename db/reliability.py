@@ -102,10 +102,13 @@ WITH params AS (
     UNION ALL
     SELECT e.* FROM raw_hours r
     -- One index range per raw hour: LATERAL, and OFFSET 0 so that the planner cannot flatten it into a join
-    -- (which it did, scanning all of the org's events against an empty list of raw hours).
+    -- (which it did, scanning all of the org's events against an empty list of raw hours). Raw hours lie in
+    -- [$4, $5): saying so lets the planner leave out the other days' partitions (a 2-hour window's statement
+    -- was planned against every partition of the table, 3.5 of its 7 ms).
     CROSS JOIN LATERAL (
         SELECT * FROM usage_events e
         WHERE e.org_id = $1 AND e.event_time >= r.hour AND e.event_time < r.hour + interval '1 hour' {filters_e}
+          AND e.event_time >= $4 AND e.event_time < $5
         OFFSET 0
     ) AS e
 )"""
@@ -322,21 +325,30 @@ async def compositions(
     statement (one snapshot, one round trip), in their order."""
     if not windows:
         return []
-    order = sorted(range(len(windows)), key=lambda i: windows[i][1] is not None)  # errors, then slow: few SQL texts
-    shapes = tuple((_Shape.of(windows[i][0]), windows[i][1] is not None) for i in order)
-    args: list[object] = []
-    for i in order:
-        query, slower_than_ms = windows[i]
-        args += [*_args(query, materialized_through), 500 if slower_than_ms is None else slower_than_ms]
+    sql, args, order = compositions_statement(windows, materialized_through)
     found = [WindowComposition({}, []) for _ in windows]
     raw = await driver_connection(connection)
-    for position, total, model, status_code, error_type, count in await raw.fetch(_compositions_sql(shapes), *args):
+    for position, total, model, status_code, error_type, count in await raw.fetch(sql, *args):
         window_ = found[order[position]]
         if total:
             window_.requests[model] = count
         else:
             window_.hits.append(ErrorRow(model, status_code, error_type, count))
     return found
+
+
+def compositions_statement(
+    windows: Sequence[Window], materialized_through: dt.datetime | None
+) -> tuple[str, list[object], list[int]]:
+    """The SQL and arguments of :func:`compositions` (windows given), and the window each position of its rows
+    stands for."""
+    order = sorted(range(len(windows)), key=lambda i: windows[i][1] is not None)  # errors, then slow: few SQL texts
+    shapes = tuple((_Shape.of(windows[i][0]), windows[i][1] is not None) for i in order)
+    args: list[object] = []
+    for i in order:
+        query, slower_than_ms = windows[i]
+        args += [*_args(query, materialized_through), 500 if slower_than_ms is None else slower_than_ms]
+    return _compositions_sql(shapes), args, order
 
 
 _PARAMETER = re.compile(r"\$(\d+)")
@@ -367,6 +379,6 @@ def window(query: UsageQuery, start: dt.datetime, end: dt.datetime) -> UsageQuer
 
 
 __all__: Sequence[str] = (
-    "ErrorRow", "SeriesColumns", "Window", "WindowComposition", "compositions", "error_rows",
+    "ErrorRow", "SeriesColumns", "Window", "WindowComposition", "compositions", "compositions_statement", "error_rows",
     "errors_statement", "series_rows", "series_statement", "window",
 )  # fmt: skip

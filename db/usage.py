@@ -197,7 +197,8 @@ _RAW_CTES = """, raw_hours AS (  -- rolled-up hours read from raw events instead
            e.cached_input_tokens, e.output_tokens
     FROM raw_hours r
     JOIN usage_events e ON e.org_id = r.org_id AND e.event_time >= r.hour AND e.event_time < r.hour + interval '1 hour'
-    WHERE true {filters_e}
+    -- (raw hours lie in [$4, $5): saying so lets the planner leave out the other days' partitions)
+    WHERE e.event_time >= $4 AND e.event_time < $5 {filters_e}
 )"""
 _SPLITS = """
     UNION  -- and the hours that a bucket boundary cuts
