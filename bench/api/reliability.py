@@ -351,7 +351,8 @@ AREAS = (
     ("reliability/spikes", "reliability.spikes (detection)"),
     ("reliability/attribution", "reliability.attribution"),
     ("db/reliability", "db.reliability (records to columns)"),
-    ("resolvers/reliability", "resolvers.reliability (Strawberry objects)"),
+    ("resolvers/reliability_json", "resolvers.reliability_json (the series written as JSON)"),  # before its prefix
+    ("resolvers/reliability", "resolvers.reliability (resolver, Strawberry objects)"),
     ("schema/execution", "schema.execution (fast list projection)"),
     ("graphql/", "graphql-core (parse, validate, execute)"),
     ("strawberry/", "Strawberry (view, extensions, execution)"),

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 
-from bench.api.reliability import make_floor, phases, shapes
+from bench.api.profile import area_of
+from bench.api.reliability import AREAS, make_floor, phases, shapes
 from bench.reliability_bench import summarize
 from reliability.report import BREAKDOWN_ROWS
 
@@ -66,3 +67,10 @@ def test_summary_holds_the_issue_targets() -> None:
         "reliability MINUTE 24 h, 1 client, p50": False,
     }
     assert summary["all_met"] is False
+
+
+def test_profile_areas_name_the_json_writer_apart_from_the_resolver() -> None:
+    """Areas go by the first matching prefix: the series' JSON writer is not filed under the resolver's."""
+    assert area_of("resolvers/reliability_json.py", "render_series", AREAS).startswith("resolvers.reliability_json")
+    assert area_of("resolvers/reliability.py", "resolve_reliability", AREAS).startswith("resolvers.reliability (")
+    assert area_of("reliability/sketch.py", "Batch.quantile_table", AREAS).startswith("reliability.sketch")
