@@ -8,6 +8,7 @@ its sketches are spread, ordered or repeated, must give the same floats, and so 
 from __future__ import annotations
 
 import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
