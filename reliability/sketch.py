@@ -168,8 +168,7 @@ class Batch:
 
     def _one_sketch_a_group(self, qs: Sequence[float]) -> tuple[Ints, npt.NDArray[np.float64]]:
         """:func:`_group_quantiles` when group i's entries are sketch i's: each sketch's entries put in ascending
-        order (most already are; the rest are sorted in place, each on its own), then one cumulative sum and one
-        search per (group, percentile)."""
+        order (most already are; the rest are sorted in place, each on its own), then :func:`_run_quantiles`."""
         index, count, sizes = self.index, self.count, self._sizes
         ends = np.cumsum(sizes)
         starts = ends - sizes
@@ -179,19 +178,7 @@ class Batch:
             part = slice(int(starts[sketch]), int(ends[sketch]))
             order = np.argsort(index[part], kind="stable")
             index[part], count[part] = index[part][order], count[part][order]
-        cumulative = np.empty(len(count) + 1, dtype=np.int64)  # cumulative[k + 1]: the count through entry k
-        cumulative[0] = 0
-        np.cumsum(count, out=cumulative[1:])
-        before = cumulative[starts]
-        totals = cumulative[ends] - before
-        kept = totals > 0
-        before, totals = before[kept], totals[kept]
-        if not len(before):
-            return np.zeros(0, dtype=np.int64), np.zeros((0, len(qs)))
-        targets = np.stack([before + _ranks(q, totals) for q in qs], axis=1)
-        # the first entry whose running count reaches the target (cumulative[k + 1] is through entry k)
-        at = index[np.searchsorted(cumulative, targets, side="left") - 1]
-        return self._group_of[kept], _values(at)
+        return _run_quantiles(index, count, starts, ends, self._group_of, qs)
 
     def merged_quantiles(self, qs: Sequence[float]) -> list[float] | None:
         """The q-percentiles (ms) of all sketches merged, whatever their groups; None when there are none."""
@@ -215,20 +202,29 @@ def _group_quantiles(
     index: Ints, count: Ints, group: Ints, qs: Sequence[float]
 ) -> tuple[Ints, npt.NDArray[np.float64]]:
     """Entries sorted by (group, index): the groups with requests and, for each, its q-percentiles (a row)."""
-    if not len(group):  # (a merge of nothing but zero counts)
-        return np.zeros(0, dtype=np.int64), np.zeros((0, len(qs)))
-    first = np.flatnonzero(np.concatenate(([True], group[1:] != group[:-1])))
-    last = np.concatenate((first[1:], [len(group)])) - 1
-    cumulative = np.cumsum(count)
-    before = cumulative[first] - count[first]
-    totals = cumulative[last] - before
+    starts = np.flatnonzero(np.concatenate(([True], group[1:] != group[:-1]))) if len(group) else group
+    ends = np.concatenate((starts[1:], [len(group)]))
+    return _run_quantiles(index, count, starts, ends, group[starts], qs)
+
+
+def _run_quantiles(
+    index: Ints, count: Ints, starts: Ints, ends: Ints, ids: Ints, qs: Sequence[float]
+) -> tuple[Ints, npt.NDArray[np.float64]]:
+    """Runs of entries ``[starts[i], ends[i])``, each ascending by index, with ids ``ids[i]``: the ids of the runs
+    with requests and, for each, its q-percentiles (a row): one cumulative sum, one search per (run, percentile)."""
+    cumulative = np.empty(len(count) + 1, dtype=np.int64)  # cumulative[k + 1]: the count through entry k
+    cumulative[0] = 0
+    np.cumsum(count, out=cumulative[1:])
+    before = cumulative[starts]
+    totals = cumulative[ends] - before
     kept = totals > 0
-    first, before, totals = first[kept], before[kept], totals[kept]
-    if not len(first):
+    before, totals = before[kept], totals[kept]
+    if not len(before):  # (no runs, or only zero counts)
         return np.zeros(0, dtype=np.int64), np.zeros((0, len(qs)))
     targets = np.stack([before + _ranks(q, totals) for q in qs], axis=1)
-    at = index[np.searchsorted(cumulative, targets, side="left")]
-    return group[first], _values(at)
+    # the first entry whose running count reaches the target
+    at = index[np.searchsorted(cumulative, targets, side="left") - 1]
+    return ids[kept], _values(at)
 
 
 def _ranks(q: float, totals: Ints) -> Ints:
