@@ -9,7 +9,9 @@ needs its dimensions; MINUTE buckets from ``reliability_minute_model`` for the r
 ``rollup_state.minute_from`` on, read in the same snapshot), raw events before. Sketches are returned packed
 (db/sketch.py's layout: bytes that the client reads with numpy
 as they are, no parsing; migration 0008 stores them so in ``reliability_hourly_model.latency_sketch_packed``),
-one per row, and merged by the caller (reliability/sketch.py): a bucket's rows are consecutive.
+one per row, and merged by the caller (reliability/sketch.py): a bucket's rows are consecutive. A ``ranked`` HOUR
+series per model reads instead each rolled-up row's stored percentile bucket indexes (migration 0012), and, for the
+range's totals, daily merged sketches (``reliability_daily_model``) for its whole days.
 """
 
 from __future__ import annotations
@@ -36,15 +38,22 @@ class SeriesColumns(NamedTuple):
     requests: Sequence[int]
     errors: Sequence[int]
     client_errors: Sequence[int]
-    sketch: Sequence[bytes]  # packed: (bucket index, count) entries, db/sketch.py
+    sketch: Sequence[bytes | None]  # packed: (bucket index, count) entries, db/sketch.py; None where ``ranks`` is
+    ranks: Sequence[list[int] | None]  # a rollup row's RANKED_PERCENTILES bucket indexes (``ranked`` statements)
+    totals: Sequence[bytes] = ()  # packed sketches that count toward the range's totals only (``totals``)
 
     @classmethod
     def of(cls, records: Sequence[Any]) -> SeriesColumns:
         """Columns of records in the statement's column order (one pass in C: a 30-day HOUR series has
-        thousands)."""
+        thousands); the rows for the totals only come last."""
         if not records:
-            return cls((), (), (), (), (), ())
-        return cls(*zip(*records, strict=True))
+            return cls((), (), (), (), (), (), ())
+        *columns, total_only = zip(*records, strict=True)
+        if not total_only[-1]:
+            return cls(*columns)
+        cut = total_only.index(True)
+        bucket, model, requests, errors, client_errors, sketch, ranks = (column[:cut] for column in columns)
+        return cls(bucket, model, requests, errors, client_errors, sketch, ranks, columns[5][cut:])
 
 
 class ErrorRow(NamedTuple):
@@ -115,20 +124,42 @@ WITH params AS (
 
 _SERIES = (
     _COMMON
-    + """
+    + """{whole_days}
 SELECT * FROM (
-SELECT {bucket_h} AS bucket, h.model, h.requests, {errors_h}, {client_h}, {sketch_h}
+SELECT {bucket_h} AS bucket, h.model, h.requests, {errors_h}, {client_h}, {sketch_h} AS sketch, {ranks_h} AS ranks,
+       false AS total_only
 FROM {rollup} h
 WHERE h.org_id = $1 AND h.hour >= $4 AND h.hour < $5 {filters_h}
   AND NOT EXISTS (SELECT 1 FROM raw_hours r WHERE r.hour = h.hour)
 UNION ALL
-SELECT bucket, model, sum(n)::bigint, sum(e)::bigint, sum(c)::bigint, {packed_agg}
+SELECT bucket, model, sum(n)::bigint, sum(e)::bigint, sum(c)::bigint, {packed_agg}, NULL::int[], false
 FROM ({raw_entries}) AS per_index
-GROUP BY 1, 2
+GROUP BY 1, 2{totals}
 ) AS rows
-ORDER BY bucket, model COLLATE "C"
+ORDER BY total_only, bucket, model COLLATE "C"
 """
 )
+
+# A ranked series' rollup rows carry no sketch: the range's totals need the sketches of its rolled-up hours, as rows
+# after the series (``total_only``): one merged sketch per model for each UTC day wholly in [$4, $5) with no hour
+# read raw (reliability_daily_model, migration 0012), the hourly rows' for the other rolled-up hours.
+_WHOLE_DAYS = """, whole_days AS (
+    SELECT d.day
+    FROM generate_series(date_trunc('day', $4 + interval '23 hours', 'UTC'), $5 - interval '24 hours',
+                         interval '24 hours') AS d(day)
+    WHERE NOT EXISTS (SELECT 1 FROM raw_hours r WHERE r.hour >= d.day AND r.hour < d.day + interval '24 hours')
+)"""
+_TOTALS = """
+UNION ALL
+SELECT NULL, NULL, 0, 0, 0, s.latency_sketch_packed, NULL, true
+FROM reliability_daily_model s JOIN whole_days w ON s.day = w.day
+WHERE s.org_id = $1 {filters_s}
+UNION ALL
+SELECT NULL, NULL, 0, 0, 0, h.latency_sketch_packed, NULL, true
+FROM reliability_hourly_model h
+WHERE h.org_id = $1 AND h.hour >= $4 AND h.hour < $5 {filters_h}
+  AND NOT EXISTS (SELECT 1 FROM raw_hours r WHERE r.hour = h.hour)
+  AND NOT EXISTS (SELECT 1 FROM whole_days w WHERE w.day = date_trunc('day', h.hour, 'UTC'))"""
 
 # Requests with status >= $11 by model, status code and error type: rollups where whole, raw events elsewhere.
 _ERROR_HITS = """
@@ -211,8 +242,15 @@ _RAW_BUCKET = {
 }
 
 
+def rankable(query: UsageQuery, *, per_model: bool) -> bool:
+    """Whether :func:`series_rows` can be ``ranked``: HOUR buckets per model from ``reliability_hourly_model`` (one
+    rolled-up row a bucket and model)."""
+    shape = _Shape.of(query)
+    return shape.granularity == "HOUR" and per_model and not shape.per_key
+
+
 @functools.lru_cache(maxsize=64)
-def _series_sql(shape: _Shape, per_model: bool) -> str:
+def _series_sql(shape: _Shape, per_model: bool, ranked: bool, totals: bool) -> str:
     bucket = BUCKET_SQL[shape.granularity] if shape.granularity else "NULL::timestamptz"
     per_key = shape.per_key
     entries = (_ENTRIES_PER_EVENT if shape.granularity == "MINUTE" else _ENTRIES_GROUPED).format(
@@ -232,9 +270,14 @@ def _series_sql(shape: _Shape, per_model: bool) -> str:
         errors_h="CASE WHEN h.status_class = 5 THEN h.requests ELSE 0 END" if per_key else "h.errors",
         client_h="CASE WHEN h.status_class = 4 THEN h.requests ELSE 0 END" if per_key else "h.client_errors",
         bucket_h="h.minute" if minutes else bucket.replace("t,", "h.hour,"),
-        sketch_h="sketch_pack(h.latency_sketch)" if per_key else "h.latency_sketch_packed",
+        sketch_h="sketch_pack(h.latency_sketch)" if per_key
+        else "CASE WHEN h.latency_ranks IS NULL THEN h.latency_sketch_packed END" if ranked
+        else "h.latency_sketch_packed",
+        ranks_h="h.latency_ranks" if ranked else "NULL::int[]",
         packed_agg=packed_agg_sql("idx", "n"),
-    )
+        whole_days=_WHOLE_DAYS if totals else "",
+        totals=_TOTALS.format(filters_s=shape.filters("s"), filters_h=shape.filters("h")) if totals else "",
+    )  # fmt: skip
 
 
 @functools.lru_cache(maxsize=64)
@@ -264,10 +307,17 @@ def _args(query: UsageQuery, materialized_through: dt.datetime | None) -> tuple[
 
 
 def series_statement(
-    query: UsageQuery, materialized_through: dt.datetime | None, *, per_model: bool = True
+    query: UsageQuery,
+    materialized_through: dt.datetime | None,
+    *,
+    per_model: bool = True,
+    ranked: bool = False,
+    totals: bool = False,
 ) -> tuple[str, tuple[object, ...]]:
     """The SQL and arguments of :func:`series_rows` (benchmarks run it bare, as the floor)."""
-    return _series_sql(_Shape.of(query), per_model), _args(query, materialized_through)
+    if ranked and not rankable(query, per_model=per_model):
+        raise ValueError("ranked series are HOUR series per model without a project or API key filter")
+    return _series_sql(_Shape.of(query), per_model, ranked, ranked and totals), _args(query, materialized_through)
 
 
 def errors_statement(
@@ -278,16 +328,26 @@ def errors_statement(
 
 
 async def series_rows(
-    connection: AsyncConnection, query: UsageQuery, materialized_through: dt.datetime | None, *, per_model: bool = True
+    connection: AsyncConnection,
+    query: UsageQuery,
+    materialized_through: dt.datetime | None,
+    *,
+    per_model: bool = True,
+    ranked: bool = False,
+    totals: bool = False,
 ) -> SeriesColumns:
     """Requests, errors, client errors and sketch rows by bucket (null when ``query.granularity`` is None)
     and model, ordered by bucket and model, as columns; several rows of one bucket and model are merged by the
     caller.
 
     ``per_model=False``: the caller merges a bucket's models anyway, so raw events are aggregated per bucket
-    only (model None: fewer, larger rows); rollup rows stay per model."""
+    only (model None: fewer, larger rows); rollup rows stay per model.
+
+    ``ranked`` (only where :func:`rankable`): rollup rows carry their RANKED_PERCENTILES bucket indexes (``ranks``)
+    instead of a sketch; with ``totals``, the sketches of the range's rolled-up hours follow, for its totals
+    (``SeriesColumns.totals``: a daily merge for each whole day rolled up)."""
     raw = await driver_connection(connection)
-    sql, args = series_statement(query, materialized_through, per_model=per_model)
+    sql, args = series_statement(query, materialized_through, per_model=per_model, ranked=ranked, totals=totals)
     return SeriesColumns.of(await raw.fetch(sql, *args))
 
 
@@ -380,5 +440,5 @@ def window(query: UsageQuery, start: dt.datetime, end: dt.datetime) -> UsageQuer
 
 __all__: Sequence[str] = (
     "ErrorRow", "SeriesColumns", "Window", "WindowComposition", "compositions", "compositions_statement", "error_rows",
-    "errors_statement", "series_rows", "series_statement", "window",
+    "errors_statement", "rankable", "series_rows", "series_statement", "window",
 )  # fmt: skip

@@ -21,6 +21,10 @@ ZERO_INDEX = -32768  # values under MIN_VALUE_MS
 # stored ones ascend by index, query-time ones (``packed_agg_sql``) come in any order.
 PACKED_ENTRY_BYTES = 12
 
+# The percentiles whose bucket indexes every hourly rollup row stores (``reliability_hourly_model.latency_ranks``,
+# migration 0012, in this order): an HOUR bucket asking only for these reads no sketch.
+RANKED_PERCENTILES = (0.5, 0.75, 0.9, 0.95, 0.99, 0.999)
+
 
 def index_sql(column: str) -> str:
     """The bucket index of ``column`` as a SQL expression: ``ceil(ln(v) / ln(GAMMA))``, or ZERO_INDEX below

@@ -2,10 +2,11 @@
 
 Rows come from db/reliability.py (rollups where complete, raw events elsewhere). The packed sketches of all
 buckets are merged per bucket and read in one batch (reliability/sketch.py ``Batch``), and once more all together
-for the totals. Spike detection (reliability/spikes.py) runs on every
-series over a contiguous grid of buckets that reaches ``lookback`` buckets before the range, so the first
-buckets of the range have a baseline too; each spike found is explained (reliability/attribution.py) by the
-composition of its window against its baseline's window.
+for the totals; an HOUR series per model asked for the usual percentiles reads none (:func:`ranked_series`: each
+bucket's percentile indexes are stored on its hourly row, and the totals merge daily sketches). Spike detection
+(reliability/spikes.py) runs on every series over a contiguous grid of buckets that reaches ``lookback`` buckets
+before the range, so the first buckets of the range have a baseline too; each spike found is explained
+(reliability/attribution.py) by the composition of its window against its baseline's window.
 
 Bounds: at most MAX_SPIKES spikes (the most severe, then the largest relative to their baseline) are reported
 and explained; the slow-request composition of a latency spike reads raw events of at most COMPOSITION_SPAN
@@ -34,9 +35,11 @@ from db.reliability import (
     Window,
     compositions,
     error_rows,
+    rankable,
     series_rows,
     window,
 )
+from db.sketch import RANKED_PERCENTILES
 from db.usage import UsageQuery, bucket_end, bucket_start
 from kernel.hours import EARLIEST
 from reliability import sketch as sketches
@@ -150,6 +153,8 @@ async def build_report(
     # report's breakdown read every raw event of its day again).
     unbucketed = dataclasses.replace(query, granularity=None, time_zone="UTC")
     parts = _parts(query, grid)
+    wanted = [*percentiles, *DETECTION_PERCENTILES]
+    ranked = ranked_series(query, percentiles)
     # The breakdown is needed last: its statement runs while the series are read and their spikes found.
     breakdown_rows = asyncio.ensure_future(
         _with(connect, error_rows, unbucketed, materialized_through, limit=BREAKDOWN_ROWS)
@@ -164,15 +169,20 @@ async def build_report(
     try:
         series_parts, history_rows = await asyncio.gather(
             asyncio.gather(
-                *(_with(connect, series_rows, part, materialized_through, per_model=by_model) for part in parts)
+                *(
+                    _with(connect, series_rows, part, materialized_through, per_model=by_model, ranked=ranked,
+                          totals=ranked)
+                    for part in parts
+                )
             ),
-            _with(connect, series_rows, earlier, materialized_through, per_model=by_model) if earlier else _no_rows(),
-        )
+            _with(connect, series_rows, earlier, materialized_through, per_model=by_model, ranked=ranked)
+            if earlier
+            else _no_rows(),
+        )  # fmt: skip
         grid_of = Grid(starts, query.granularity, zone)
         models: dict[str | None, int] = {}  # model -> its code, shared by the range and its history
         series = _collect(_joined(series_parts), by_model, grid_of, models)
         past = _collect(history_rows, by_model, grid_of, models)
-        wanted = [*percentiles, *DETECTION_PERCENTILES]
         table, past_table = series.batch.quantile_table(wanted), past.batch.quantile_table(wanted)
         count = len(percentiles)
         columns_of = _detection_columns(grid_of, (series, past), (table[:, count:], past_table[:, count:]), models)
@@ -195,7 +205,8 @@ async def build_report(
         # While PostgreSQL explains the spikes: the rest of the report, and the caller's work on the series.
         totals = Totals(
             requests=int(series.requests.sum()), errors=int(series.errors.sum()),
-            client_errors=int(series.client_errors.sum()), latency=series.batch.merged_quantiles(percentiles) or [],
+            client_errors=int(series.client_errors.sum()),
+            latency=series.batch.merged_quantiles(percentiles, also=series.totals) or [],
         )  # fmt: skip
         columns = _series(series, table[:, :count], grid_of, models)
         made = meanwhile(columns)
@@ -212,6 +223,14 @@ async def build_report(
     found.sort(key=lambda s: (s.start, s.metric, s.model or ""))
     total_errors = sum(r.requests for r in breakdown) or 1
     return Report(totals, columns, found, [_cause(r, r.requests / total_errors) for r in breakdown]), made
+
+
+def ranked_series(query: UsageQuery, percentiles: Sequence[float]) -> bool:
+    """Whether the report reads its series ranked (``db.reliability.series_rows``): each bucket's percentiles from
+    its hourly row's stored rank indexes, and the range's totals from daily sketches, so that no hourly sketch is
+    read: an HOUR series per model, asked only for RANKED_PERCENTILES (and those of detection, among them)."""
+    wanted = (*percentiles, *DETECTION_PERCENTILES)
+    return rankable(query, per_model="model" in query.group_by) and all(q in RANKED_PERCENTILES for q in wanted)
 
 
 async def _with(connect: Connect, fetch: Callable[..., Awaitable[_T]], *args: Any, **kwargs: Any) -> _T:
@@ -300,6 +319,7 @@ class Collected(NamedTuple):
     errors: Ints
     client_errors: Ints
     batch: sketches.Batch
+    totals: Sequence[bytes]  # sketches that count toward the totals only (ranked rows have none in the batch)
 
 
 def _collect(rows: SeriesColumns, by_model: bool, grid: Grid, models: dict[str | None, int]) -> Collected:
@@ -323,7 +343,8 @@ def _collect(rows: SeriesColumns, by_model: bool, grid: Grid, models: dict[str |
 
     group_of = np.cumsum(new) - 1
     return Collected(position[first], model[first], summed(rows.requests), summed(rows.errors),
-                     summed(rows.client_errors), sketches.Batch(rows.sketch, group_of, len(first)))  # fmt: skip
+                     summed(rows.client_errors), sketches.Batch(rows.sketch, group_of, len(first), rows.ranks),
+                     rows.totals)  # fmt: skip
 
 
 def _series(

@@ -27,12 +27,13 @@ import functools
 import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from typing import NamedTuple, cast
 
 import numpy as np
 import numpy.typing as npt
 import orjson
 
-from db.sketch import GAMMA, PACKED_ENTRY_BYTES, ZERO_INDEX
+from db.sketch import GAMMA, PACKED_ENTRY_BYTES, RANKED_PERCENTILES, ZERO_INDEX
 
 Sketch = dict[int, int]
 
@@ -130,17 +131,29 @@ class Batch:
     is one hourly row), skips the sort and the per-entry group ids: only the sketches whose entries do not ascend
     (query-time ones, from raw events) are sorted, each on its own. The quantile table of a 30-day HOUR report
     (430,000 entries) took 7.8 ms the general way and takes 3.7 ms this way (medians, docs/benchmarks.md).
+
+    A group may instead be one ranked row: no sketch (None), and the bucket indexes of RANKED_PERCENTILES that a
+    rollup row stores (``ranks``, migration 0012); its percentiles are those indexes' values, so only those
+    percentiles can be asked of a batch with ranked rows. Ranked rows add nothing to :meth:`merged_quantiles`.
     """
 
-    def __init__(self, packed: Sequence[bytes], group_of: Sequence[int] | Ints, groups: int) -> None:
+    def __init__(
+        self,
+        packed: Sequence[bytes | None],
+        group_of: Sequence[int] | Ints,
+        groups: int,
+        ranks: Sequence[Sequence[int] | None] = (),
+    ) -> None:
         if len(packed) != len(group_of):
             raise ValueError(f"{len(packed)} sketches but {len(group_of)} group ids")
         self.groups = groups
-        blob = b"".join(packed)
+        self._ranked = _Ranked.of(packed, ranks, group_of)
+        sketches = cast(Sequence[bytes], packed) if self._ranked is None else [p or b"" for p in packed]
+        blob = b"".join(sketches)
         if len(blob) % PACKED.itemsize:
             raise ValueError(f"packed sketches of {len(blob)} bytes: not whole {PACKED.itemsize}-byte entries")
         entries = np.frombuffer(blob, dtype=PACKED)
-        self._sizes: Ints = np.fromiter(map(len, packed), dtype=np.int64, count=len(packed)) // PACKED.itemsize
+        self._sizes: Ints = np.fromiter(map(len, sketches), dtype=np.int64, count=len(packed)) // PACKED.itemsize
         self._group_of: Ints = np.asarray(group_of, dtype=np.int64)
         # Native-endian copies (the packed layout is big-endian), one pass each; the batch's own, so a sketch's
         # entries may be put in order in place (no method depends on the order of entries)
@@ -150,6 +163,8 @@ class Batch:
     def quantile_table(self, qs: Sequence[float]) -> npt.NDArray[np.float64]:
         """Per group (a row by group id), the q-percentiles (ms) in the order of ``qs``; NaN for an empty group."""
         out = np.full((self.groups, len(qs)), np.nan)
+        if self._ranked is not None:
+            self._ranked.fill(out, qs)
         if not len(self.index) or not len(qs):
             return out
         group_of = self._group_of
@@ -180,11 +195,16 @@ class Batch:
             index[part], count[part] = index[part][order], count[part][order]
         return _run_quantiles(index, count, starts, ends, self._group_of, qs)
 
-    def merged_quantiles(self, qs: Sequence[float]) -> list[float] | None:
-        """The q-percentiles (ms) of all sketches merged, whatever their groups; None when there are none."""
-        if not len(self.index):
-            return None
+    def merged_quantiles(self, qs: Sequence[float], also: Sequence[bytes] = ()) -> list[float] | None:
+        """The q-percentiles (ms) of all sketches merged, whatever their groups, and of the packed sketches ``also``
+        (ranked rows have none: a caller passes their sketches so); None when there are none."""
         index, count = self.index, self.count
+        if also:
+            more = np.frombuffer(b"".join(also), dtype=PACKED)
+            index = np.concatenate((index, more["index"].astype(np.int64)))
+            count = np.concatenate((count, more["count"].astype(np.int64)))
+        if not len(index):
+            return None
         low = int(index.min())
         span = int(index.max()) - low + 1
         if span <= _DENSE_SPAN and int(count.sum()) < 2**53:  # float64 sums are exact: one histogram pass
@@ -196,6 +216,41 @@ class Batch:
             index, count = index[order], count[order]
         _, values = _group_quantiles(index, count, np.zeros(len(index), dtype=np.int64), qs)
         return values[0].tolist() if len(values) else None
+
+
+class _Ranked(NamedTuple):
+    """A batch's ranked rows: their groups, and their RANKED_PERCENTILES bucket indexes (a row each)."""
+
+    groups: Ints
+    indexes: Ints
+
+    @classmethod
+    def of(
+        cls, packed: Sequence[bytes | None], ranks: Sequence[Sequence[int] | None], group_of: Sequence[int] | Ints
+    ) -> _Ranked | None:
+        if not ranks:
+            return None
+        if len(ranks) != len(packed):
+            raise ValueError(f"{len(packed)} sketches but {len(ranks)} rank lists")
+        rows = [i for i, (p, r) in enumerate(zip(packed, ranks, strict=True)) if r is not None]
+        if not rows:
+            return None
+        if any(packed[i] is not None for i in rows):
+            raise ValueError("a row has both a sketch and ranks")
+        groups = np.asarray(group_of, dtype=np.int64)
+        ranked = groups[rows]
+        if len(np.unique(ranked)) != len(ranked) or np.isin(ranked, np.delete(groups, rows)).any():
+            raise ValueError("a ranked row shares its group with another row (its percentiles cannot be merged)")
+        indexes = np.array([ranks[i] for i in rows], dtype=np.int64).reshape(len(rows), len(RANKED_PERCENTILES))
+        return cls(ranked, indexes)
+
+    def fill(self, out: npt.NDArray[np.float64], qs: Sequence[float]) -> None:
+        """The ranked groups' rows of a quantile table."""
+        missing = [q for q in qs if q not in RANKED_PERCENTILES]
+        if missing:
+            raise ValueError(f"percentiles {missing} are not among the ranked ones {RANKED_PERCENTILES}")
+        columns = [RANKED_PERCENTILES.index(q) for q in qs]
+        out[self.groups] = _values(self.indexes[:, columns])
 
 
 def _group_quantiles(

@@ -35,7 +35,7 @@ from db.usage import UsageQuery, driver_connection
 from gateway.allocator import tune_allocator
 from kernel.hours import floor_hour
 from kernel.settings import Settings
-from reliability.report import BREAKDOWN_ROWS, SEASON, _grid, _history, build_report
+from reliability.report import BREAKDOWN_ROWS, SEASON, _grid, _history, build_report, ranked_series
 from reliability.spikes import lookback
 
 PERCENTILES = (0.5, 0.95, 0.99)
@@ -157,13 +157,17 @@ def make_floor(org_id: str, shape: Shape, materialized_through: dt.datetime | No
     zone = zoneinfo.ZoneInfo(query.time_zone)
     grid = _grid(query, zone)
     history = _history(grid[0], shape.granularity, zone, lookback(SEASON[shape.granularity]))
-    per_model = shape.by_model  # as build_report asks
-    statements = [Statement("series", *series_statement(query, materialized_through, per_model=per_model))]
+    per_model, ranked = shape.by_model, ranked_series(query, PERCENTILES)  # as build_report asks
+    statements = [
+        Statement("series", *series_statement(query, materialized_through, per_model=per_model, ranked=ranked,
+                                              totals=ranked))
+    ]  # fmt: skip
     if history:
         earlier = dataclasses.replace(query, start=history[0], end=grid[0])
         statements.append(
-            Statement("history series", *series_statement(earlier, materialized_through, per_model=per_model))
-        )
+            Statement("history series", *series_statement(earlier, materialized_through, per_model=per_model,
+                                                          ranked=ranked))
+        )  # fmt: skip
     unbucketed = dataclasses.replace(query, granularity=None, time_zone="UTC")  # as build_report's breakdown
     statements.append(Statement("breakdown", *errors_statement(unbucketed, materialized_through, limit=BREAKDOWN_ROWS)))
     return Floor(statements)

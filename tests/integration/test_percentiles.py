@@ -5,7 +5,8 @@ rollups are, and come back as per-hour sketches; then the API's path (packed ske
 ``sketch_pack`` of the stored jsonb, as the generated column of migration 0008 makes them, and the raw-event
 aggregate ``packed_agg_sql``; merged and read by ``reliability.sketch.Batch``), the dict path
 (``reliability.sketch.quantiles``) and the dashboards' path (``sketch_merge`` and ``sketch_quantile`` in SQL)
-must be within 1 % of the exact nearest-rank percentile of the raw values (``exact_percentile``).
+must be within 1 % of the exact nearest-rank percentile of the raw values (``exact_percentile``); the rank indexes
+that rollup rows store (``sketch_rank_indexes``) must answer exactly as the sketches they come from.
 Distributions: log-normal bodies with heavy tails, a few 60 s timeouts, sub-millisecond values, exact
 bucket boundaries, single-request buckets, and merges of many hours.
 """
@@ -20,14 +21,14 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from db.sketch import GAMMA, MIN_VALUE_MS, index_sql, packed_agg_sql
+from db.sketch import GAMMA, MIN_VALUE_MS, RANKED_PERCENTILES, index_sql, packed_agg_sql
 from reliability.sketch import Batch, exact_percentile, merged, parse, quantiles
 
 PERCENTILES = (0.001, 0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999)
 
 SKETCHES = f"""
 SELECT hour, jsonb_object_agg(idx::text, n)::text AS sketch, sketch_pack(jsonb_object_agg(idx::text, n)) AS packed,
-       {packed_agg_sql("idx", "n")} AS raw_packed
+       {packed_agg_sql("idx", "n")} AS raw_packed, sketch_rank_indexes(jsonb_object_agg(idx::text, n)) AS ranks
 FROM (
     SELECT hour, {index_sql("v")} AS idx, count(*) AS n
     FROM unnest($1::double precision[], $2::int[]) AS t(v, hour) GROUP BY 1, 2
@@ -63,7 +64,9 @@ def within_bound(estimate: float, exact: float) -> bool:
     return abs(estimate - exact) <= 0.01 * exact * (1 + 1e-12)
 
 
-async def sketches_of(database_url: str, per_hour: list[list[float]]) -> tuple[list[str], list[bytes], list[bytes]]:
+async def sketches_of(
+    database_url: str, per_hour: list[list[float]]
+) -> tuple[list[str], list[bytes], list[bytes], list[list[int]]]:
     values = [v for hour in per_hour for v in hour]
     labels = [h for h, hour in enumerate(per_hour) for _ in hour]
     connection = await asyncpg.connect(database_url)
@@ -72,7 +75,7 @@ async def sketches_of(database_url: str, per_hour: list[list[float]]) -> tuple[l
         assert len(rows) == len(per_hour)
         sql = await connection.fetch(SQL_QUANTILES, [r["sketch"] for r in rows], list(PERCENTILES))
         texts = [r["sketch"] for r in rows] + [orjson.dumps([r[0] for r in sql]).decode()]
-        return texts, [r["packed"] for r in rows], [r["raw_packed"] for r in rows]
+        return texts, [r["packed"] for r in rows], [r["raw_packed"] for r in rows], [r["ranks"] for r in rows]
     finally:
         await connection.close()
 
@@ -80,7 +83,7 @@ async def sketches_of(database_url: str, per_hour: list[list[float]]) -> tuple[l
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(per_hour=hours)
 def test_percentiles_of_merged_hours_are_within_one_percent(database_url: str, per_hour: list[list[float]]) -> None:
-    (*texts, from_sql), packed, raw_packed = asyncio.run(sketches_of(database_url, per_hour))
+    (*texts, from_sql), packed, raw_packed, ranks = asyncio.run(sketches_of(database_url, per_hour))
     values = [v for hour in per_hour for v in hour]
     exact = [exact_percentile(values, q) for q in PERCENTILES]
     by_dict = quantiles(merged(parse(t) for t in texts), PERCENTILES)
@@ -103,6 +106,9 @@ def test_percentiles_of_merged_hours_are_within_one_percent(database_url: str, p
             span = [v for hour in per_hour[start : start + 2] for v in hour]
             for q, estimate in zip(PERCENTILES, two, strict=True):
                 assert within_bound(estimate, exact_percentile(span, q)), (q, span)
+    # The rank indexes that rollup rows store (migration 0012, in SQL) answer as their sketches do.
+    by_ranks = Batch([None] * hours, list(range(hours)), hours, ranks).quantile_table(RANKED_PERCENTILES)
+    assert by_ranks.tolist() == Batch(packed, list(range(hours)), hours).quantile_table(RANKED_PERCENTILES).tolist()
 
 
 def test_the_rank_rule_takes_the_percentile_as_written() -> None:

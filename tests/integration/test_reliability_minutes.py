@@ -72,7 +72,7 @@ async def _served(engine: AsyncEngine, query: UsageQuery, per_model: bool) -> di
     async with engine.connect() as connection:
         through = (await watermarks(connection)).materialized_through
         rows = await series_rows(connection, query, through, per_model=per_model)
-    for minute, model, requests, errors, client_errors, sketch in zip(*rows, strict=True):
+    for minute, model, requests, errors, client_errors, sketch in zip(*rows[:6], strict=True):
         bucket = out[(minute, model if per_model else None)]
         bucket[0] += requests
         bucket[1] += errors

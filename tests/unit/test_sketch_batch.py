@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from db.sketch import PACKED_ENTRY_BYTES, ZERO_INDEX
+from db.sketch import PACKED_ENTRY_BYTES, RANKED_PERCENTILES, ZERO_INDEX
 from reliability.sketch import _TABLE_FROM, _TABLE_TO, Batch, _values, merged, pack, quantiles, rank, unpack, value_of
 
 
@@ -121,3 +121,50 @@ def test_the_value_table_is_value_of_at_every_index_and_beyond() -> None:
     inside = indexes[3:-3]
     assert _values(inside).tolist() == expected[3:-3]  # all from the table
     assert _values(np.array([ZERO_INDEX, 0, 914])).tolist() == [0.0, value_of(0), value_of(914)]
+
+
+def rank_indexes(sketch: dict[int, int]) -> list[int]:
+    """A rollup row's stored ranks (migration 0012's ``sketch_rank_indexes``): the bucket index of each of
+    RANKED_PERCENTILES by the rank rule."""
+    indexes = sorted(sketch)
+    cumulative = list(itertools.accumulate(sketch[i] for i in indexes))
+    return [indexes[int(np.searchsorted(cumulative, rank(q, cumulative[-1])))] for q in RANKED_PERCENTILES]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    sketches=st.lists(sketch, min_size=1, max_size=20),
+    data=st.data(),
+    qs=st.lists(st.sampled_from(RANKED_PERCENTILES), min_size=1, max_size=4),
+    also=st.lists(sketch, max_size=4),
+)
+def test_ranked_rows_answer_what_their_sketches_would(
+    sketches: list[dict[int, int]], data: st.DataObject, qs: list[float], also: list[dict[int, int]]
+) -> None:
+    """Rows with stored ranks (no sketch) beside rows with sketches: every group as if all had sketches; the merge
+    is of the sketches and ``also`` (the ranked rows' sketches, given apart, as the totals' rows are)."""
+    ranked = data.draw(st.lists(st.booleans(), min_size=len(sketches), max_size=len(sketches)))
+    order = data.draw(st.permutations(range(len(sketches))))  # a group a row, in any order
+    packed = [None if r else pack(s) for s, r in zip(sketches, ranked, strict=True)]
+    ranks = [rank_indexes(s) if r else None for s, r in zip(sketches, ranked, strict=True)]
+    batch = Batch(packed, order, len(sketches), ranks)
+    reference = Batch([pack(s) for s in sketches], order, len(sketches))
+    assert by_group(batch, qs) == by_group(reference, qs)
+    unranked = [s for s, r in zip(sketches, ranked, strict=True) if not r]
+    assert batch.merged_quantiles(qs, also=[pack(s) for s in also]) == quantiles(merged([*unranked, *also]), qs)
+
+
+def test_ranked_rows_refuse_what_they_cannot_answer() -> None:
+    one, two = {3: 1, 9: 2}, {1: 5}
+    with pytest.raises(ValueError, match=r"not among the ranked"):
+        Batch([None], [0], 1, [rank_indexes(one)]).quantile_table([0.5, 0.42])
+    with pytest.raises(ValueError, match=r"shares its group"):
+        Batch([None, pack(two)], [0, 0], 1, [rank_indexes(one), None])
+    with pytest.raises(ValueError, match=r"shares its group"):
+        Batch([None, None], [0, 0], 1, [rank_indexes(one), rank_indexes(two)])
+    with pytest.raises(ValueError, match=r"both a sketch and ranks"):
+        Batch([pack(one)], [0], 1, [rank_indexes(one)])
+    with pytest.raises(ValueError, match=r"rank lists"):
+        Batch([pack(one), pack(two)], [0, 1], 2, [None])
+    # without ranked rows, any percentile
+    assert by_group(Batch([pack(one)], [0], 1, [None]), [0.42]) == [quantiles(one, [0.42])]

@@ -1,0 +1,170 @@
+"""Ranked HOUR series (migration 0012): the rank indexes stored on every hourly row and the daily merged sketches
+follow their hours through rollup cycles, late events and re-rolls; and a report read ranked (no hourly sketch) is
+the report read from sketches, bucket for bucket and to the last digit of every percentile and total.
+
+The data spans four UTC midnights, so a whole day (daily rows) between days with a dirty hour (hourly rows, the
+dirty hour from raw events: the last hour of the day before, the first of the day after), partial days at both
+ends and the real-time tail all meet in one range."""
+
+from __future__ import annotations
+
+import bisect
+import datetime as dt
+import itertools
+import random
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+import pytest
+from opentelemetry.metrics import get_meter
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from db.engine import create_engine
+from db.reliability import series_rows
+from db.rollup import floor_hour, run_cycle, utc_day, watermarks
+from db.sketch import RANKED_PERCENTILES, index_sql
+from db.usage import UsageQuery
+from ingest.events import TimeWindow, UsageEvent, validate
+from ingest.metrics import IngestMetrics
+from ingest.writer import EventWriter
+from reliability.report import build_report, ranked_series
+from reliability.sketch import PACKED, rank
+
+pytestmark = pytest.mark.slow
+
+NOW = dt.datetime.now(dt.UTC)
+MIDNIGHT = utc_day(NOW) - dt.timedelta(days=3)  # data from MIDNIGHT - 7 h to now: four UTC midnights
+FIRST = MIDNIGHT - dt.timedelta(hours=7)
+LATENCIES = (0.0, 0.5, 3.0, 12.5, 99.75, 250.0, 1000.0, 4321.0, 60_000.0)
+STATUSES = (200, 200, 200, 200, 404, 429, 500, 503)
+
+RAW = f"""
+SELECT org_id, date_trunc('hour', event_time, 'UTC') AS hour, model, {index_sql("latency_ms")} AS idx
+FROM usage_events WHERE event_time < :through
+"""
+
+
+@pytest.fixture
+async def own_engine(migrated_database: str) -> AsyncIterator[AsyncEngine]:
+    engine = create_engine(migrated_database, pool_size=6)
+    yield engine
+    await engine.dispose()
+
+
+def _events(rng: random.Random, tag: str, count: int, start: dt.datetime, end: dt.datetime) -> list[UsageEvent]:
+    window = TimeWindow.around(NOW, retention_days=30)
+    seconds = int((end - start).total_seconds())
+    return [
+        validate(
+            {"specversion": "1.0", "id": f"{tag}-{i}", "source": "//ranked", "type": "ai.usage.request.v1",
+             "time": (start + dt.timedelta(seconds=rng.randrange(seconds))).isoformat(),
+             "data": {"org_id": f"org_{rng.randint(0, 1)}", "model": f"m{rng.randint(0, 2)}", "input_tokens": 1,
+                      "output_tokens": 1, "latency_ms": rng.choice(LATENCIES) * rng.uniform(1, 1.5),
+                      "status_code": rng.choice(STATUSES)}},
+            window,
+        )
+        for i in range(count)
+    ]  # fmt: skip
+
+
+def _rank_indexes(counts: Counter[int]) -> list[int]:
+    """The bucket index of each of RANKED_PERCENTILES by the rank rule (reliability/sketch.py), from first
+    principles."""
+    indexes = sorted(counts)
+    cumulative = list(itertools.accumulate(counts[i] for i in indexes))
+    return [indexes[bisect.bisect_left(cumulative, rank(q, cumulative[-1]))] for q in RANKED_PERCENTILES]
+
+
+async def _write_and_roll(engine: AsyncEngine) -> EventWriter:
+    """Events over three UTC midnights, rolled up; late events (and re-sends) around a midnight, re-rolled."""
+    rng = random.Random(12)  # noqa: S311 - test data
+    writer = EventWriter(engine, None, None, IngestMetrics(get_meter("test_ranked_series")))
+    on_time = _events(rng, "a", 3000, FIRST, floor_hour(NOW))
+    await writer.write(on_time, channel="http")
+    assert (await run_cycle(engine, NOW)).rolled_until == floor_hour(NOW)
+    late = _events(rng, "b", 300, MIDNIGHT - dt.timedelta(hours=2), MIDNIGHT + dt.timedelta(hours=2))
+    await writer.write([*late, *rng.sample(on_time, 50)], channel="amqp")
+    assert (await run_cycle(engine, NOW)).rerolled_hours > 0
+    return writer
+
+
+async def test_rank_indexes_and_daily_sketches_follow_their_hours(own_engine: AsyncEngine) -> None:
+    await _write_and_roll(own_engine)
+    async with own_engine.connect() as connection:
+        through = (await watermarks(connection)).materialized_through
+        raw = (await connection.execute(text(RAW), {"through": through})).all()
+        hourly = (await connection.execute(text(
+            "SELECT org_id, hour, model, latency_sketch, latency_ranks FROM reliability_hourly_model"
+        ))).all()  # fmt: skip
+        daily = (await connection.execute(text(
+            "SELECT org_id, day, model, requests, latency_sketch_packed FROM reliability_daily_model"
+        ))).all()  # fmt: skip
+    per_hour: dict[tuple[Any, ...], Counter[int]] = defaultdict(Counter)
+    per_day: dict[tuple[Any, ...], Counter[int]] = defaultdict(Counter)
+    for r in raw:
+        per_hour[(r.org_id, r.hour, r.model)][r.idx] += 1
+        per_day[(r.org_id, utc_day(r.hour), r.model)][r.idx] += 1
+    assert len({key[1] for key in per_day}) == 5  # the first day's last hours, three whole days, today
+    assert {(r.org_id, r.hour, r.model): r.latency_ranks for r in hourly} == {
+        key: _rank_indexes(counts) for key, counts in per_hour.items()
+    }
+    for r in hourly:  # and the same as the sketch the row holds
+        assert r.latency_ranks == _rank_indexes(Counter({int(k): v for k, v in r.latency_sketch.items()}))
+    stored = {}
+    for r in daily:
+        entries = np.frombuffer(r.latency_sketch_packed, dtype=PACKED)
+        assert bool(np.all(np.diff(entries["index"].astype(np.int64)) > 0))  # ascending, as stored sketches are
+        counts = dict(zip(entries["index"].tolist(), entries["count"].tolist(), strict=True))
+        stored[(r.org_id, r.day, r.model)] = (r.requests, counts)
+    assert stored == {key: (sum(counts.values()), dict(counts)) for key, counts in per_day.items()}
+
+
+async def test_a_ranked_report_is_the_report_read_from_sketches(own_engine: AsyncEngine) -> None:
+    writer = await _write_and_roll(own_engine)
+    rng = random.Random(13)  # noqa: S311 - test data
+    # Not re-rolled: late events in the first whole day's last hour and in the third's first, so that only the second
+    # day is whole (a day bound one hour short at either end takes in a dirty hour); and the real-time tail.
+    day = dt.timedelta(days=1)
+    before = _events(rng, "d", 40, MIDNIGHT + day - dt.timedelta(seconds=2), MIDNIGHT + day)
+    after = _events(rng, "e", 40, MIDNIGHT + 2 * day, MIDNIGHT + 2 * day + dt.timedelta(seconds=2))
+    tail = _events(rng, "f", 80, floor_hour(NOW), NOW)
+    await writer.write([*before, *after, *tail], channel="http")
+    async with own_engine.connect() as connection:
+        through = (await watermarks(connection)).materialized_through
+        marks = await connection.scalar(text("SELECT count(DISTINCT hour) FROM rollup_dirty"))
+    assert marks == 2
+    assert through == floor_hour(NOW)
+    start, end = FIRST + dt.timedelta(minutes=13), NOW + dt.timedelta(minutes=1)
+    ranked, unranked = [0.5, 0.95, 0.99], [0.5, 0.95, 0.99, 0.42]
+    for org_id, models in (("org_0", None), ("org_1", ["m0", "m2"])):
+        query = UsageQuery(org_id=org_id, start=start, end=end, granularity="HOUR", group_by=frozenset({"model"}),
+                           models=models)  # fmt: skip
+        assert ranked_series(query, ranked) and not ranked_series(query, unranked)
+        fast, _ = await build_report(own_engine.connect, query, ranked, through, meanwhile=lambda s: None)
+        slow, _ = await build_report(own_engine.connect, query, unranked, through, meanwhile=lambda s: None)
+        assert fast.series.requests and fast.totals.requests == sum(fast.series.requests)
+        assert fast.totals.latency == slow.totals.latency[:3]
+        assert [row[:3] for row in slow.series.latency] == fast.series.latency
+        for field in ("starts", "ends", "models", "requests", "errors", "client_errors"):
+            assert getattr(fast.series, field) == getattr(slow.series, field), field
+        assert fast.spikes == slow.spikes and fast.breakdown == slow.breakdown
+
+        # The totals' sketches: whole days merged, each request counted once (raw rows' sketches hold the rest).
+        async with own_engine.connect() as connection:
+            columns = await series_rows(connection, query, through, ranked=True, totals=True)
+            rolled = (await connection.execute(text(
+                "SELECT hour, model FROM reliability_hourly_model WHERE org_id = :o AND hour >= :s AND hour < :t"
+            ), {"o": org_id, "s": floor_hour(start) + dt.timedelta(hours=1), "t": through})).all()  # fmt: skip
+            raw_hours = set((await connection.execute(text("SELECT hour FROM rollup_dirty"))).scalars())
+        counted = sum(int(np.frombuffer(s, dtype=PACKED)["count"].sum()) for s in columns.totals)
+        counted += sum(int(np.frombuffer(s, dtype=PACKED)["count"].sum()) for s in columns.sketch if s is not None)
+        assert counted == sum(columns.requests) == fast.totals.requests
+        # The second day's merged rows stand in for its hours; every other day's hours not read raw come one by one.
+        rolled = [r for r in rolled if models is None or r.model in models]
+        whole = [r for r in rolled if MIDNIGHT + day <= r.hour < MIDNIGHT + 2 * day]
+        assert len(whole) > 24 and len(columns.totals) == len(
+            [r for r in rolled if r.hour not in raw_hours and r not in whole]
+        ) + len({r.model for r in whole})
