@@ -156,10 +156,16 @@ FROM reliability_daily_model s JOIN whole_days w ON s.day = w.day
 WHERE s.org_id = $1 {filters_s}
 UNION ALL
 SELECT NULL, NULL, 0, 0, 0, h.latency_sketch_packed, NULL, true
-FROM reliability_hourly_model h
-WHERE h.org_id = $1 AND h.hour >= $4 AND h.hour < $5 {filters_h}
-  AND NOT EXISTS (SELECT 1 FROM raw_hours r WHERE r.hour = h.hour)
-  AND NOT EXISTS (SELECT 1 FROM whole_days w WHERE w.day = date_trunc('day', h.hour, 'UTC'))"""
+FROM generate_series(date_trunc('day', $4, 'UTC'), $5 - interval '1 microsecond', interval '24 hours') AS d(day)
+-- The other days' part of [$4, $5), an index range each (the rows of whole days are not read).
+CROSS JOIN LATERAL (
+    SELECT * FROM reliability_hourly_model h
+    WHERE h.org_id = $1 AND h.hour >= greatest(d.day, $4) AND h.hour < least(d.day + interval '24 hours', $5)
+      {filters_h}
+    OFFSET 0
+) AS h
+WHERE NOT EXISTS (SELECT 1 FROM whole_days w WHERE w.day = d.day)
+  AND NOT EXISTS (SELECT 1 FROM raw_hours r WHERE r.hour = h.hour)"""
 
 # Requests with status >= $11 by model, status code and error type: rollups where whole, raw events elsewhere.
 _ERROR_HITS = """
@@ -269,7 +275,9 @@ def _series_sql(shape: _Shape, per_model: bool, ranked: bool, totals: bool) -> s
         rollup="usage_hourly" if per_key else "reliability_minute_model" if minutes else "reliability_hourly_model",
         errors_h="CASE WHEN h.status_class = 5 THEN h.requests ELSE 0 END" if per_key else "h.errors",
         client_h="CASE WHEN h.status_class = 4 THEN h.requests ELSE 0 END" if per_key else "h.client_errors",
-        bucket_h="h.minute" if minutes else bucket.replace("t,", "h.hour,"),
+        bucket_h="h.minute" if minutes
+        else "h.hour" if shape.granularity == "HOUR"  # (an hourly row's hour is its bucket: no per-row date_trunc)
+        else bucket.replace("t,", "h.hour,"),
         sketch_h="sketch_pack(h.latency_sketch)" if per_key
         else "CASE WHEN h.latency_ranks IS NULL THEN h.latency_sketch_packed END" if ranked
         else "h.latency_sketch_packed",
