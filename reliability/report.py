@@ -328,8 +328,9 @@ def _collect(rows: SeriesColumns, by_model: bool, grid: Grid, models: dict[str |
     size = len(rows.bucket)
     position = grid.positions(rows.bucket)
     if by_model:
-        code = models.setdefault
-        model = np.fromiter((code(m, len(models)) for m in rows.model), dtype=np.int64, count=size)
+        for name in dict.fromkeys(rows.model):  # (the distinct models in order: a C loop over the rows)
+            models.setdefault(name, len(models))
+        model = np.fromiter(map(models.__getitem__, rows.model), dtype=np.int64, count=size)
     else:
         models.setdefault(None, 0)
         model = np.zeros(size, dtype=np.int64)
