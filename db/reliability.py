@@ -140,15 +140,28 @@ ORDER BY total_only, bucket, model COLLATE "C"
 """
 )
 
-# A ranked series' rollup rows carry no sketch: the range's totals need the sketches of its rolled-up hours, as rows
-# after the series (``total_only``): one merged sketch per model for each UTC day wholly in [$4, $5) with no hour
-# read raw (reliability_daily_model, migration 0012), the hourly rows' for the other rolled-up hours.
+# Daily rollups (migration 0012) stand in for the hourly rows of each UTC day wholly in [$4, $5) with no hour read raw
+# (``whole_days``); the hourly rows of the other days' part of [$4, $5) are read an index range per day
+# (``_PARTIAL_DAYS``, ``h``: the rows of whole days are not read).
 _WHOLE_DAYS = """, whole_days AS (
     SELECT d.day
     FROM generate_series(date_trunc('day', $4 + interval '23 hours', 'UTC'), $5 - interval '24 hours',
                          interval '24 hours') AS d(day)
     WHERE NOT EXISTS (SELECT 1 FROM raw_hours r WHERE r.hour >= d.day AND r.hour < d.day + interval '24 hours')
 )"""
+_PARTIAL_DAYS = """generate_series(date_trunc('day', $4, 'UTC'), $5 - interval '1 microsecond',
+                         interval '24 hours') AS d(day)
+    CROSS JOIN LATERAL (
+        SELECT * FROM {table} h
+        WHERE h.org_id = $1 AND h.hour >= greatest(d.day, $4) AND h.hour < least(d.day + interval '24 hours', $5)
+          {where}
+        OFFSET 0
+    ) AS h
+    WHERE NOT EXISTS (SELECT 1 FROM whole_days w WHERE w.day = d.day)
+      AND NOT EXISTS (SELECT 1 FROM raw_hours r WHERE r.hour = h.hour)"""
+
+# A ranked series' rollup rows carry no sketch: the range's totals need the sketches of its rolled-up hours, as rows
+# after the series (``total_only``): whole days' merged sketches, the other hours' own.
 _TOTALS = """
 UNION ALL
 SELECT NULL, NULL, 0, 0, 0, s.latency_sketch_packed, NULL, true
@@ -156,16 +169,7 @@ FROM reliability_daily_model s JOIN whole_days w ON s.day = w.day
 WHERE s.org_id = $1 {filters_s}
 UNION ALL
 SELECT NULL, NULL, 0, 0, 0, h.latency_sketch_packed, NULL, true
-FROM generate_series(date_trunc('day', $4, 'UTC'), $5 - interval '1 microsecond', interval '24 hours') AS d(day)
--- The other days' part of [$4, $5), an index range each (the rows of whole days are not read).
-CROSS JOIN LATERAL (
-    SELECT * FROM reliability_hourly_model h
-    WHERE h.org_id = $1 AND h.hour >= greatest(d.day, $4) AND h.hour < least(d.day + interval '24 hours', $5)
-      {filters_h}
-    OFFSET 0
-) AS h
-WHERE NOT EXISTS (SELECT 1 FROM whole_days w WHERE w.day = d.day)
-  AND NOT EXISTS (SELECT 1 FROM raw_hours r WHERE r.hour = h.hour)"""
+FROM """ + _PARTIAL_DAYS.format(table="reliability_hourly_model", where="{filters_h}")
 
 # Requests with status >= $11 by model, status code and error type: rollups where whole, raw events elsewhere.
 _ERROR_HITS = """
@@ -177,9 +181,25 @@ _ERROR_HITS = """
     SELECT ev.model, ev.status_code, ev.error_type, 1 FROM events ev WHERE ev.status_code >= $11
 """
 
+# The same from errors_daily for whole days (no project or API key filter: it has neither column).
+_ERROR_HITS_BY_DAY = (
+    """
+    SELECT s.model, s.status_code, s.error_type, s.requests AS n
+    FROM errors_daily s JOIN whole_days w ON s.day = w.day
+    WHERE s.org_id = $1 AND s.status_code >= $11 {filters_s}
+    UNION ALL
+    SELECT h.model, h.status_code, h.error_type, h.requests
+    FROM """
+    + _PARTIAL_DAYS.format(table="errors_hourly", where="AND h.status_code >= $11 {filters_h}")
+    + """
+    UNION ALL
+    SELECT ev.model, ev.status_code, ev.error_type, 1 FROM events ev WHERE ev.status_code >= $11
+"""
+)
+
 _ERRORS = (
     _COMMON
-    + """
+    + """{whole_days}
 SELECT model, status_code, error_type, sum(n)::bigint AS requests FROM ({hits}) AS rows
 GROUP BY 1, 2, 3
 ORDER BY requests DESC, model COLLATE "C", status_code, error_type COLLATE "C" NULLS FIRST
@@ -290,8 +310,11 @@ def _series_sql(shape: _Shape, per_model: bool, ranked: bool, totals: bool) -> s
 
 @functools.lru_cache(maxsize=64)
 def _errors_sql(shape: _Shape) -> str:
-    hits = _ERROR_HITS.format(filters_h=shape.filters("h"))
-    return _ERRORS.format(hits=hits, filters_e=shape.filters("e"), filters_h=shape.filters("h"), older_than_minutes="")
+    by_day = not shape.per_key
+    hits = (_ERROR_HITS_BY_DAY if by_day else _ERROR_HITS).format(filters_h=shape.filters("h"),
+                                                                  filters_s=shape.filters("s"))  # fmt: skip
+    return _ERRORS.format(hits=hits, filters_e=shape.filters("e"), filters_h=shape.filters("h"), older_than_minutes="",
+                          whole_days=_WHOLE_DAYS if by_day else "")  # fmt: skip
 
 
 @functools.lru_cache(maxsize=64)

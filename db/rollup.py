@@ -97,9 +97,10 @@ SELECT org_id, date_trunc('hour', bucket, 'UTC'), bucket, model, sum(n), sum(ser
 FROM {_per_index("date_bin('1 minute', e.event_time, TIMESTAMPTZ '2000-01-01 00:00:00+00')")}
 GROUP BY 1, 2, 3, 4
 """
-# Per org, UTC day and model, the merge of the day's hourly sketches (migration 0012): rewritten, in the same
-# transaction, for every day one of whose hours is written (``{join}`` joins ``reliability_hourly_model h``, ``{where}``
-# says which rows). A row covers the day's rolled-up hours; readers use the rows of wholly rolled-up days only.
+# Per org, UTC day and model, the merge of the day's hourly sketches, and per org, UTC day, model, status code and
+# error type, the day's errors (migration 0012): rewritten, in the same transaction, for every day one of whose hours
+# is written (``{join}`` joins the hourly table ``h``, ``{where}`` says which rows). A row covers the day's rolled-up
+# hours; readers use the rows of wholly rolled-up days only.
 _DAYS = f"""
 INSERT INTO reliability_daily_model (org_id, day, model, requests, latency_sketch_packed)
 SELECT org_id, day, model, sum(n), {packed_agg_sql("idx", "n", ordered=True)}
@@ -112,17 +113,26 @@ FROM (
 ) AS per_index
 GROUP BY 1, 2, 3
 """
+_ERRORS_DAYS = """
+INSERT INTO errors_daily (org_id, day, model, status_code, error_type, requests)
+SELECT h.org_id, date_trunc('day', h.hour, 'UTC'), h.model, h.status_code, h.error_type, sum(h.requests)
+FROM errors_hourly h {join}
+WHERE {where}
+GROUP BY 1, 2, 3, 4, 5
+"""
+DAILY_TABLES = ("reliability_daily_model", "errors_daily")
 DAYS_RANGE = (
-    "DELETE FROM reliability_daily_model WHERE day >= :first_day AND day < :days_end",
-    _DAYS.format(join="", where="h.hour >= :first_day AND h.hour < :days_end"),
+    *(f"DELETE FROM {table} WHERE day >= :first_day AND day < :days_end" for table in DAILY_TABLES),
+    *(sql.format(join="", where="h.hour >= :first_day AND h.hour < :days_end") for sql in (_DAYS, _ERRORS_DAYS)),
 )
 _ORG_DAYS = "unnest(CAST(:orgs AS text[]), CAST(:days AS timestamptz[])) AS d(org_id, day)"
+_OF_DAYS = {
+    "join": f"JOIN {_ORG_DAYS} ON h.org_id = d.org_id AND h.hour >= d.day AND h.hour < d.day + interval '24 hours'",
+    "where": "true",
+}
 DAYS_OF = (
-    f"DELETE FROM reliability_daily_model r USING {_ORG_DAYS} WHERE r.org_id = d.org_id AND r.day = d.day",
-    _DAYS.format(
-        join=f"JOIN {_ORG_DAYS} ON h.org_id = d.org_id AND h.hour >= d.day AND h.hour < d.day + interval '24 hours'",
-        where="true",
-    ),
+    *(f"DELETE FROM {table} r USING {_ORG_DAYS} WHERE r.org_id = d.org_id AND r.day = d.day" for table in DAILY_TABLES),
+    *(sql.format(**_OF_DAYS) for sql in (_DAYS, _ERRORS_DAYS)),
 )
 MINUTE_DAYS = 7
 HOURLY_TABLES = (

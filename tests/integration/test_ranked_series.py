@@ -26,7 +26,7 @@ from db.engine import create_engine
 from db.reliability import series_rows
 from db.rollup import floor_hour, run_cycle, utc_day, watermarks
 from db.sketch import RANKED_PERCENTILES, index_sql
-from db.usage import UsageQuery
+from db.usage import UsageQuery, driver_connection
 from ingest.events import TimeWindow, UsageEvent, validate
 from ingest.metrics import IngestMetrics
 from ingest.writer import EventWriter
@@ -42,8 +42,14 @@ LATENCIES = (0.0, 0.5, 3.0, 12.5, 99.75, 250.0, 1000.0, 4321.0, 60_000.0)
 STATUSES = (200, 200, 200, 200, 404, 429, 500, 503)
 
 RAW = f"""
-SELECT org_id, date_trunc('hour', event_time, 'UTC') AS hour, model, {index_sql("latency_ms")} AS idx
+SELECT org_id, date_trunc('hour', event_time, 'UTC') AS hour, model, {index_sql("latency_ms")} AS idx, status_code,
+       error_type
 FROM usage_events WHERE event_time < :through
+"""
+ERRORS = """
+SELECT model, status_code, error_type, count(*) FROM usage_events
+WHERE org_id = $1 AND event_time >= $2 AND event_time < $3 AND status_code >= 500 AND model = ANY($4)
+GROUP BY 1, 2, 3
 """
 
 
@@ -57,17 +63,21 @@ async def own_engine(migrated_database: str) -> AsyncIterator[AsyncEngine]:
 def _events(rng: random.Random, tag: str, count: int, start: dt.datetime, end: dt.datetime) -> list[UsageEvent]:
     window = TimeWindow.around(NOW, retention_days=30)
     seconds = int((end - start).total_seconds())
-    return [
-        validate(
+    events = []
+    for i in range(count):
+        status = rng.choice(STATUSES)
+        latency = rng.choice(LATENCIES) * rng.uniform(1, 1.5)
+        data: dict[str, Any] = {"org_id": f"org_{rng.randint(0, 1)}", "model": f"m{rng.randint(0, 2)}",
+                                "input_tokens": 1, "output_tokens": 1, "latency_ms": latency, "status_code": status}  # fmt: skip
+        if status >= 400 and rng.random() < 0.7:
+            data["error_type"] = rng.choice(("timeout", "overloaded", "rate_limited"))
+        moment = start + dt.timedelta(seconds=rng.randrange(seconds))
+        events.append(validate(
             {"specversion": "1.0", "id": f"{tag}-{i}", "source": "//ranked", "type": "ai.usage.request.v1",
-             "time": (start + dt.timedelta(seconds=rng.randrange(seconds))).isoformat(),
-             "data": {"org_id": f"org_{rng.randint(0, 1)}", "model": f"m{rng.randint(0, 2)}", "input_tokens": 1,
-                      "output_tokens": 1, "latency_ms": rng.choice(LATENCIES) * rng.uniform(1, 1.5),
-                      "status_code": rng.choice(STATUSES)}},
+             "time": moment.isoformat(), "data": data},
             window,
-        )
-        for i in range(count)
-    ]  # fmt: skip
+        ))  # fmt: skip
+    return events
 
 
 def _rank_indexes(counts: Counter[int]) -> list[int]:
@@ -102,8 +112,15 @@ async def test_rank_indexes_and_daily_sketches_follow_their_hours(own_engine: As
         daily = (await connection.execute(text(
             "SELECT org_id, day, model, requests, latency_sketch_packed FROM reliability_daily_model"
         ))).all()  # fmt: skip
+        errors = (await connection.execute(text(
+            "SELECT org_id, day, model, status_code, error_type, requests FROM errors_daily"
+        ))).all()  # fmt: skip
     per_hour: dict[tuple[Any, ...], Counter[int]] = defaultdict(Counter)
     per_day: dict[tuple[Any, ...], Counter[int]] = defaultdict(Counter)
+    errors_per_day = Counter(
+        (r.org_id, utc_day(r.hour), r.model, r.status_code, r.error_type) for r in raw if r.status_code >= 400
+    )
+    assert {tuple(r[:5]): r.requests for r in errors} == dict(errors_per_day)
     for r in raw:
         per_hour[(r.org_id, r.hour, r.model)][r.idx] += 1
         per_day[(r.org_id, utc_day(r.hour), r.model)][r.idx] += 1
@@ -151,6 +168,12 @@ async def test_a_ranked_report_is_the_report_read_from_sketches(own_engine: Asyn
         for field in ("starts", "ends", "models", "requests", "errors", "client_errors"):
             assert getattr(fast.series, field) == getattr(slow.series, field), field
         assert fast.spikes == slow.spikes and fast.breakdown == slow.breakdown
+        async with own_engine.connect() as connection:  # the breakdown (errors_daily for the whole day) is exact
+            raw = await driver_connection(connection)
+            truth = await raw.fetch(ERRORS, org_id, start, end, models or ["m0", "m1", "m2"])
+        assert {(c.model, c.status_code, c.error_type): c.count for c in fast.breakdown} == {
+            (r[0], r[1], r[2]): r[3] for r in truth
+        }
 
         # The totals' sketches: whole days merged, each request counted once (raw rows' sketches hold the rest).
         async with own_engine.connect() as connection:

@@ -18,6 +18,8 @@ was most of the query's time (docs/benchmarks.md, "Reliability query").
   ascending by index) and their request count. The rollup worker rewrites a day's rows whenever it writes one of
   its hours (db/rollup.py), in the same transaction; a row covers the day's rolled-up hours, and readers use only
   days wholly rolled up with no hour read raw (db/reliability.py). Filled here from the hourly rows.
+- ``errors_daily``: per org, UTC day, model, status code and error type, the requests of ``errors_hourly`` (status
+  >= 400), kept and read the same way: a report's breakdown over 30 days read 6,900 hourly rows of the largest org.
 """
 
 from __future__ import annotations
@@ -63,6 +65,25 @@ COMMENT ON TABLE reliability_daily_model IS
   'Per org, UTC day and model: the merge of the day''s rolled-up hourly latency sketches (packed, db/sketch.py) '
   'and their request count.';
 
+CREATE TABLE errors_daily (
+    org_id      text        NOT NULL,
+    day         timestamptz NOT NULL,
+    model       text        NOT NULL,
+    status_code smallint    NOT NULL,
+    error_type  text,
+    requests    bigint      NOT NULL
+);
+CREATE UNIQUE INDEX errors_daily_key ON errors_daily (org_id, day, model, status_code, error_type) NULLS NOT DISTINCT;
+CREATE INDEX errors_daily_day ON errors_daily (day);
+COMMENT ON TABLE errors_daily IS
+  'Requests with status_code >= 400 per org, UTC day, model, status code and error type: the sum of the day''s '
+  'rolled-up errors_hourly rows.';
+
+INSERT INTO errors_daily (org_id, day, model, status_code, error_type, requests)
+SELECT org_id, date_trunc('day', hour, 'UTC'), model, status_code, error_type, sum(requests)
+FROM errors_hourly
+GROUP BY 1, 2, 3, 4, 5;
+
 INSERT INTO reliability_daily_model (org_id, day, model, requests, latency_sketch_packed)
 SELECT org_id, day, model, sum(n), string_agg(int4send(idx) || int8send(n), ''::bytea ORDER BY idx)
 FROM (
@@ -75,6 +96,7 @@ GROUP BY 1, 2, 3;
 """
 
 DOWNGRADE = """
+DROP TABLE errors_daily;
 DROP TABLE reliability_daily_model;
 ALTER TABLE reliability_hourly_model DROP COLUMN latency_ranks;
 DROP FUNCTION sketch_rank_indexes(jsonb);
