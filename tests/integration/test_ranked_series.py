@@ -67,8 +67,10 @@ def _events(rng: random.Random, tag: str, count: int, start: dt.datetime, end: d
     for i in range(count):
         status = rng.choice(STATUSES)
         latency = rng.choice(LATENCIES) * rng.uniform(1, 1.5)
-        data: dict[str, Any] = {"org_id": f"org_{rng.randint(0, 1)}", "model": f"m{rng.randint(0, 2)}",
-                                "input_tokens": 1, "output_tokens": 1, "latency_ms": latency, "status_code": status}  # fmt: skip
+        data: dict[str, Any] = {
+            "org_id": f"org_{rng.randint(0, 1)}", "model": f"m{rng.randint(0, 2)}", "input_tokens": 1,
+            "output_tokens": 1, "latency_ms": latency, "status_code": status,
+        }  # fmt: skip
         if status >= 400 and rng.random() < 0.7:
             data["error_type"] = rng.choice(("timeout", "overloaded", "rate_limited"))
         moment = start + dt.timedelta(seconds=rng.randrange(seconds))
