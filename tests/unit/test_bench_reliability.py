@@ -67,6 +67,15 @@ def test_summary_holds_the_issue_targets() -> None:
         "reliability MINUTE 24 h, 1 client, p50": False,
     }
     assert summary["all_met"] is False
+    # With spikes, the ratio is taken against the floor of all the same SQL (their attribution statements too).
+    hour = single(39.0, 41.0, 2.5) | {"ratio_gateway_to_floor_with_attribution": {"p50": 1.7, "p99": 2.1}}
+    rows = {row["what"]: row["met"] for row in summarize({"single": {"hour_30d": hour}})["targets"]}
+    assert rows == {
+        "reliability HOUR 30 d, 1 client, p50": True,
+        "reliability HOUR 30 d, 1 client, p99": True,
+        "gateway / floor latency (with attribution), HOUR 30 d, p50": True,
+        "gateway / floor latency (with attribution), HOUR 30 d, p99": False,
+    }
 
 
 def test_profile_areas_name_the_json_writer_apart_from_the_resolver() -> None:
