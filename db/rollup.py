@@ -10,12 +10,14 @@ Two watermarks live in ``rollup_state`` (see migration 0003):
 A cycle (one process at a time, under an advisory lock):
 
 1. re-roll dirty hours: claim marks (``DELETE … RETURNING``), recompute those
-   hours from raw events, and their days' merged sketches from the hours, in
-   one transaction;
+   hours from raw events, in one transaction;
 2. advance: move D to the current hour under the exclusive watermark lock (so
    every write either committed before, or sees the new D and marks its late
-   events), then roll [M, D) a day at a time (with the merged sketches of the
-   days it touches), moving M with each day.
+   events), then roll [M, D) a day at a time, moving M with each day.
+
+The daily tables (``reliability_daily_model``, ``errors_daily``) follow their
+hourly tables by themselves: triggers rewrite the days each statement touches,
+in its transaction (migration 0012).
 
 Re-rolling recomputes whole hours, so it is idempotent; a writer that marks an
 hour while it is being re-rolled waits for that transaction (the mark is an
@@ -97,43 +99,6 @@ SELECT org_id, date_trunc('hour', bucket, 'UTC'), bucket, model, sum(n), sum(ser
 FROM {_per_index("date_bin('1 minute', e.event_time, TIMESTAMPTZ '2000-01-01 00:00:00+00')")}
 GROUP BY 1, 2, 3, 4
 """
-# Per org, UTC day and model, the merge of the day's hourly sketches, and per org, UTC day, model, status code and
-# error type, the day's errors (migration 0012): rewritten, in the same transaction, for every day one of whose hours
-# is written (``{join}`` joins the hourly table ``h``, ``{where}`` says which rows). A row covers the day's rolled-up
-# hours; readers use the rows of wholly rolled-up days only.
-_DAYS = f"""
-INSERT INTO reliability_daily_model (org_id, day, model, requests, latency_sketch_packed)
-SELECT org_id, day, model, sum(n), {packed_agg_sql("idx", "n", ordered=True)}
-FROM (
-    SELECT h.org_id, date_trunc('day', h.hour, 'UTC') AS day, h.model, s.key::int AS idx,
-           sum(s.value::bigint)::bigint AS n
-    FROM reliability_hourly_model h {{join}} CROSS JOIN LATERAL jsonb_each_text(h.latency_sketch) AS s
-    WHERE {{where}}
-    GROUP BY 1, 2, 3, 4
-) AS per_index
-GROUP BY 1, 2, 3
-"""
-_ERRORS_DAYS = """
-INSERT INTO errors_daily (org_id, day, model, status_code, error_type, requests)
-SELECT h.org_id, date_trunc('day', h.hour, 'UTC'), h.model, h.status_code, h.error_type, sum(h.requests)
-FROM errors_hourly h {join}
-WHERE {where}
-GROUP BY 1, 2, 3, 4, 5
-"""
-DAILY_TABLES = ("reliability_daily_model", "errors_daily")
-DAYS_RANGE = (
-    *(f"DELETE FROM {table} WHERE day >= :first_day AND day < :days_end" for table in DAILY_TABLES),
-    *(sql.format(join="", where="h.hour >= :first_day AND h.hour < :days_end") for sql in (_DAYS, _ERRORS_DAYS)),
-)
-_ORG_DAYS = "unnest(CAST(:orgs AS text[]), CAST(:days AS timestamptz[])) AS d(org_id, day)"
-_OF_DAYS = {
-    "join": f"JOIN {_ORG_DAYS} ON h.org_id = d.org_id AND h.hour >= d.day AND h.hour < d.day + interval '24 hours'",
-    "where": "true",
-}
-DAYS_OF = (
-    *(f"DELETE FROM {table} r USING {_ORG_DAYS} WHERE r.org_id = d.org_id AND r.day = d.day" for table in DAILY_TABLES),
-    *(sql.format(**_OF_DAYS) for sql in (_DAYS, _ERRORS_DAYS)),
-)
 MINUTE_DAYS = 7
 HOURLY_TABLES = (
     "usage_hourly", "usage_hourly_model", "reliability_hourly_model", "errors_hourly", "reliability_minute_model",
@@ -197,11 +162,6 @@ def floor_hour(moment: dt.datetime) -> dt.datetime:
     return moment.astimezone(dt.UTC).replace(minute=0, second=0, microsecond=0)
 
 
-def utc_day(moment: dt.datetime) -> dt.datetime:
-    """The start of ``moment``'s UTC day."""
-    return moment.astimezone(dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-
-
 async def watermarks(connection: AsyncConnection) -> Watermarks:
     row = (await connection.execute(text("SELECT materialized_through, dirty_before FROM rollup_state"))).one()
     return Watermarks(row.materialized_through, row.dirty_before)
@@ -245,9 +205,6 @@ async def reroll_dirty(connection: AsyncConnection) -> int:
             for statement in (*ROLL_HOURS, MINUTES_HOURS):
                 await connection.execute(text(statement), params)
             await connection.execute(text(BY_MODEL_HOURS), params)
-            days = sorted({(org, utc_day(hour)) for org, hour in pairs})
-            for statement in DAYS_OF:
-                await connection.execute(text(statement), {"orgs": [d[0] for d in days], "days": [d[1] for d in days]})
         await connection.commit()
         total += len(pairs)
 
@@ -273,9 +230,6 @@ async def advance(connection: AsyncConnection, target: dt.datetime) -> dt.dateti
         for statement in ROLL_RANGE:
             await connection.execute(text(statement), span)
         await connection.execute(text(BY_MODEL_RANGE), span)
-        days = {"first_day": utc_day(start), "days_end": utc_day(end - dt.timedelta(hours=1)) + dt.timedelta(days=1)}
-        for statement in DAYS_RANGE:
-            await connection.execute(text(statement), days)
         if end > horizon:
             minute_start = max(start, horizon)
             await connection.execute(text(MINUTES_RANGE), {"minute_start": minute_start, "end": end})

@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from db.engine import create_engine
 from db.reliability import series_rows
-from db.rollup import floor_hour, run_cycle, utc_day, watermarks
+from db.rollup import floor_hour, run_cycle, watermarks
 from db.sketch import RANKED_PERCENTILES, index_sql
 from db.usage import UsageQuery, driver_connection
 from ingest.events import TimeWindow, UsageEvent, validate
@@ -34,6 +34,11 @@ from reliability.report import build_report, ranked_series
 from reliability.sketch import PACKED, rank
 
 pytestmark = pytest.mark.slow
+
+
+def utc_day(moment: dt.datetime) -> dt.datetime:
+    return moment.astimezone(dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+
 
 NOW = dt.datetime.now(dt.UTC)
 MIDNIGHT = utc_day(NOW) - dt.timedelta(days=3)  # data from MIDNIGHT - 7 h to now: four UTC midnights
@@ -193,3 +198,60 @@ async def test_a_ranked_report_is_the_report_read_from_sketches(own_engine: Asyn
         assert len(whole) > 24 and len(columns.totals) == len(
             [r for r in rolled if r.hour not in raw_hours and r not in whole]
         ) + len({r.model for r in whole})
+
+
+async def _daily_tables_against_their_hours(engine: AsyncEngine) -> None:
+    """Both daily tables equal their hourly tables' rows added up by UTC day."""
+    async with engine.connect() as connection:
+        hourly = (await connection.execute(text(
+            "SELECT org_id, hour, model, latency_sketch FROM reliability_hourly_model"
+        ))).all()  # fmt: skip
+        daily = (await connection.execute(text(
+            "SELECT org_id, day, model, requests, latency_sketch_packed FROM reliability_daily_model"
+        ))).all()  # fmt: skip
+        errors_hourly = (await connection.execute(text(
+            "SELECT org_id, hour, model, status_code, error_type, requests FROM errors_hourly"
+        ))).all()  # fmt: skip
+        errors_daily = (await connection.execute(text(
+            "SELECT org_id, day, model, status_code, error_type, requests FROM errors_daily"
+        ))).all()  # fmt: skip
+    sketches: dict[tuple[Any, ...], Counter[int]] = defaultdict(Counter)
+    for r in hourly:
+        sketches[(r.org_id, utc_day(r.hour), r.model)].update({int(k): v for k, v in r.latency_sketch.items()})
+    stored = {}
+    for r in daily:
+        entries = np.frombuffer(r.latency_sketch_packed, dtype=PACKED)
+        counts = dict(zip(entries["index"].tolist(), entries["count"].tolist(), strict=True))
+        stored[(r.org_id, r.day, r.model)] = (r.requests, counts)
+    assert stored == {key: (sum(c.values()), dict(c)) for key, c in sketches.items()}
+    summed: Counter[tuple[Any, ...]] = Counter()
+    for r in errors_hourly:
+        summed[(r.org_id, utc_day(r.hour), r.model, r.status_code, r.error_type)] += r.requests
+    assert {tuple(r[:5]): r.requests for r in errors_daily} == dict(summed)
+
+
+async def test_any_writer_of_the_hourly_rows_keeps_the_days(own_engine: AsyncEngine) -> None:
+    """Statements that know nothing of the daily tables (as an earlier release's rollup worker, still running in a
+    rolling deploy after migration 0012) keep them exact: deleting an hour, changing a row, adding one, in any
+    day, alone or several in one statement and transaction."""
+    await _write_and_roll(own_engine)
+    await _daily_tables_against_their_hours(own_engine)
+    day = MIDNIGHT + dt.timedelta(days=1)
+    async with own_engine.begin() as connection:
+        for table in ("reliability_hourly_model", "errors_hourly"):
+            await connection.execute(text(f"DELETE FROM {table} WHERE org_id = 'org_0' AND hour = :h"),
+                                     {"h": day + dt.timedelta(hours=5)})  # fmt: skip
+        await connection.execute(text(
+            "UPDATE reliability_hourly_model SET latency_sketch = '{\"40\": 7, \"-32768\": 1}', requests = 8 "
+            "WHERE org_id = 'org_1' AND hour IN (:a, :b)"
+        ), {"a": day + dt.timedelta(hours=7), "b": day + dt.timedelta(days=1, hours=2)})  # fmt: skip
+        await connection.execute(text("UPDATE errors_hourly SET requests = requests + 5 WHERE org_id = 'org_1'"))
+        await connection.execute(text(
+            "INSERT INTO reliability_hourly_model "
+            "(org_id, hour, model, requests, errors, client_errors, latency_sketch) "
+            "VALUES ('org_2', :h, 'm9', 3, 0, 0, '{\"12\": 3}'), ('org_0', :h, 'm9', 1, 1, 0, '{\"1\": 1}')"
+        ), {"h": day + dt.timedelta(hours=9)})  # fmt: skip
+    await _daily_tables_against_their_hours(own_engine)
+    async with own_engine.begin() as connection:  # an hour deleted with nothing in its place: its day goes
+        await connection.execute(text("DELETE FROM reliability_hourly_model WHERE org_id = 'org_2'"))
+    await _daily_tables_against_their_hours(own_engine)

@@ -1,25 +1,28 @@
-"""Percentile bucket indexes per hourly row, and a daily rollup of the latency sketches.
+"""Percentile bucket indexes per hourly row, and daily rollups of the latency sketches and of the errors.
 
 Revision ID: 0012
 Revises: 0011
 Create Date: 2026-11-30
 
 A 30-day HOUR ``reliability`` report per model read one packed sketch per bucket (2,160 sketches, 430,000 entries,
-5 MB) for two things: each bucket's percentiles, and the totals' (a merge of them all). Moving and merging them
-was most of the query's time (docs/benchmarks.md, "Reliability query").
+5 MB) for two things: each bucket's percentiles, and the totals' (a merge of them all); and its breakdown read
+6,900 hourly error rows. Moving and merging them was most of the query's time (docs/benchmarks.md, "Reliability
+query").
 
 - ``sketch_rank_indexes(jsonb)``: the bucket index of each of RANKED_PERCENTILES (0.5, 0.75, 0.9, 0.95, 0.99,
   0.999), by the rank rule of ``reliability/sketch.py`` (nearest rank ``max(1, ceil(q * n))``, q as written);
   null for an empty sketch.
-- ``reliability_hourly_model.latency_ranks``: a stored generated column of it, so every writer of
-  ``latency_sketch`` keeps it exact without knowing of it. An HOUR bucket per model is one hourly row: its
-  percentiles among the six are these indexes' values, with no sketch read.
-- ``reliability_daily_model``: per org, UTC day and model, the merge of that day's hourly sketches (packed,
-  ascending by index) and their request count. The rollup worker rewrites a day's rows whenever it writes one of
-  its hours (db/rollup.py), in the same transaction; a row covers the day's rolled-up hours, and readers use only
-  days wholly rolled up with no hour read raw (db/reliability.py). Filled here from the hourly rows.
-- ``errors_daily``: per org, UTC day, model, status code and error type, the requests of ``errors_hourly`` (status
-  >= 400), kept and read the same way: a report's breakdown over 30 days read 6,900 hourly rows of the largest org.
+- ``reliability_hourly_model.latency_ranks``: a stored generated column of it. An HOUR bucket per model is one
+  hourly row: its percentiles among the six are these indexes' values, with no sketch read.
+- ``reliability_daily_model`` (per org, UTC day and model: the merge of the day's hourly sketches, packed and
+  ascending by index, and their request count) and ``errors_daily`` (per org, UTC day, model, status code and
+  error type: the day's requests of ``errors_hourly``). A row covers the day's rolled-up hours; readers use only
+  days wholly rolled up with no hour read raw (db/reliability.py).
+- Both are kept by statement triggers on their hourly tables, in the writing transaction: whatever a statement
+  inserts, deletes or updates there, the days it touched are rewritten from the hourly rows (``*_rewrite``). So
+  every writer keeps them exact without knowing of them, as the generated columns are kept: the rollup worker of
+  this release, and one of an earlier release still running during a rolling deploy after this migration.
+  TRUNCATE is not followed (nothing truncates them). Filled here from the hourly rows.
 """
 
 from __future__ import annotations
@@ -32,6 +35,77 @@ branch_labels = None
 depends_on = None
 
 RANKED_PERCENTILES = "0.5,0.75,0.9,0.95,0.99,0.999"  # as db/sketch.py's RANKED_PERCENTILES when this was written
+
+# The daily table, its hourly table, and the INSERT that fills the days ``d(org_id, day)`` from ``h`` (the hourly rows
+# of those days, joined as ``{days}``).
+DAILY = {
+    "reliability_daily_model": (
+        "reliability_hourly_model",
+        """
+    INSERT INTO reliability_daily_model (org_id, day, model, requests, latency_sketch_packed)
+    SELECT org_id, day, model, sum(n), string_agg(int4send(idx) || int8send(n), ''::bytea ORDER BY idx)
+    FROM (
+        SELECT d.org_id, d.day, h.model, s.key::int AS idx, sum(s.value::bigint)::bigint AS n
+        FROM {days} CROSS JOIN LATERAL jsonb_each_text(h.latency_sketch) AS s
+        GROUP BY 1, 2, 3, 4
+    ) AS per_index
+    GROUP BY 1, 2, 3""",
+    ),
+    "errors_daily": (
+        "errors_hourly",
+        """
+    INSERT INTO errors_daily (org_id, day, model, status_code, error_type, requests)
+    SELECT d.org_id, d.day, h.model, h.status_code, h.error_type, sum(h.requests)
+    FROM {days}
+    GROUP BY 1, 2, 3, 4, 5""",
+    ),
+}
+_DAYS = (
+    "unnest(orgs, days) AS d(org_id, day) JOIN {hourly} h "
+    "ON h.org_id = d.org_id AND h.hour >= d.day AND h.hour < d.day + interval '24 hours'"
+)
+
+
+def _following(daily: str, hourly: str, insert: str) -> str:
+    """``{daily}_rewrite(orgs, days)`` (distinct (org, day) pairs: their daily rows from the hourly ones), the trigger
+    function that calls it for the days a statement touched, and the triggers."""
+    return f"""
+CREATE FUNCTION {daily}_rewrite(orgs text[], days timestamptz[]) RETURNS void
+LANGUAGE sql AS $$
+    DELETE FROM {daily} r USING unnest(orgs, days) AS d(org_id, day) WHERE r.org_id = d.org_id AND r.day = d.day;
+    {insert.format(days=_DAYS.format(hourly=hourly)).strip()};
+$$;
+COMMENT ON FUNCTION {daily}_rewrite(text[], timestamptz[]) IS
+  'Rewrites the {daily} rows of the given distinct (org, UTC day) pairs from {hourly}.';
+
+CREATE FUNCTION {daily}_follow() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        PERFORM {daily}_rewrite(array_agg(org_id), array_agg(day))
+        FROM (SELECT DISTINCT org_id, date_trunc('day', hour, 'UTC') AS day FROM new_rows) AS touched;
+    ELSIF TG_OP = 'DELETE' THEN
+        PERFORM {daily}_rewrite(array_agg(org_id), array_agg(day))
+        FROM (SELECT DISTINCT org_id, date_trunc('day', hour, 'UTC') AS day FROM old_rows) AS touched;
+    ELSE
+        PERFORM {daily}_rewrite(array_agg(org_id), array_agg(day))
+        FROM (SELECT org_id, date_trunc('day', hour, 'UTC') AS day FROM new_rows
+              UNION SELECT org_id, date_trunc('day', hour, 'UTC') FROM old_rows) AS touched;
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER {daily}_on_insert AFTER INSERT ON {hourly}
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION {daily}_follow();
+CREATE TRIGGER {daily}_on_delete AFTER DELETE ON {hourly}
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION {daily}_follow();
+CREATE TRIGGER {daily}_on_update AFTER UPDATE ON {hourly}
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION {daily}_follow();
+
+SELECT {daily}_rewrite(array_agg(org_id), array_agg(day))
+FROM (SELECT DISTINCT org_id, date_trunc('day', hour, 'UTC') AS day FROM {hourly}) AS every_day;
+"""
+
 
 UPGRADE = f"""
 CREATE FUNCTION sketch_rank_indexes(sketch jsonb) RETURNS int[]
@@ -60,10 +134,9 @@ CREATE TABLE reliability_daily_model (
     latency_sketch_packed bytea       NOT NULL,
     PRIMARY KEY (org_id, day, model)
 );
-CREATE INDEX reliability_daily_model_day ON reliability_daily_model (day);
 COMMENT ON TABLE reliability_daily_model IS
   'Per org, UTC day and model: the merge of the day''s rolled-up hourly latency sketches (packed, db/sketch.py) '
-  'and their request count.';
+  'and their request count; kept by triggers on reliability_hourly_model.';
 
 CREATE TABLE errors_daily (
     org_id      text        NOT NULL,
@@ -74,33 +147,28 @@ CREATE TABLE errors_daily (
     requests    bigint      NOT NULL
 );
 CREATE UNIQUE INDEX errors_daily_key ON errors_daily (org_id, day, model, status_code, error_type) NULLS NOT DISTINCT;
-CREATE INDEX errors_daily_day ON errors_daily (day);
 COMMENT ON TABLE errors_daily IS
   'Requests with status_code >= 400 per org, UTC day, model, status code and error type: the sum of the day''s '
-  'rolled-up errors_hourly rows.';
+  'rolled-up errors_hourly rows; kept by triggers on errors_hourly.';
+{"".join(_following(daily, hourly, insert) for daily, (hourly, insert) in DAILY.items())}"""
 
-INSERT INTO errors_daily (org_id, day, model, status_code, error_type, requests)
-SELECT org_id, date_trunc('day', hour, 'UTC'), model, status_code, error_type, sum(requests)
-FROM errors_hourly
-GROUP BY 1, 2, 3, 4, 5;
-
-INSERT INTO reliability_daily_model (org_id, day, model, requests, latency_sketch_packed)
-SELECT org_id, day, model, sum(n), string_agg(int4send(idx) || int8send(n), ''::bytea ORDER BY idx)
-FROM (
-    SELECT h.org_id, date_trunc('day', h.hour, 'UTC') AS day, h.model, s.key::int AS idx,
-           sum(s.value::bigint)::bigint AS n
-    FROM reliability_hourly_model h CROSS JOIN LATERAL jsonb_each_text(h.latency_sketch) AS s
-    GROUP BY 1, 2, 3, 4
-) AS per_index
-GROUP BY 1, 2, 3;
-"""
-
-DOWNGRADE = """
+DOWNGRADE = (
+    "\n".join(
+        f"DROP TRIGGER {daily}_on_{event} ON {hourly};"
+        for daily, (hourly, _) in DAILY.items()
+        for event in ("insert", "delete", "update")
+    )
+    + """
+DROP FUNCTION errors_daily_follow();
+DROP FUNCTION errors_daily_rewrite(text[], timestamptz[]);
+DROP FUNCTION reliability_daily_model_follow();
+DROP FUNCTION reliability_daily_model_rewrite(text[], timestamptz[]);
 DROP TABLE errors_daily;
 DROP TABLE reliability_daily_model;
 ALTER TABLE reliability_hourly_model DROP COLUMN latency_ranks;
 DROP FUNCTION sketch_rank_indexes(jsonb);
 """
+)
 
 
 def upgrade() -> None:
