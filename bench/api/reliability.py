@@ -206,8 +206,10 @@ async def with_attribution(floor: Floor, dataset: Dataset, shape: Shape) -> Floo
         await asyncio.sleep(0)  # query loggers are called with call_soon
     finally:
         await engine.dispose()
-    then = [Statement(f"attribution {i + 1}", sql, args) for i, (sql, args) in enumerate(
-        (sql, args) for sql, args in logged if sql not in own)]  # fmt: skip
+    # The windows' statements (``db.reliability.compositions``: each window a subquery tagged with its position);
+    # the rest of what the driver logged is the floor's own statements, transaction control and type introspection.
+    windows = [(sql, args) for sql, args in logged if sql not in own and sql.startswith("SELECT 0 AS position")]
+    then = [Statement(f"attribution {i + 1}", sql, args) for i, (sql, args) in enumerate(windows)]
     return dataclasses.replace(floor, then=then)
 
 
