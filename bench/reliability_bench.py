@@ -28,8 +28,9 @@ The floor: the statements ``reliability.report.build_report`` runs before it exp
 its own asyncpg connection (rows to dicts, orjson; packed sketches as hex):
 ``db.reliability.series_statement`` (``per_model`` as the report asks) for the range
 and for the history before it (``reliability.report._history`` of ``lookback``), and
-``db.reliability.errors_statement(limit=BREAKDOWN_ROWS)``. The per-spike attribution statements are not part of
-it (scenario d measures them). A window that other work disturbed (more than ``--quiet-threshold`` cores used by
+``db.reliability.errors_statement(limit=BREAKDOWN_ROWS)``. When the report finds spikes, the floor of all its SQL
+runs the statements that explain them too, after those, at once (``with_attribution``: logged with their arguments
+from one ``build_report``), and the ratio target is taken against it; the first-round floor stays in the results. A window that other work disturbed (more than ``--quiet-threshold`` cores used by
 processes that are not part of the benchmark) is rerun (``--retries``) and the least disturbed attempt kept.
 
 Data set: ``--incident`` measures on a copy of it with a latency regression and an error burst injected for the
