@@ -30,8 +30,9 @@ its own asyncpg connection (rows to dicts, orjson; packed sketches as hex):
 and for the history before it (``reliability.report._history`` of ``lookback``), and
 ``db.reliability.errors_statement(limit=BREAKDOWN_ROWS)``. When the report finds spikes, the floor of all its SQL
 runs the statements that explain them too, after those, at once (``with_attribution``: logged with their arguments
-from one ``build_report``), and the ratio target is taken against it; the first-round floor stays in the results. A window that other work disturbed (more than ``--quiet-threshold`` cores used by
-processes that are not part of the benchmark) is rerun (``--retries``) and the least disturbed attempt kept.
+from one ``build_report``), and the ratio target is taken against it; the first-round floor stays in the results.
+A window that other work disturbed (more than ``--quiet-threshold`` cores used by processes that are not part of
+the benchmark) is rerun (``--retries``) and the least disturbed attempt kept.
 
 Data set: ``--incident`` measures on a copy of it with a latency regression and an error burst injected for the
 largest org (``bench/api/incident.py``), so that the report finds spikes and explains them.

@@ -13,7 +13,6 @@ import datetime as dt
 import itertools
 import random
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
@@ -22,7 +21,6 @@ from opentelemetry.metrics import get_meter
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from db.engine import create_engine
 from db.reliability import series_rows
 from db.rollup import floor_hour, run_cycle, watermarks
 from db.sketch import RANKED_PERCENTILES, index_sql
@@ -56,13 +54,6 @@ SELECT model, status_code, error_type, count(*) FROM usage_events
 WHERE org_id = $1 AND event_time >= $2 AND event_time < $3 AND status_code >= 500 AND model = ANY($4)
 GROUP BY 1, 2, 3
 """
-
-
-@pytest.fixture
-async def own_engine(migrated_database: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(migrated_database, pool_size=6)
-    yield engine
-    await engine.dispose()
 
 
 def _events(rng: random.Random, tag: str, count: int, start: dt.datetime, end: dt.datetime) -> list[UsageEvent]:
@@ -108,26 +99,21 @@ async def _write_and_roll(engine: AsyncEngine) -> EventWriter:
     return writer
 
 
-async def test_rank_indexes_and_daily_sketches_follow_their_hours(own_engine: AsyncEngine) -> None:
-    await _write_and_roll(own_engine)
-    async with own_engine.connect() as connection:
+async def test_rank_indexes_and_daily_sketches_follow_their_hours(engine: AsyncEngine) -> None:
+    await _write_and_roll(engine)
+    async with engine.connect() as connection:
         through = (await watermarks(connection)).materialized_through
         raw = (await connection.execute(text(RAW), {"through": through})).all()
         hourly = (await connection.execute(text(
             "SELECT org_id, hour, model, latency_sketch, latency_ranks FROM reliability_hourly_model"
         ))).all()  # fmt: skip
-        daily = (await connection.execute(text(
-            "SELECT org_id, day, model, requests, latency_sketch_packed FROM reliability_daily_model"
-        ))).all()  # fmt: skip
-        errors = (await connection.execute(text(
-            "SELECT org_id, day, model, status_code, error_type, requests FROM errors_daily"
-        ))).all()  # fmt: skip
+    daily, errors = await _stored_days(engine)
     per_hour: dict[tuple[Any, ...], Counter[int]] = defaultdict(Counter)
     per_day: dict[tuple[Any, ...], Counter[int]] = defaultdict(Counter)
     errors_per_day = Counter(
         (r.org_id, utc_day(r.hour), r.model, r.status_code, r.error_type) for r in raw if r.status_code >= 400
     )
-    assert {tuple(r[:5]): r.requests for r in errors} == dict(errors_per_day)
+    assert errors == dict(errors_per_day)
     for r in raw:
         per_hour[(r.org_id, r.hour, r.model)][r.idx] += 1
         per_day[(r.org_id, utc_day(r.hour), r.model)][r.idx] += 1
@@ -137,17 +123,11 @@ async def test_rank_indexes_and_daily_sketches_follow_their_hours(own_engine: As
     }
     for r in hourly:  # and the same as the sketch the row holds
         assert r.latency_ranks == _rank_indexes(Counter({int(k): v for k, v in r.latency_sketch.items()}))
-    stored = {}
-    for r in daily:
-        entries = np.frombuffer(r.latency_sketch_packed, dtype=PACKED)
-        assert bool(np.all(np.diff(entries["index"].astype(np.int64)) > 0))  # ascending, as stored sketches are
-        counts = dict(zip(entries["index"].tolist(), entries["count"].tolist(), strict=True))
-        stored[(r.org_id, r.day, r.model)] = (r.requests, counts)
-    assert stored == {key: (sum(counts.values()), dict(counts)) for key, counts in per_day.items()}
+    assert daily == {key: (sum(counts.values()), dict(counts)) for key, counts in per_day.items()}
 
 
-async def test_a_ranked_report_is_the_report_read_from_sketches(own_engine: AsyncEngine) -> None:
-    writer = await _write_and_roll(own_engine)
+async def test_a_ranked_report_is_the_report_read_from_sketches(engine: AsyncEngine) -> None:
+    writer = await _write_and_roll(engine)
     rng = random.Random(13)  # noqa: S311 - test data
     # Not re-rolled: late events in the first whole day's last hour and in the third's first, so that only the second
     # day is whole (a day bound one hour short at either end takes in a dirty hour); and the real-time tail.
@@ -156,7 +136,7 @@ async def test_a_ranked_report_is_the_report_read_from_sketches(own_engine: Asyn
     after = _events(rng, "e", 40, MIDNIGHT + 2 * day, MIDNIGHT + 2 * day + dt.timedelta(seconds=2))
     tail = _events(rng, "f", 80, floor_hour(NOW), NOW)
     await writer.write([*before, *after, *tail], channel="http")
-    async with own_engine.connect() as connection:
+    async with engine.connect() as connection:
         through = (await watermarks(connection)).materialized_through
         marks = await connection.scalar(text("SELECT count(DISTINCT hour) FROM rollup_dirty"))
     assert marks == 2
@@ -167,15 +147,15 @@ async def test_a_ranked_report_is_the_report_read_from_sketches(own_engine: Asyn
         query = UsageQuery(org_id=org_id, start=start, end=end, granularity="HOUR", group_by=frozenset({"model"}),
                            models=models)  # fmt: skip
         assert ranked_series(query, ranked) and not ranked_series(query, unranked)
-        fast, _ = await build_report(own_engine.connect, query, ranked, through, meanwhile=lambda s: None)
-        slow, _ = await build_report(own_engine.connect, query, unranked, through, meanwhile=lambda s: None)
+        fast, _ = await build_report(engine.connect, query, ranked, through, meanwhile=lambda s: None)
+        slow, _ = await build_report(engine.connect, query, unranked, through, meanwhile=lambda s: None)
         assert fast.series.requests and fast.totals.requests == sum(fast.series.requests)
         assert fast.totals.latency == slow.totals.latency[:3]
         assert [row[:3] for row in slow.series.latency] == fast.series.latency
         for field in ("starts", "ends", "models", "requests", "errors", "client_errors"):
             assert getattr(fast.series, field) == getattr(slow.series, field), field
         assert fast.spikes == slow.spikes and fast.breakdown == slow.breakdown
-        async with own_engine.connect() as connection:  # the breakdown (errors_daily for the whole day) is exact
+        async with engine.connect() as connection:  # the breakdown (errors_daily for the whole day) is exact
             raw = await driver_connection(connection)
             truth = await raw.fetch(ERRORS, org_id, start, end, models or ["m0", "m1", "m2"])
         assert {(c.model, c.status_code, c.error_type): c.count for c in fast.breakdown} == {
@@ -183,7 +163,7 @@ async def test_a_ranked_report_is_the_report_read_from_sketches(own_engine: Asyn
         }
 
         # The totals' sketches: whole days merged, each request counted once (raw rows' sketches hold the rest).
-        async with own_engine.connect() as connection:
+        async with engine.connect() as connection:
             columns = await series_rows(connection, query, through, ranked=True, totals=True)
             rolled = (await connection.execute(text(
                 "SELECT hour, model FROM reliability_hourly_model WHERE org_id = :o AND hour >= :s AND hour < :t"
@@ -200,44 +180,53 @@ async def test_a_ranked_report_is_the_report_read_from_sketches(own_engine: Asyn
         ) + len({r.model for r in whole})
 
 
+async def _stored_days(engine: AsyncEngine) -> tuple[dict[tuple[Any, ...], Any], dict[tuple[Any, ...], int]]:
+    """The daily tables: (org, day, model) -> (requests, {bucket index: count}) (stored sketches ascend by index), and
+    (org, day, model, status code, error type) -> requests."""
+    daily, errors = await _rows(
+        engine,
+        "SELECT org_id, day, model, requests, latency_sketch_packed FROM reliability_daily_model",
+        "SELECT org_id, day, model, status_code, error_type, requests FROM errors_daily",
+    )
+    sketches = {}
+    for r in daily:
+        entries = np.frombuffer(r.latency_sketch_packed, dtype=PACKED)
+        assert bool(np.all(np.diff(entries["index"].astype(np.int64)) > 0))
+        counts = dict(zip(entries["index"].tolist(), entries["count"].tolist(), strict=True))
+        sketches[(r.org_id, r.day, r.model)] = (r.requests, counts)
+    return sketches, {tuple(r[:5]): r.requests for r in errors}
+
+
 async def _daily_tables_against_their_hours(engine: AsyncEngine) -> None:
     """Both daily tables equal their hourly tables' rows added up by UTC day."""
-    async with engine.connect() as connection:
-        hourly = (await connection.execute(text(
-            "SELECT org_id, hour, model, latency_sketch FROM reliability_hourly_model"
-        ))).all()  # fmt: skip
-        daily = (await connection.execute(text(
-            "SELECT org_id, day, model, requests, latency_sketch_packed FROM reliability_daily_model"
-        ))).all()  # fmt: skip
-        errors_hourly = (await connection.execute(text(
-            "SELECT org_id, hour, model, status_code, error_type, requests FROM errors_hourly"
-        ))).all()  # fmt: skip
-        errors_daily = (await connection.execute(text(
-            "SELECT org_id, day, model, status_code, error_type, requests FROM errors_daily"
-        ))).all()  # fmt: skip
+    hourly, errors_hourly = await _rows(
+        engine,
+        "SELECT org_id, hour, model, latency_sketch FROM reliability_hourly_model",
+        "SELECT org_id, hour, model, status_code, error_type, requests FROM errors_hourly",
+    )
     sketches: dict[tuple[Any, ...], Counter[int]] = defaultdict(Counter)
     for r in hourly:
         sketches[(r.org_id, utc_day(r.hour), r.model)].update({int(k): v for k, v in r.latency_sketch.items()})
-    stored = {}
-    for r in daily:
-        entries = np.frombuffer(r.latency_sketch_packed, dtype=PACKED)
-        counts = dict(zip(entries["index"].tolist(), entries["count"].tolist(), strict=True))
-        stored[(r.org_id, r.day, r.model)] = (r.requests, counts)
-    assert stored == {key: (sum(c.values()), dict(c)) for key, c in sketches.items()}
     summed: Counter[tuple[Any, ...]] = Counter()
     for r in errors_hourly:
         summed[(r.org_id, utc_day(r.hour), r.model, r.status_code, r.error_type)] += r.requests
-    assert {tuple(r[:5]): r.requests for r in errors_daily} == dict(summed)
+    merged = {key: (sum(c.values()), dict(c)) for key, c in sketches.items()}
+    assert await _stored_days(engine) == (merged, dict(summed))
 
 
-async def test_any_writer_of_the_hourly_rows_keeps_the_days(own_engine: AsyncEngine) -> None:
+async def _rows(engine: AsyncEngine, *queries: str) -> list[list[Any]]:
+    async with engine.connect() as connection:
+        return [list((await connection.execute(text(query))).all()) for query in queries]
+
+
+async def test_any_writer_of_the_hourly_rows_keeps_the_days(engine: AsyncEngine) -> None:
     """Statements that know nothing of the daily tables (as an earlier release's rollup worker, still running in a
     rolling deploy after migration 0012) keep them exact: deleting an hour, changing a row, adding one, in any
     day, alone or several in one statement and transaction."""
-    await _write_and_roll(own_engine)
-    await _daily_tables_against_their_hours(own_engine)
+    await _write_and_roll(engine)
+    await _daily_tables_against_their_hours(engine)
     day = MIDNIGHT + dt.timedelta(days=1)
-    async with own_engine.begin() as connection:
+    async with engine.begin() as connection:
         for table in ("reliability_hourly_model", "errors_hourly"):
             await connection.execute(text(f"DELETE FROM {table} WHERE org_id = 'org_0' AND hour = :h"),
                                      {"h": day + dt.timedelta(hours=5)})  # fmt: skip
@@ -251,7 +240,7 @@ async def test_any_writer_of_the_hourly_rows_keeps_the_days(own_engine: AsyncEng
             "(org_id, hour, model, requests, errors, client_errors, latency_sketch) "
             "VALUES ('org_2', :h, 'm9', 3, 0, 0, '{\"12\": 3}'), ('org_0', :h, 'm9', 1, 1, 0, '{\"1\": 1}')"
         ), {"h": day + dt.timedelta(hours=9)})  # fmt: skip
-    await _daily_tables_against_their_hours(own_engine)
-    async with own_engine.begin() as connection:  # an hour deleted with nothing in its place: its day goes
+    await _daily_tables_against_their_hours(engine)
+    async with engine.begin() as connection:  # an hour deleted with nothing in its place: its day goes
         await connection.execute(text("DELETE FROM reliability_hourly_model WHERE org_id = 'org_2'"))
-    await _daily_tables_against_their_hours(own_engine)
+    await _daily_tables_against_their_hours(engine)
