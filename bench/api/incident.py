@@ -26,6 +26,7 @@ from bench.api.dataset import MARKER_TABLE, Dataset, marker_of
 from bench.harness.output import say
 from bench.harness.services import admin, database_url
 from db.engine import create_engine
+from db.migrate import current_head
 from db.rollup import run_cycle
 from kernel.hours import floor_hour
 
@@ -40,11 +41,19 @@ def injection(dataset: Dataset) -> dict[str, Any]:
             "latency_factor": LATENCY_FACTOR, "error_share": ERROR_SHARE}  # fmt: skip
 
 
+def reusable(info: dict[str, Any] | None, wanted: dict[str, Any], head: str) -> bool:
+    """Whether a copy with marker ``info`` can be reused: the same injection into the same source load, at the code's
+    migration head (the source is upgraded in place by a new migration, its load time unchanged: a copy of the
+    earlier revision would be refused by the gateway's readiness check, so it is copied again, in seconds)."""
+    return info is not None and info.get("injection") == wanted and info.get("migration") == head
+
+
 async def prepare_incident_dataset(dataset: Dataset, *, fresh: bool) -> Dataset:
     name = f"{dataset.name}_incident"
     wanted = injection(dataset)
     info = None if fresh else await marker_of(name)
-    if info is not None and info.get("injection") == wanted:
+    if reusable(info, wanted, current_head()):
+        assert info is not None
         say(f"reusing {name} (incidents: {info['incidents']})")
         return Dataset(name, database_url(name), info | {"reused": True})
     say(f"copying {dataset.name} to {name} (file copy)")

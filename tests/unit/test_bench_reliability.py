@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
+from bench.api.incident import reusable
 from bench.api.profile import area_of
 from bench.api.reliability import AREAS, make_floor, phases, shapes
 from bench.reliability_bench import summarize
@@ -83,3 +84,12 @@ def test_profile_areas_name_the_json_writer_apart_from_the_resolver() -> None:
     assert area_of("resolvers/reliability_json.py", "render_series", AREAS).startswith("resolvers.reliability_json")
     assert area_of("resolvers/reliability.py", "resolve_reliability", AREAS).startswith("resolvers.reliability (")
     assert area_of("reliability/sketch.py", "Batch.quantile_table", AREAS).startswith("reliability.sketch")
+
+
+def test_an_incident_copy_is_reused_only_at_the_code_s_migration_head() -> None:
+    wanted = {"source_loaded_at": "2026-11-30T22:31:45", "latency_factor": 3.0}
+    info = {"injection": wanted, "migration": "0012", "incidents": {}}
+    assert reusable(info, wanted, "0012")
+    assert not reusable(info, wanted, "0013")  # the source was upgraded in place: copy again
+    assert not reusable(info, wanted | {"latency_factor": 2.0}, "0012")
+    assert not reusable(None, wanted, "0012")
