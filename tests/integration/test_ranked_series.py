@@ -28,6 +28,7 @@ from db.usage import UsageQuery, driver_connection
 from ingest.events import TimeWindow, UsageEvent, validate
 from ingest.metrics import IngestMetrics
 from ingest.writer import EventWriter
+from reliability import report
 from reliability.report import build_report, ranked_series
 from reliability.sketch import PACKED, rank
 
@@ -126,7 +127,9 @@ async def test_rank_indexes_and_daily_sketches_follow_their_hours(engine: AsyncE
     assert daily == {key: (sum(counts.values()), dict(counts)) for key, counts in per_day.items()}
 
 
-async def test_a_ranked_report_is_the_report_read_from_sketches(engine: AsyncEngine) -> None:
+async def test_a_ranked_report_is_the_report_read_from_sketches(
+    engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
     writer = await _write_and_roll(engine)
     rng = random.Random(13)  # noqa: S311 - test data
     # Not re-rolled: late events in the first whole day's last hour and in the third's first, so that only the second
@@ -150,6 +153,10 @@ async def test_a_ranked_report_is_the_report_read_from_sketches(engine: AsyncEng
         assert ranked_series(query, ranked) and not ranked_series(query, unranked)
         fast, _ = await build_report(engine.connect, query, ranked, through, meanwhile=lambda s: None)
         slow, _ = await build_report(engine.connect, query, unranked, through, meanwhile=lambda s: None)
+        with monkeypatch.context() as patch:  # read in SERIES_PARTS parts at once, as a 30-day range is: the same
+            patch.setattr(report, "SPLIT_BUCKETS", 24)
+            parts, _ = await build_report(engine.connect, query, ranked, through, meanwhile=lambda s: None)
+        assert parts == fast
         assert fast.series.requests and fast.totals.requests == sum(fast.series.requests)
         assert fast.totals.latency == slow.totals.latency[:count]
         assert [row[:count] for row in slow.series.latency] == fast.series.latency
