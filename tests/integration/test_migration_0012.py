@@ -56,7 +56,7 @@ async def test_upgrade_from_0011_fills_what_the_rollup_writes_then_downgrade_and
     try:
         written = [[tuple(r) for r in await connection.fetch(sql)] for sql in (RANKS, DAILY, ERRORS)]
         assert written[0] and all(r[3] is not None for r in written[0])
-        assert len({r[1] for r in written[1]}) == 3 and len({r[1] for r in written[2]}) == 3  # three UTC days
+        assert len({r[1] for r in written[1]}) >= 3 and len({r[1] for r in written[2]}) >= 3  # 50 h: 3 or 4 UTC days
 
         await alembic(empty_database, "downgrade", "0011")
         assert await connection.fetchval("SELECT to_regclass('reliability_daily_model')") is None
