@@ -52,8 +52,9 @@ class SeriesColumns(NamedTuple):
         if not total_only[-1]:
             return cls(*columns)
         cut = total_only.index(True)
-        bucket, model, requests, errors, client_errors, sketch, ranks = (column[:cut] for column in columns)
-        return cls(bucket, model, requests, errors, client_errors, sketch, ranks, columns[5][cut:])
+        bucket, model, requests, errors, client_errors, sketch, ranks = columns
+        return cls(bucket[:cut], model[:cut], requests[:cut], errors[:cut], client_errors[:cut], sketch[:cut],
+                   ranks[:cut], sketch[cut:])  # fmt: skip
 
 
 class ErrorRow(NamedTuple):

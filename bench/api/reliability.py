@@ -206,11 +206,15 @@ async def with_attribution(floor: Floor, dataset: Dataset, shape: Shape) -> Floo
         await asyncio.sleep(0)  # query loggers are called with call_soon
     finally:
         await engine.dispose()
-    # The windows' statements (``db.reliability.compositions``: each window a subquery tagged with its position);
-    # the rest of what the driver logged is the floor's own statements, transaction control and type introspection.
-    windows = [(sql, args) for sql, args in logged if sql not in own and sql.startswith("SELECT 0 AS position")]
+    windows = [(sql, args) for sql, args in logged if sql not in own and sql.startswith(COMPOSITIONS_START)]
     then = [Statement(f"attribution {i + 1}", sql, args) for i, (sql, args) in enumerate(windows)]
     return dataclasses.replace(floor, then=then)
+
+
+# How the windows' statements begin (``db.reliability.compositions``: each window a subquery tagged with its
+# position; tests/unit/test_bench_reliability.py holds the two together). The rest of what the driver logs is the
+# floor's own statements, transaction control and type introspection.
+COMPOSITIONS_START = "SELECT 0 AS position"
 
 
 async def materialized(dataset: Dataset) -> dt.datetime | None:
@@ -239,6 +243,8 @@ async def scenario_single(run: Run, shape: Shape, token: str) -> dict[str, Any]:
     # With spikes, the gateway runs more SQL than the floor's: the statements that explain them. The floor of all of
     # its SQL runs them too, after the first round, as the gateway does.
     full = await with_attribution(floor, run.dataset, shape)
+    if check["spikes"] and not full.then:
+        raise RuntimeError(f"{check['spikes']} spikes, but no attribution statement was logged: see with_attribution")
     if full.then:
         say(f"   the floor with the {len(full.then)} attribution statements of the {check['spikes']} spikes")
         entry["floor_with_attribution"] = await run.window(

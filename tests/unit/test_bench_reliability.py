@@ -6,8 +6,10 @@ import datetime as dt
 
 from bench.api.incident import reusable
 from bench.api.profile import area_of
-from bench.api.reliability import AREAS, make_floor, phases, shapes
+from bench.api.reliability import AREAS, COMPOSITIONS_START, make_floor, phases, shapes
 from bench.reliability_bench import summarize
+from db.reliability import compositions_statement
+from db.usage import UsageQuery
 from reliability.report import BREAKDOWN_ROWS
 
 NOW = dt.datetime(2026, 11, 30, 8, 21, 23, tzinfo=dt.UTC)
@@ -93,3 +95,11 @@ def test_an_incident_copy_is_reused_only_at_the_code_s_migration_head() -> None:
     assert not reusable(info, wanted, "0013")  # the source was upgraded in place: copy again
     assert not reusable(info, wanted | {"latency_factor": 2.0}, "0012")
     assert not reusable(None, wanted, "0012")
+
+
+def test_the_floor_knows_the_attribution_statements_by_their_start() -> None:
+    start = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
+    scope = UsageQuery(org_id="org_1", start=start, end=start + dt.timedelta(hours=2), granularity=None)
+    for slower_than_ms in (None, 250.0):
+        sql, _, _ = compositions_statement([(scope, slower_than_ms), (scope, None)], start)
+        assert sql.startswith(COMPOSITIONS_START)
