@@ -15,6 +15,7 @@ import random
 from collections import Counter, defaultdict
 from typing import Any
 
+import asyncpg
 import numpy as np
 import pytest
 from opentelemetry.metrics import get_meter
@@ -252,4 +253,30 @@ async def test_any_writer_of_the_hourly_rows_keeps_the_days(engine: AsyncEngine)
     await _daily_tables_against_their_hours(engine)
     async with engine.begin() as connection:  # an hour deleted with nothing in its place: its day goes
         await connection.execute(text("DELETE FROM reliability_hourly_model WHERE org_id = 'org_2'"))
+    await _daily_tables_against_their_hours(engine)
+
+
+async def test_a_writer_killed_mid_transaction_leaves_the_days_as_their_hours(
+    engine: AsyncEngine, migrated_database: str
+) -> None:
+    """A rollup killed after its statement rewrote a day (the trigger ran) but before it committed: nothing of either
+    stays, and a reader meanwhile sees the days as their committed hours."""
+    await _write_and_roll(engine)
+    before = await _stored_days(engine)
+    victim = await asyncpg.connect(migrated_database)
+    killer = await asyncpg.connect(migrated_database)
+    try:
+        transaction = victim.transaction()
+        await transaction.start()
+        await victim.execute("DELETE FROM reliability_hourly_model WHERE org_id = 'org_0' AND hour < $1",
+                             MIDNIGHT + dt.timedelta(days=2))  # fmt: skip
+        await victim.execute("DELETE FROM errors_hourly WHERE org_id = 'org_0'")
+        assert await victim.fetchval("SELECT count(*) FROM errors_daily WHERE org_id = 'org_0'") == 0
+        assert await _stored_days(engine) == before  # not committed: unseen
+        # (with a timeout, it returns once the backend has exited: its transaction is gone)
+        assert await killer.fetchval("SELECT pg_terminate_backend($1, 10000)", victim.get_server_pid())
+    finally:
+        victim.terminate()
+        await killer.close()
+    assert await _stored_days(engine) == before
     await _daily_tables_against_their_hours(engine)
