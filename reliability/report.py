@@ -19,11 +19,12 @@ import asyncio
 import dataclasses
 import datetime as dt
 import itertools
+import operator
 import zoneinfo
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -74,6 +75,7 @@ class Series:
     requests: list[int]
     errors: list[int]
     client_errors: list[int]
+    error_rates: list[float]  # errors / requests, 0 with no requests (error_rate)
     latency: list[list[float]]  # the requested percentiles, in their order; [] for a bucket without latencies
 
     def __len__(self) -> int:
@@ -119,6 +121,11 @@ class Report:
 
 def error_rate(errors: int, requests: int) -> float:
     return errors / requests if requests else 0.0
+
+
+def error_rates(errors: Ints, requests: Ints) -> list[float]:
+    """:func:`error_rate` of each pair (the same floats for counts below 2**53: one correctly rounded division)."""
+    return np.divide(errors, requests, out=np.zeros(len(requests)), where=requests != 0).tolist()  # type: ignore[no-any-return]
 
 
 Connect = Callable[[], AbstractAsyncContextManager[AsyncConnection]]
@@ -271,42 +278,63 @@ def _grid(query: UsageQuery, zone: zoneinfo.ZoneInfo) -> list[dt.datetime]:
 
 def _history(first: dt.datetime, granularity: str, zone: zoneinfo.ZoneInfo, count: int) -> list[dt.datetime]:
     """Up to ``count`` bucket starts before ``first``, oldest first."""
+    step = FIXED_STEPS.get(granularity)
     starts: list[dt.datetime] = []
     current = first
     for _ in range(count):
         if current - dt.timedelta(days=32) < EARLIEST:
             break
-        current = bucket_start(current - dt.timedelta(microseconds=1), granularity, zone)
+        # A MINUTE or HOUR bucket is a fixed step long, as ``bucket_end`` has it (and so the grid's).
+        current = current - step if step else bucket_start(current - dt.timedelta(microseconds=1), granularity, zone)
         starts.append(current)
     return starts[::-1]
 
 
+FIXED_STEPS = {"MINUTE": dt.timedelta(minutes=1), "HOUR": dt.timedelta(hours=1)}
+
+
 class Grid:
     """The buckets' starts (history, then the range) and their positions; a start off the grid (none is: tests)
-    gets a position after it, so it is still answered, but never part of detection."""
+    gets a position after it, so it is still answered, but never part of detection.
+
+    A start's position is found by its offset from the first start, in seconds (exact: bucket starts are whole
+    seconds), in the grid's sorted offsets: subtracting two datetimes of one zone is a C fast path, where
+    hashing an aware datetime (a dict of starts) converts it to UTC first."""
 
     def __init__(self, starts: Sequence[dt.datetime], granularity: str, zone: zoneinfo.ZoneInfo) -> None:
         self.starts = list(starts)
         self.size = len(self.starts)
-        self.position: dict[dt.datetime | None, int] = {start: index for index, start in enumerate(self.starts)}
+        self.origin = self.starts[0] if self.starts else dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+        self.offsets = _offsets(self.starts, self.origin)
+        self.off_grid: dict[dt.datetime, int] = {}
         self.granularity, self.zone = granularity, zone
-        self._ends: dict[int, dt.datetime] = {}
+        # The grid is contiguous: a bucket ends where the next one starts.
+        self._ends = self.starts[1:] + [bucket_end(s, granularity, zone) for s in self.starts[-1:]]
 
-    def positions(self, starts: Sequence[dt.datetime | None]) -> Ints:
-        position = self.position
-        for start in starts:
-            if start not in position:  # pragma: no cover - every bucket start is on the grid
-                assert start is not None
-                position[start] = len(self.starts)
+    def positions(self, starts: Sequence[dt.datetime]) -> Ints:
+        offsets = _offsets(starts, self.origin)
+        found = np.searchsorted(self.offsets, offsets)
+        inside = np.minimum(found, max(self.size - 1, 0))
+        on = (found < self.size) & (self.offsets[inside] == offsets) if self.size else np.zeros(len(starts), bool)
+        for index in np.flatnonzero(~on).tolist():  # pragma: no cover - every bucket start is on the grid
+            start = starts[index]
+            if start not in self.off_grid:
+                self.off_grid[start] = len(self.starts)
                 self.starts.append(start)
-        return np.fromiter(map(position.__getitem__, starts), dtype=np.int64, count=len(starts))
+            found[index] = self.off_grid[start]
+        return found.astype(np.int64, copy=False)
 
     def ends(self, positions: list[int]) -> list[dt.datetime]:
-        ends, starts = self._ends, self.starts
-        for p in positions:
-            if p not in ends:
-                ends[p] = bucket_end(starts[p], self.granularity, self.zone)
-        return [ends[p] for p in positions]
+        ends = self._ends
+        for start in self.starts[len(ends) :]:  # pragma: no cover - off the grid
+            ends.append(bucket_end(start, self.granularity, self.zone))
+        return list(map(ends.__getitem__, positions))
+
+
+def _offsets(starts: Sequence[dt.datetime], origin: dt.datetime) -> npt.NDArray[np.float64]:
+    """Each start's seconds after ``origin`` (C loops)."""
+    differences = map(operator.sub, starts, itertools.repeat(origin))
+    return np.fromiter(map(dt.timedelta.total_seconds, differences), dtype=np.float64, count=len(starts))
 
 
 class Collected(NamedTuple):
@@ -326,7 +354,7 @@ def _collect(rows: SeriesColumns, by_model: bool, grid: Grid, models: dict[str |
     """One bucket per start (and model), rows added up; ordered by start, then model. Rows come ordered by bucket
     and model, so the rows of one bucket (and model) are consecutive."""
     size = len(rows.bucket)
-    position = grid.positions(rows.bucket)
+    position = grid.positions(cast(Sequence[dt.datetime], rows.bucket))  # (null only without a granularity)
     if by_model:
         for name in dict.fromkeys(rows.model):  # (the distinct models in order: a C loop over the rows)
             models.setdefault(name, len(models))
@@ -358,9 +386,10 @@ def _series(
     if len(rows) and np.isnan(latency[:, 0]).any():
         rows = [[] if np.isnan(row[0]) else row for row in rows]
     return Series(
-        starts=[grid.starts[p] for p in positions], ends=grid.ends(positions),
-        models=[names[m] for m in collected.model.tolist()], requests=collected.requests.tolist(),
-        errors=collected.errors.tolist(), client_errors=collected.client_errors.tolist(), latency=rows,
+        starts=list(map(grid.starts.__getitem__, positions)), ends=grid.ends(positions),
+        models=list(map(names.__getitem__, collected.model.tolist())), requests=collected.requests.tolist(),
+        errors=collected.errors.tolist(), client_errors=collected.client_errors.tolist(),
+        error_rates=error_rates(collected.errors, collected.requests), latency=rows,
     )  # fmt: skip
 
 

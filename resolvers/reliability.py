@@ -76,7 +76,7 @@ async def resolve_reliability(
     plan = list_plan(info._raw_info, "series") if SERIES_AS_JSON else None
 
     def as_json(series: Series) -> RenderedList | None:  # while the spikes' statements run
-        return render_series(plan, series, error_rates(series), wanted) if plan is not None else None
+        return render_series(plan, series, wanted) if plan is not None else None
 
     report, rendered = await build_report(context.resources.query_engine.connect, query, wanted,
                                           freshness.materialized_through, meanwhile=as_json)  # fmt: skip
@@ -108,7 +108,7 @@ def to_report(
         ),
         # JSON text, or BucketItems: ReliabilityBucket's attributes as tuples (the fast path reads attributes;
         # no Strawberry object a bucket).
-        series=cast(list[ReliabilityBucket], rendered or _buckets(report.series, shared, error_rates(report.series))),
+        series=cast(list[ReliabilityBucket], rendered or _buckets(report.series, shared)),
         spikes=[_spike(s) for s in report.spikes],
         breakdown=[_attribution(c) for c in report.breakdown],
         freshness=freshness,
@@ -152,15 +152,11 @@ class BucketItem(NamedTuple):
     latency: list[LatencyPercentile]
 
 
-def _buckets(series: Series, latency: _Percentiles, rates: list[float]) -> list[BucketItem]:
+def _buckets(series: Series, latency: _Percentiles) -> list[BucketItem]:
     new = tuple.__new__  # rather than BucketItem(...): a named tuple's __new__ is a Python function
     rows = zip(series.starts, series.ends, series.models, series.requests, series.errors, series.client_errors,
-               rates, map(latency, series.latency), strict=True)  # fmt: skip
+               series.error_rates, map(latency, series.latency), strict=True)  # fmt: skip
     return [new(BucketItem, row) for row in rows]
-
-
-def error_rates(series: Series) -> list[float]:
-    return [e / n if n else 0.0 for e, n in zip(series.errors, series.requests, strict=True)]
 
 
 def _spike(spike: FoundSpike) -> Spike:

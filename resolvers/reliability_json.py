@@ -2,20 +2,24 @@
 
 The executor would project every bucket into a dict and orjson would encode it (schema/execution.py): for a 30-day
 HOUR series per model, thousands of dicts and nested percentile lists. Here each selected field becomes a column of
-JSON fragments in one pass, mostly in C (orjson encodes a whole column of floats or datetimes and the text is
-split), and one ``%`` template per selection joins a bucket's fragments. When every bucket has its percentiles,
-their list is part of the template too (a column per percentile); otherwise each bucket's list is written on its
-own. The text is what the projector and orjson would write for the same
-selection (same keys in the same order, ``OPT_UTC_Z`` datetimes, orjson's floats); the executor splices it in
-(``RenderedList``) and reports denied fields as it would for projected items. A selection this module cannot
-write exactly (a field it does not know, a non-null denied field, a value that is not finite) answers None, and
-the resolver hands the executor the buckets instead.
+JSON fragments in one pass, mostly in C (orjson encodes a whole column of numbers or datetimes and the text is
+split), and a selection is a *piece*: its constant texts with a column between each two. The items are the
+pieces' texts and columns interleaved and joined once (C loops: no per-item formatting). When every bucket has its
+percentiles, their list is part of the piece too (a column per percentile); otherwise each bucket's list is written
+on its own. The text is what the projector and orjson would write for the same selection (same keys in the same
+order, ``OPT_UTC_Z`` datetimes, orjson's floats and integers); the executor splices it in (``RenderedList``) and
+reports denied fields as it would for projected items. A selection this module cannot write exactly (a field it
+does not know, a non-null denied field, a value that is not finite) answers None, and the resolver hands the
+executor the buckets instead.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
-from collections.abc import Callable, Sequence
+import itertools
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import orjson
 
@@ -24,12 +28,40 @@ from schema.execution import FieldPlan, ObjectPlan, RenderedList
 from schema.json import OPTIONS
 
 Column = list[str]
-Piece = tuple[str, list[Column]]  # a template fragment (JSON text, ``%`` escaped) with a column per ``%s`` in it
 
 
-def render_series(
-    plan: ObjectPlan, series: Series, error_rates: Sequence[float], percentiles: Sequence[float]
-) -> RenderedList | None:
+@dataclass
+class Piece:
+    """JSON text with holes: ``texts[0] + columns[0][i] + texts[1] + … + columns[-1][i] + texts[-1]`` is item i's."""
+
+    texts: list[str] = dataclasses.field(default_factory=lambda: [""])
+    columns: list[Column] = dataclasses.field(default_factory=list)
+
+    def add(self, text: str) -> None:
+        self.texts[-1] += text
+
+    def extend(self, other: Piece) -> None:
+        self.texts[-1] += other.texts[0]
+        self.texts += other.texts[1:]
+        self.columns += other.columns
+
+    def joined(self, count: int, separator: str = ",") -> str:
+        """``count`` items, separated: the texts (each repeated) and columns interleaved, joined once."""
+        if not count:
+            return ""
+        first, *texts = self.texts
+        # The separator is written before every item but the first (each column has ``count`` entries).
+        streams: list[Iterable[str]] = [itertools.chain((first,), itertools.repeat(separator + first, count - 1))]
+        for column, text in zip(self.columns, texts, strict=True):
+            streams += (column, itertools.repeat(text, count))
+        return "".join(itertools.chain.from_iterable(zip(*streams, strict=True)))
+
+    def filled(self, values: Sequence[str]) -> str:
+        """One item, each column's entry given."""
+        return "".join(itertools.chain.from_iterable(zip(self.texts, [*values, ""], strict=True)))
+
+
+def render_series(plan: ObjectPlan, series: Series, percentiles: Sequence[float]) -> RenderedList | None:
     """``series`` as the JSON text of ``plan`` (a ``[ReliabilityBucket]`` selection), or None (see the module)."""
     if plan.type_name != "ReliabilityBucket" or not len(series):
         return None
@@ -40,128 +72,135 @@ def render_series(
         "requests": lambda f: _one(f, lambda: _integers(series.requests)),
         "errors": lambda f: _one(f, lambda: _integers(series.errors)),
         "client_errors": lambda f: _one(f, lambda: _integers(series.client_errors)),
-        "error_rate": lambda f: _one(f, lambda: _floats(error_rates)),
+        "error_rate": lambda f: _one(f, lambda: _floats(series.error_rates)),
         "latency": lambda f: _latency(f, percentiles, series.latency),
     }
     piece = _object(plan, columns)
-    if piece is None:
-        return None
-    template, values = piece
-    if not values:
-        return RenderedList(",".join([template.replace("%%", "%")] * len(series)), plan.signature)
-    return RenderedList(",".join([template % row for row in zip(*values, strict=True)]), plan.signature)
+    return None if piece is None else RenderedList(piece.joined(len(series)), plan.signature)
 
 
 def _object(plan: ObjectPlan, columns: dict[str, Callable[[FieldPlan], Piece | None]]) -> Piece | None:
     """One item's JSON object for ``plan`` as a piece: constants written in, each selected column's piece in its
     place. None when a field cannot be written exactly."""
-    parts: list[str] = []
-    values: list[Column] = []
-    for field in plan.fields:
-        key = _escaped(orjson.dumps(field.key).decode())
+    piece = Piece(["{"])
+    for index, field in enumerate(plan.fields):
+        piece.add(("," if index else "") + orjson.dumps(field.key).decode() + ":")
         if field.attribute is None:  # __typename
-            parts.append(f"{key}:" + _escaped(orjson.dumps(field.typename).decode()))
+            piece.add(orjson.dumps(field.typename).decode())
             continue
         if field.denied:  # null, with the executor's FORBIDDEN error; a non-null one nulls the whole item
             if field.non_null:
                 return None
-            parts.append(f"{key}:null")
+            piece.add("null")
             continue
         make = columns.get(field.attribute)
-        piece = make(field) if make is not None else None
-        if piece is None:
+        value = make(field) if make is not None else None
+        if value is None:
             return None
-        parts.append(f"{key}:{piece[0]}")
-        values += piece[1]
-    return "{" + ",".join(parts) + "}", values
-
-
-def _escaped(text: str) -> str:
-    return text.replace("%", "%%")
+        piece.extend(value)
+    piece.add("}")
+    return piece
 
 
 def _one(field: FieldPlan, make: Callable[[], Column | None]) -> Piece | None:
-    """A scalar field's column: one ``%s``."""
+    """A scalar field's column: one hole."""
     column = make() if _plain(field) else None
-    return None if column is None else ("%s", [column])
+    return None if column is None else Piece(["", ""], [column])
 
 
 def _datetimes(values: Sequence[dt.datetime]) -> Column:
     """Each as orjson writes the DateTime scalar's value (the instant in UTC, with "Z"); distinct ones once."""
     distinct = list(dict.fromkeys(values))
     utc = [v if v.tzinfo is dt.UTC else v.astimezone(dt.UTC) for v in distinct]  # schema.scalars.serialize_datetime
-    text = dict(zip(distinct, orjson.dumps(utc, option=OPTIONS).decode()[1:-1].split(","), strict=True))
-    return [text[v] for v in values]
+    return _mapped(values, distinct, orjson.dumps(utc, option=OPTIONS))
 
 
 def _strings(values: Sequence[str | None]) -> Column:
-    text = {v: orjson.dumps(v).decode() for v in set(values)}
-    return [text[v] for v in values]
+    distinct = list(dict.fromkeys(values))
+    text = {v: orjson.dumps(v).decode() for v in distinct}
+    return list(map(text.__getitem__, values))
 
 
 def _integers(values: Sequence[int]) -> Column:
-    return list(map(str, values))
+    return _split(orjson.dumps(values if isinstance(values, list) else list(values)))
 
 
-def _floats(values: Sequence[float]) -> Column | None:
-    """orjson's text of each float; None if one is not finite (the Float scalar refuses it: the executor's case)."""
-    if not values:
-        return []
-    text = orjson.dumps(list(values)).decode()[1:-1].split(",")
-    return None if "null" in text else text
+def _floats(values: Sequence[float], repeated: bool = False) -> Column | None:
+    """orjson's text of each float; None if one is not finite (the Float scalar refuses it: the executor's case).
+    ``repeated``: most values recur (a sketch reports one of a few hundred), so distinct ones are written once."""
+    distinct = list(dict.fromkeys(values)) if repeated else values
+    if 0.0 in distinct and distinct is not values:
+        distinct = values  # a key 0.0 may stand for -0.0 too, which is written "-0.0"
+    text = orjson.dumps(distinct if isinstance(distinct, list) else list(distinct))
+    return None if b"null" in text else _mapped(values, distinct, text)
+
+
+def _mapped(values: Sequence[object], distinct: Sequence[object], text: bytes) -> Column:
+    """``values`` as their texts, ``text`` being the JSON array of ``distinct``."""
+    if distinct is values:
+        return _split(text)
+    return list(map(dict(zip(distinct, _split(text), strict=True)).__getitem__, values))
+
+
+def _split(array: bytes) -> Column:
+    """The items of a JSON array of numbers or strings without commas (as orjson writes datetimes)."""
+    return array.decode()[1:-1].split(",") if len(array) > 2 else []
 
 
 def _latency(field: FieldPlan, percentiles: Sequence[float], lists: Sequence[list[float]]) -> Piece | None:
     """The buckets' ``[LatencyPercentile!]``: each bucket's values paired with the requested percentiles in order
-    (as ``resolvers.reliability`` pairs them). The list of n values is a template with a ``%s`` per selected
-    ``ms`` of each item: when every bucket has n values, it is the whole column's piece (a column of the j-th
-    values for each ``%s`` of item j); else each bucket's list is written with its size's template."""
+    (as ``resolvers.reliability`` pairs them). The list of n values is a piece with a hole per selected ``ms`` of
+    each item: when every bucket has n values, it is the whole column's piece (a column of the j-th values for each
+    hole of item j); else each bucket's list is written with its size's piece, as one column."""
     plan = field.nested
     if plan is None or not field.object_list or plan.type_name != "LatencyPercentile":
         return None
-    texts = _floats([value for values in lists for value in values])
-    sizes = {len(values) for values in lists}
+    texts = _floats(list(itertools.chain.from_iterable(lists)), repeated=True)
+    sizes = set(map(len, lists))
     if texts is None or max(sizes) > len(percentiles):
         return None
-    templates: dict[int, tuple[str, list[int]]] = {}
+    pieces: dict[int, tuple[Piece, list[int]]] = {}
     for size in sizes:
         made = _latency_list(plan, percentiles[:size])
         if made is None:
             return None
-        templates[size] = made
+        pieces[size] = made
     if len(sizes) == 1:  # every bucket has n values
-        [(size, (text, value_of))] = templates.items()
-        return text, [texts[j::size] for j in value_of]
-    out: Column = []  # each bucket's list, its template filled (a value for the ``%s`` of the bucket's piece)
+        [(size, (piece, value_of))] = pieces.items()
+        return Piece(piece.texts, [texts[j::size] for j in value_of])
+    out: Column = []  # each bucket's list, written with its size's piece
     at = 0
     for values in lists:
-        text, value_of = templates[len(values)]
-        out.append(text % tuple(texts[at + j] for j in value_of))
+        piece, value_of = pieces[len(values)]
+        out.append(piece.filled([texts[at + j] for j in value_of]))
         at += len(values)
-    return "%s", [out]
+    return Piece(["", ""], [out])
 
 
 _VALUE: Column = []  # marks an ``ms`` in a LatencyPercentile item's piece
 
 
-def _latency_list(plan: ObjectPlan, percentiles: Sequence[float]) -> tuple[str, list[int]] | None:
-    """The template of a list of ``len(percentiles)`` LatencyPercentile items, and for each of its ``%s`` the
-    index of the value it stands for (an item may select ``ms`` under several keys, or not at all)."""
-    items: list[str] = []
+def _latency_list(plan: ObjectPlan, percentiles: Sequence[float]) -> tuple[Piece, list[int]] | None:
+    """The piece of a list of ``len(percentiles)`` LatencyPercentile items, and for each of its holes the index of
+    the value it stands for (an item may select ``ms`` under several keys, or not at all)."""
+    whole = Piece(["["])
     value_of: list[int] = []
     for j, percentile in enumerate(percentiles):
         piece = _object(plan, {"percentile": _constant(percentile),
-                               "ms": lambda f: ("%s", [_VALUE]) if _plain(f) else None})  # fmt: skip
+                               "ms": lambda f: Piece(["", ""], [_VALUE]) if _plain(f) else None})  # fmt: skip
         if piece is None:
             return None
-        items.append(piece[0])
-        value_of += [j] * len(piece[1])
-    return "[" + ",".join(items) + "]", value_of
+        if j:
+            whole.add(",")
+        whole.extend(piece)
+        value_of += [j] * len(piece.columns)
+    whole.add("]")
+    return whole, value_of
 
 
 def _constant(value: float) -> Callable[[FieldPlan], Piece | None]:
     text = _floats([value])
-    return lambda field: (_escaped(text[0]), []) if text is not None and _plain(field) else None
+    return lambda field: Piece([text[0]]) if text is not None and _plain(field) else None
 
 
 def _plain(field: FieldPlan) -> bool:

@@ -7,12 +7,12 @@ from __future__ import annotations
 import datetime as dt
 import math
 
+import numpy as np
 import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reliability.report import Series
-from resolvers.reliability import error_rates
+from reliability.report import Series, error_rate, error_rates
 from resolvers.reliability_json import render_series
 from schema.execution import FieldPlan, ObjectPlan
 from schema.json import dumps
@@ -40,13 +40,12 @@ FULL = bucket_plan(
 
 def projected(plan: ObjectPlan, series: Series, percentiles: list[float]) -> bytes:
     """What the executor's projection of BucketItems and the response encoder write (a reference, by hand)."""
-    rates = error_rates(series)
     items = []
     for i in range(len(series)):
         values = {
             "start": serialize_datetime(series.starts[i]), "end": serialize_datetime(series.ends[i]),
             "model": series.models[i], "requests": series.requests[i], "errors": series.errors[i],
-            "client_errors": series.client_errors[i], "error_rate": rates[i],
+            "client_errors": series.client_errors[i], "error_rate": error_rate(series.errors[i], series.requests[i]),
         }  # fmt: skip
         items.append({f.key: _value(f, values, series.latency[i], percentiles) for f in plan.fields})
     return dumps(items)
@@ -66,7 +65,7 @@ def _value(field: FieldPlan, values: dict[str, object], latency: list[float], pe
 
 
 def rendered(plan: ObjectPlan, series: Series, percentiles: list[float]) -> bytes | None:
-    result = render_series(plan, series, error_rates(series), percentiles)
+    result = render_series(plan, series, percentiles)
     return None if result is None else ("[" + result.json + "]").encode()
 
 
@@ -76,7 +75,7 @@ instants = st.builds(
     st.sampled_from(ZONES),
 )
 counts = st.integers(0, 2**63 - 1)
-floats = st.one_of(st.floats(0, 1e300, allow_nan=False), st.sampled_from([0.0, 1e-7, 5e-324, 1e16, 123456.789]))
+floats = st.one_of(st.floats(0, 1e300, allow_nan=False), st.sampled_from([0.0, -0.0, 1e-7, 5e-324, 1e16, 123456.789]))
 
 
 @st.composite
@@ -87,11 +86,12 @@ def series_of(draw: st.DrawFn) -> Series:
     requests = draw(st.lists(counts, min_size=size, max_size=size))
     latency = draw(st.lists(st.one_of(st.just([]), st.lists(floats, min_size=3, max_size=3)), min_size=size,
                             max_size=size))  # fmt: skip
+    errors = [draw(st.integers(0, n)) for n in requests]
     return Series(
         starts=draw(st.lists(instants, min_size=size, max_size=size)),
         ends=draw(st.lists(instants, min_size=size, max_size=size)), models=models, requests=requests,
-        errors=[draw(st.integers(0, n)) for n in requests], client_errors=[draw(st.integers(0, n)) for n in requests],
-        latency=latency,
+        errors=errors, client_errors=[draw(st.integers(0, n)) for n in requests],
+        error_rates=[error_rate(e, n) for e, n in zip(errors, requests, strict=True)], latency=latency,
     )  # fmt: skip
 
 
@@ -115,7 +115,7 @@ def test_any_subset_order_and_aliases_with_typenames_are_written_alike(
 
 def test_a_denied_field_is_null_and_a_non_null_denied_field_is_the_executors() -> None:
     series = Series([dt.datetime(2026, 1, 1, tzinfo=dt.UTC)], [dt.datetime(2026, 1, 1, 1, tzinfo=dt.UTC)], ["m"],
-                    [10], [1], [2], [[1.5, 2.5, 3.5]])  # fmt: skip
+                    [10], [1], [2], [0.1], [[1.5, 2.5, 3.5]])  # fmt: skip
     denied = bucket_plan(FieldPlan("model", "model", denied=True), FieldPlan("requests", "requests"))
     assert rendered(denied, series, PERCENTILES) == b'[{"model":null,"requests":10}]'
     assert rendered(bucket_plan(FieldPlan("requests", "requests", denied=True, non_null=True)), series, []) is None
@@ -123,11 +123,11 @@ def test_a_denied_field_is_null_and_a_non_null_denied_field_is_the_executors() -
 
 def test_what_it_cannot_write_exactly_is_left_to_the_executor() -> None:
     series = Series([dt.datetime(2026, 1, 1, tzinfo=dt.UTC)], [dt.datetime(2026, 1, 1, 1, tzinfo=dt.UTC)], [None],
-                    [10], [1], [2], [[math.inf, 1.0, 2.0]])  # fmt: skip
+                    [10], [1], [2], [0.1], [[math.inf, 1.0, 2.0]])  # fmt: skip
     assert rendered(FULL, series, PERCENTILES) is None  # not finite: the Float scalar's error
     assert rendered(bucket_plan(FieldPlan("unknown", "unknown")), series, PERCENTILES) is None
     assert rendered(ObjectPlan("UsageBucket", FULL.fields), series, PERCENTILES) is None
-    assert render_series(FULL, Series([], [], [], [], [], [], []), [], PERCENTILES) is None
+    assert render_series(FULL, Series([], [], [], [], [], [], [], []), PERCENTILES) is None
     assert orjson.loads(rendered(bucket_plan(FieldPlan("m", "model")), series, PERCENTILES) or b"") == [{"m": None}]
 
 
@@ -153,3 +153,14 @@ NESTED = [
 def test_every_latency_selection_is_written_alike(series: Series, nested: ObjectPlan, percentiles: list[float]) -> None:
     plan = bucket_plan(FieldPlan("requests", "requests"), FieldPlan("l", "latency", nested=nested, object_list=True))
     assert rendered(plan, series, percentiles) == projected(plan, series, percentiles)
+
+
+@settings(max_examples=300, deadline=None)
+@given(pairs=st.lists(st.integers(0, 2**53 - 1).flatmap(lambda n: st.tuples(st.integers(0, n), st.just(n))),
+                      max_size=50))  # fmt: skip
+def test_the_reports_error_rates_are_error_rate_of_each_bucket(pairs: list[tuple[int, int]]) -> None:
+    errors = np.array([e for e, _ in pairs], dtype=np.int64)
+    requests = np.array([n for _, n in pairs], dtype=np.int64)
+    rates = error_rates(errors, requests)
+    assert rates == [error_rate(e, n) for e, n in pairs]
+    assert all(type(r) is float for r in rates)
