@@ -28,6 +28,7 @@ from reliability.spikes import (
     Metric,
     Point,
     Severity,
+    _lagged,
     _latency_candidates,
     _median_sorted,
     _screen,
@@ -339,3 +340,22 @@ def test_the_vectorised_screen_keeps_exactly_the_buckets_the_loop_would_test(
     logs: list[float], start: int, season: int | None, screen: float
 ) -> None:
     assert _screened(logs, start, season, screen) == _screened_one_by_one(logs, start, season, screen)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rows=st.lists(
+        st.lists(st.one_of(st.just(math.nan), st.integers(0, 50).map(float)), min_size=1, max_size=60),
+        min_size=1, max_size=3,
+    ).filter(lambda rows: len({len(r) for r in rows}) == 1),
+    step=st.integers(1, 30),
+    lags=st.integers(1, 40),
+)  # fmt: skip
+def test_lagged_counts_and_minima_are_those_of_each_buckets_lags(rows: list[list[float]], step: int, lags: int) -> None:
+    count, smallest = _lagged(np.asarray(rows), step, lags)
+    for r, row in enumerate(rows):
+        for t in range(len(row)):
+            lagged = [row[t - step * k] for k in range(1, lags + 1) if t - step * k >= 0]
+            present = [v for v in lagged if not math.isnan(v)]
+            assert count[r, t] == len(present)
+            assert smallest[r, t] == min(present, default=math.inf)
