@@ -411,7 +411,7 @@ def _detection_columns(
         requests[at], errors[at] = collected.requests[on], collected.errors[on]
         p95[at], p99[at] = values[on, 0], values[on, 1]
     return [
-        (model, Columns(requests[c].tolist(), errors[c].tolist(), p95[c].tolist(), p99[c].tolist()))
+        (model, Columns(requests[c], errors[c], p95[c], p99[c]))
         for model, c in sorted(models.items(), key=lambda item: item[0] or "")
     ]
 

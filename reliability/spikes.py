@@ -22,6 +22,8 @@ import numpy as np
 import numpy.typing as npt
 
 FloatMatrix = npt.NDArray[np.float64]
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
 _N = TypeVar("_N", bound=np.generic)
 
 
@@ -97,10 +99,10 @@ class Columns:
     """One series as columns (what detection reads), bucket by bucket: the same as a list of Points, without an
     object per bucket (the report builds these directly from its buckets)."""
 
-    requests: Sequence[int]
-    errors: Sequence[int]
-    p95_ms: Sequence[float | None]
-    p99_ms: Sequence[float | None]
+    requests: Sequence[int] | IntArray
+    errors: Sequence[int] | IntArray
+    p95_ms: Sequence[float | None] | FloatArray  # (None or NaN: no value)
+    p99_ms: Sequence[float | None] | FloatArray
 
     @classmethod
     def of(cls, points: Sequence[Point]) -> Columns:
@@ -195,7 +197,7 @@ def poisson_sf_below(k: float, mean: float, alpha: float) -> bool:
 
 def _error_rate(series: Columns, evaluate_from: int, season: int | None) -> list[Detection]:
     size = lookback(season)
-    requests, errors = list(series.requests), list(series.errors)
+    requests, errors = _listed(series.requests), _listed(series.errors)
     candidates = _candidates(requests, errors, size)
     found = []
     for first, last in _runs(t for t in candidates if t >= evaluate_from):
@@ -203,6 +205,11 @@ def _error_rate(series: Columns, evaluate_from: int, season: int | None) -> list
         if detection is not None:
             found.append(detection)
     return found
+
+
+def _listed(values: Sequence[int] | IntArray) -> list[int]:
+    """Python ints (the loop's arithmetic; an array's items would be numpy scalars)."""
+    return values.tolist() if isinstance(values, np.ndarray) else list(values)
 
 
 def _candidates(requests: list[int], errors: list[int], size: int) -> dict[int, tuple[float, float]]:
@@ -288,12 +295,19 @@ def _runs(indexes: Iterator[int]) -> list[tuple[int, int]]:
 # --- latency percentiles -------------------------------------------------------------------------------------------
 
 
-def _logs(counts: Sequence[int], values: Sequence[float | None], min_requests: int) -> list[float]:
+def _logs(
+    counts: Sequence[int] | IntArray, values: Sequence[float | None] | FloatArray, min_requests: int
+) -> list[float]:
     """Each bucket's log latency, NaN where it has fewer than ``min_requests`` requests or no value. In Python's own
     arithmetic (numpy's SIMD log may differ in the last bit); every later step is exact IEEE arithmetic (subtract,
-    divide, sqrt, compare, sort), the same in numpy as in Python."""
-    nan, log = math.nan, math.log
-    return [log(v) if n >= min_requests and v and v == v else nan for n, v in zip(counts, values, strict=True)]
+    divide, sqrt, compare, sort), the same in numpy as in Python. (The buckets are chosen in numpy, and the logs
+    taken in a C loop: ``values`` may be an array, as the report's are.)"""
+    value = np.asarray(values, dtype=np.float64)  # (None: NaN)
+    with np.errstate(invalid="ignore"):
+        kept = (np.asarray(counts) >= min_requests) & (value != 0) & ~np.isnan(value)
+    logs = np.full(len(value), math.nan)
+    logs[kept] = list(map(math.log, value[kept].tolist()))
+    return logs.tolist()
 
 
 def _latency_spikes(
@@ -324,7 +338,7 @@ def _latency_spikes(
 
 
 def _latency_candidates(
-    logs: Sequence[list[float]], counts: Sequence[Sequence[int]], evaluate_from: int, season: int | None
+    logs: Sequence[list[float]], counts: Sequence[Sequence[int] | IntArray], evaluate_from: int, season: int | None
 ) -> list[dict[int, tuple[float, float]]]:
     """For each series (its log latencies and request counts), the buckets from ``evaluate_from`` on whose robust z
     reaches Z_SCREEN -> (baseline (log), robust z), ascending.
@@ -342,12 +356,16 @@ def _latency_candidates(
     series, at = np.nonzero(_screen(values, max(evaluate_from, 1), season, math.log(LATENCY_SCREEN_RATIO)))
     if not len(at):
         return found
-    references = _lagged_rows(values, series, at, 1, TRAILING)
-    if season:
-        seasonal = _lagged_rows(values, series, at, season, PERIODS)
-        use = np.count_nonzero(~np.isnan(seasonal), axis=1) >= MIN_REFS
-        references[use] = np.nan
-        references[use, :PERIODS] = seasonal[use]
+    if season:  # the seasonal references; the trailing ones only for the buckets with too few of those
+        references = _lagged_rows(values, series, at, season, PERIODS)
+        trailing = np.count_nonzero(~np.isnan(references), axis=1) < MIN_REFS
+        if trailing.any():
+            padding = np.full((len(at), max(TRAILING - PERIODS, 0)), np.nan)
+            references = np.concatenate((references, padding), axis=1)
+            references[trailing] = np.nan
+            references[trailing, :TRAILING] = _lagged_rows(values, series[trailing], at[trailing], 1, TRAILING)
+    else:
+        references = _lagged_rows(values, series, at, 1, TRAILING)
     x = values[series, at]
     references.sort(axis=1)  # NaN last
     present = np.count_nonzero(~np.isnan(references), axis=1)
