@@ -7,6 +7,10 @@ bucket a day (or period) before, up to a week back, with a band from the MAD of 
 sampling noise (a Hampel filter per bucket, seasonal where history allows, a trailing window where it does not);
 screened buckets form runs, and a run is a spike when its pooled robust z and its rise are large enough.
 
+Both are computed for all the series of a report at once (:func:`detect_all`), in numpy: the error rate's screen as
+the fixed point of passes over every bucket (:func:`_candidates`: a candidate changes the windows after it), the
+latency screens as matrices of references. The decisions are those of bucket-by-bucket loops (kept in the tests).
+
 The method, every parameter and why: docs/spike-detection.md.
 """
 
@@ -22,9 +26,12 @@ import numpy as np
 import numpy.typing as npt
 
 FloatMatrix = npt.NDArray[np.float64]
-FloatArray = npt.NDArray[np.float64]
-IntArray = npt.NDArray[np.int64]
+FloatVector = npt.NDArray[np.float64]
+IntMatrix = npt.NDArray[np.int64]
+IntVector = npt.NDArray[np.int64]
+Indexes = npt.NDArray[np.intp]
 _N = TypeVar("_N", bound=np.generic)
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
 class Metric(enum.StrEnum):
@@ -99,10 +106,10 @@ class Columns:
     """One series as columns (what detection reads), bucket by bucket: the same as a list of Points, without an
     object per bucket (the report builds these directly from its buckets)."""
 
-    requests: Sequence[int] | IntArray
-    errors: Sequence[int] | IntArray
-    p95_ms: Sequence[float | None] | FloatArray  # (None or NaN: no value)
-    p99_ms: Sequence[float | None] | FloatArray
+    requests: Sequence[int] | IntVector
+    errors: Sequence[int] | IntVector
+    p95_ms: Sequence[float | None] | FloatVector  # (None or NaN: no value)
+    p99_ms: Sequence[float | None] | FloatVector
 
     @classmethod
     def of(cls, points: Sequence[Point]) -> Columns:
@@ -129,10 +136,10 @@ def detect_all(
     season: int | None,
     metrics: frozenset[Metric] = ALL_METRICS,
 ) -> list[list[Detection]]:
-    """:func:`detect` of several series of one grid (a report's models), their latency screens in one numpy pass;
-    only ``metrics`` (the metrics are independent: a caller may ask for them in turns)."""
+    """:func:`detect` of several series of one grid (a report's models), their error-rate and latency screens in numpy
+    passes over all of them; only ``metrics`` (the metrics are independent: a caller may ask for them in turns)."""
     columns = [s if isinstance(s, Columns) else Columns.of(s) for s in series]
-    found = [_error_rate(c, evaluate_from, season) if Metric.ERROR_RATE in metrics else [] for c in columns]
+    found = _error_rate(columns, evaluate_from, season) if Metric.ERROR_RATE in metrics else [[] for _ in columns]
     for metric, min_requests, k in ((Metric.LATENCY_P95, MIN_REQUESTS_P95, K_LATENCY),
                                     (Metric.LATENCY_P99, MIN_REQUESTS_P99, K_LATENCY_P99)):  # fmt: skip
         if metric not in metrics:
@@ -195,40 +202,275 @@ def poisson_sf_below(k: float, mean: float, alpha: float) -> bool:
     return poisson_sf(k, mean) < alpha
 
 
-def _error_rate(series: Columns, evaluate_from: int, season: int | None) -> list[Detection]:
+TAIL_TERMS = 8  # poisson_sf_below_each: terms of the series summed before its remainder is bounded
+_TAIL_STEPS = np.arange(1.0, TAIL_TERMS + 1)[:, None]
+
+
+def poisson_sf_below_each(k: FloatVector, mean: FloatVector, alpha: float) -> npt.NDArray[np.bool_]:
+    """:func:`poisson_sf_below` of each pair (k > 0, mean > 0), the same answers, most of them in numpy.
+
+    P(k, mean) = mean^k e^-mean / Gamma(k + 1) x (1 + mean / (k + 1) + mean^2 / ((k + 1)(k + 2)) + ...), the series
+    of :func:`poisson_sf`. Its log is bounded: log Gamma(k + 1) by Stirling's series to the 1/(12 x) term, which it
+    exceeds by less than 1/(360 x^3); the series by its first TAIL_TERMS terms plus the next (below) or plus a
+    geometric series of the rest (above: the ratio of its terms falls). Where both bounds are farther from log alpha
+    than that error, rounding (1e-12 of the terms' size, far above numpy's and the scalar function's) and 1e-8, they
+    answer; the scalar function answers the others (a few in thousands).
+    """
+    x = k + 1.0
+    log_x, inverse = np.log(x), 1.0 / x
+    k_log_mean = k * np.log(mean)
+    log_first = k_log_mean - mean - ((x - 0.5) * log_x - x + _HALF_LOG_2PI + inverse / 12)
+    margin = 1e-12 * (np.abs(k_log_mean) + mean + x * (log_x + 1.0)) + 1e-8 + inverse**3 / 360
+    terms = mean / (k + _TAIL_STEPS)  # row j: the ratio of term j + 1 to term j; then the terms themselves
+    for j in range(1, TAIL_TERMS):
+        terms[j] *= terms[j - 1]
+    total, term = 1.0 + terms[:-1].sum(axis=0), terms[-1]
+    left = 1.0 - mean / (k + TAIL_TERMS + 1)  # 1 - the largest ratio of the rest's terms
+    rest = np.divide(term, left, out=np.full_like(term, np.inf), where=left > 0)
+    limit = math.log(alpha)
+    below: npt.NDArray[np.bool_] = log_first + np.log(total + rest) < limit - margin
+    unsure = ~below & (log_first + np.log(total + term) < limit + margin)
+    for i in np.flatnonzero(unsure).tolist():
+        below[i] = poisson_sf_below(float(k[i]), float(mean[i]), alpha)
+    return below
+
+
+MAX_PASSES = 3  # _candidates: numpy passes before a series whose candidates still change is finished in order
+
+
+def _error_rate(series: Sequence[Columns], evaluate_from: int, season: int | None) -> list[list[Detection]]:
+    """Each series' error-rate spikes: runs of candidates from ``evaluate_from`` on that pass the strict test."""
     size = lookback(season)
-    requests, errors = _listed(series.requests), _listed(series.errors)
-    candidates = _candidates(requests, errors, size)
-    found = []
-    for first, last in _runs(t for t in candidates if t >= evaluate_from):
-        detection = _error_run(requests, errors, candidates, first, last, size)
-        if detection is not None:
-            found.append(detection)
+    requests, errors = _matrix([c.requests for c in series]), _matrix([c.errors for c in series])
+    found: list[list[Detection]] = []
+    for columns, candidates in zip(series, _candidates(requests, errors, size), strict=True):
+        runs = _runs(t for t in candidates if t >= evaluate_from)
+        spikes = (_error_run(columns.requests, columns.errors, candidates, first, last, size) for first, last in runs)
+        found.append([d for d in spikes if d is not None])
     return found
 
 
-def _listed(values: Sequence[int] | IntArray) -> list[int]:
-    """Python ints (the loop's arithmetic; an array's items would be numpy scalars)."""
-    return values.tolist() if isinstance(values, np.ndarray) else list(values)
+def _matrix(rows: Sequence[Sequence[int] | IntVector]) -> IntMatrix:
+    """Counts of several series as the rows of one matrix; a shorter series is padded with buckets without traffic
+    (after its end, where they change none of its decisions)."""
+    matrix = np.zeros((len(rows), max(map(len, rows), default=0)), dtype=np.int64)
+    for index, row in enumerate(rows):
+        matrix[index, : len(row)] = row if isinstance(row, np.ndarray) else np.fromiter(row, np.int64, len(row))
+    return matrix
 
 
-def _candidates(requests: list[int], errors: list[int], size: int) -> dict[int, tuple[float, float]]:
-    """Buckets that pass the lenient test -> (expected errors, dispersion), in one pass over running sums.
+def _candidates(
+    requests: IntMatrix, errors: IntMatrix, size: int, passes: int = MAX_PASSES
+) -> list[dict[int, tuple[float, float]]]:
+    """For each series (a row), the buckets that pass the lenient test -> (expected errors, dispersion).
 
-    The baseline of bucket t is the pooled rate of the ``size`` buckets before it, (errors + 1) / requests (the +1
-    keeps a window with no errors from expecting none). Its dispersion is the mean Pearson chi-square of those
-    buckets (quasi-Poisson, at least 1). A candidate enters the window winsorized at MIN_RATIO x its expected count:
-    an incident barely raises the baseline after it, and a lasting level shift is still learnt.
+    The baseline of bucket t is the pooled rate of its window, the ``size - 1`` buckets before it (the running sums
+    of the bucket loop this replaced dropped bucket t - size before testing t), (errors + 1) / requests: the +1 keeps
+    a window with no errors from expecting none. Its dispersion is the mean Pearson chi-square of the window's tested
+    buckets (quasi-Poisson, at least 1). A candidate enters the windows after it winsorized at MIN_RATIO x its
+    expected count (residual 1): an incident barely raises the baseline after it, and a lasting level shift is still
+    learnt.
+
+    A fixed point, all the series at once. A pass (:func:`_error_screen`) decides every bucket in numpy from window
+    sums, given the candidates of the pass before (at first none; :func:`_winsorized`). A bucket's decision depends
+    only on the candidates before it, so a series that finds the candidates it was given has the sequential answer
+    (by induction on t), and a pass settles every bucket up to the first whose decision it changes. Candidates are
+    sparse: most series settle in two or three passes, and only those that changed take part in the next. After
+    ``passes``, a series still changing (a long cascade, as after a lasting level shift: each pass settles a few
+    more buckets) is finished bucket by bucket from the first unsettled one (:func:`_resumed`).
     """
-    n_points = len(requests)
-    cleaned, chi2, tested = [0.0] * n_points, [0.0] * n_points, [0] * n_points
-    e_sum = chi_sum = 0.0
-    n_sum = k_sum = 0
+    found: list[dict[int, tuple[float, float]]] = [{} for _ in range(len(requests))]
+    windows = _Windows.of(requests, errors, size)
+    rows = np.arange(len(requests))  # each of windows' rows: its series (those not settled)
+    guess = _Guess(np.zeros(0, dtype=np.intp), [], None)
+    width = requests.shape[1]
+    for number in range(1, passes + 1):
+        screened = _error_screen(windows, guess)
+        row_of, t_of = np.divmod(screened.at, width)
+        changed = np.zeros(len(rows), dtype=np.bool_)
+        changed[np.setxor1d(screened.at, guess.kept, assume_unique=True) // width] = True
+        settled = ~changed[row_of]
+        values = zip(screened.expected[settled].tolist(), screened.phi[settled].tolist(), strict=True)
+        for row, t, value in zip(rows[row_of[settled]].tolist(), t_of[settled].tolist(), values, strict=True):
+            found[row][t] = value
+        still = np.flatnonzero(changed)
+        if not len(still):
+            break
+        if number == passes:
+            for index in still.tolist():
+                row = int(rows[index])
+                found[row] = _resumed(requests[row], errors[row], size, windows, guess, screened, index)
+            break
+        renumbered = np.zeros(len(rows), dtype=np.intp)
+        renumbered[still] = np.arange(len(still))
+        kept = renumbered[row_of[~settled]] * width + t_of[~settled]
+        if len(still) < len(rows):
+            windows, rows = windows.rows(still), rows[still]
+        guess = _winsorized(windows, kept)
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class _Windows:
+    """What the screen needs that does not depend on which buckets are candidates, per bucket of each series (row):
+    its counts and its window's, exact integer sums (as float where the screen's arithmetic wants them)."""
+
+    span: int  # buckets in a full window
+    errors: FloatMatrix
+    requests: FloatMatrix  # 1 where not tested (any positive number: its expected count is not used)
+    window_requests: FloatMatrix  # likewise 1 where not tested
+    window_errors: FloatMatrix  # plus the baseline's 1, before the candidates' corrections
+    window_tested: IntMatrix
+    tested: npt.NDArray[np.bool_]  # the bucket has requests, and its window enough
+    screened: npt.NDArray[np.bool_]  # tested, and with at least MIN_REQUESTS
+
+    @classmethod
+    def of(cls, requests: IntMatrix, errors: IntMatrix, size: int) -> _Windows:
+        span = size - 1
+        window_requests = _before(requests, span)
+        tested = (requests != 0) & (window_requests >= MIN_WINDOW_REQUESTS)
+        tested[:, :MIN_WINDOW_BUCKETS] = False
+        return cls(
+            span=span,
+            errors=errors.astype(np.float64),
+            requests=np.where(tested, requests, 1.0),
+            window_requests=np.where(tested, window_requests, 1.0),
+            window_errors=np.add(_before(errors, span), 1.0, dtype=np.float64),
+            window_tested=_before(tested.astype(np.int64), span),
+            tested=tested,
+            screened=tested & (requests >= MIN_REQUESTS),
+        )
+
+    def rows(self, keep: Indexes) -> _Windows:
+        return _Windows(
+            self.span, self.errors[keep], self.requests[keep], self.window_requests[keep], self.window_errors[keep],
+            self.window_tested[keep], self.tested[keep], self.screened[keep],
+        )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class _Guess:
+    """The candidates a pass assumes: flat indexes into the windows' rows, the errors each enters the windows after
+    it with (winsorized), and each bucket's sum of their corrections in its window (None: no candidates)."""
+
+    kept: Indexes
+    winsorized: list[float]
+    corrections: FloatMatrix | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Screened:
+    """What a pass found: the candidates (flat indexes), their expected counts and dispersions, and every bucket's
+    residual (what it adds to the chi-square of the windows after it)."""
+
+    at: Indexes
+    expected: FloatVector
+    phi: FloatVector
+    residual: FloatMatrix
+
+
+def _error_screen(windows: _Windows, guess: _Guess) -> _Screened:
+    """The buckets that pass the lenient test when the guess's are the candidates: every bucket in numpy (a window
+    without candidates sums the exact count of errors), then the Poisson test (:func:`poisson_sf_below_each`) of the
+    buckets that pass the cheap conditions."""
+    e_sum = windows.window_errors if guess.corrections is None else windows.window_errors + guess.corrections
+    expected = windows.requests * e_sum / windows.window_requests
+    residual = windows.errors - expected
+    np.square(residual, out=residual)
+    residual /= expected
+    residual *= windows.tested
+    residual.flat[guess.kept] = 1.0
+    # e >= MIN_RATIO * expected also means e > expected (expected > 0)
+    at = np.flatnonzero(windows.screened & (windows.errors >= MIN_RATIO * expected))
+    phi = _dispersions(residual, windows.window_tested.flat[at], at, windows.span)
+    x = expected.flat[at]
+    below = poisson_sf_below_each(windows.errors.flat[at] / phi, x / phi, ALPHA_CANDIDATE)
+    return _Screened(at[below], x[below], phi[below], residual)
+
+
+def _dispersions(residual: FloatMatrix, tested: IntVector, at: Indexes, span: int) -> FloatVector:
+    """The dispersion of each bucket ``at`` (flat indexes, t >= 1): its window's mean residual over the ``tested``
+    buckets in it, from prefix sums of the residuals, at least 1 and at most MAX_DISPERSION; 1 with fewer than
+    MIN_REFS."""
+    prefix = np.cumsum(residual, axis=1)
+    full = at % residual.shape[1] > span
+    chi = prefix.flat[at - 1] - np.where(full, prefix.flat[np.maximum(at - 1 - span, 0)], 0.0)
+    return np.where(tested >= MIN_REFS, np.clip(chi / np.maximum(tested, 1), 1.0, MAX_DISPERSION), 1.0)
+
+
+def _winsorized(windows: _Windows, kept: Indexes) -> _Guess:
+    """``kept`` (flat indexes) as the candidates of the next pass. Each enters the windows after it with min(e,
+    MIN_RATIO x expected), its expected count from a window with the corrections (winsorized - e) of the candidates
+    before it: they depend on each other in sequence, so a loop over the (few) candidates computes them. Then each
+    bucket's sum of the corrections in its window, as a difference of their prefix sums (a step function per row,
+    made with np.repeat): exactly 0 in a window without candidates."""
+    rows, width = windows.errors.shape
+    row_of, t_of = np.divmod(kept, width)
+    n, e = windows.requests.flat[kept].tolist(), windows.errors.flat[kept].tolist()
+    e_sum, n_sum = windows.window_errors.flat[kept].tolist(), windows.window_requests.flat[kept].tolist()
+    rows_l, t_l = row_of.tolist(), t_of.tolist()
+    winsorized, corrections, totals = [0.0] * len(kept), [0.0] * len(kept), [0.0] * len(kept)
+    first = 0  # the earliest candidate in the current one's window
+    window = total = 0.0
+    for i, t in enumerate(t_l):
+        if i and rows_l[i] != rows_l[i - 1]:
+            first, window, total = i, 0.0, 0.0
+        while t_l[first] < t - windows.span:
+            window -= corrections[first]
+            first += 1
+        limit = MIN_RATIO * (n[i] * (e_sum[i] + window) / n_sum[i])
+        winsorized[i] = limit if limit < e[i] else e[i]
+        corrections[i] = winsorized[i] - e[i]
+        window += corrections[i]
+        total += corrections[i]
+        totals[i] = total
+    # prefix[r, t]: the corrections of row r before t; its steps are at each row's start and after each candidate
+    starts = np.concatenate((np.arange(rows) * (width + 1), kept + row_of + 1))
+    order = np.argsort(starts, kind="stable")
+    lengths = np.diff(starts[order], append=rows * (width + 1))
+    prefix = np.repeat(np.concatenate((np.zeros(rows), totals))[order], lengths).reshape(rows, width + 1)
+    sums = prefix[:, :width].copy()
+    if windows.span < width:
+        sums[:, windows.span :] -= prefix[:, : width - windows.span]
+    return _Guess(kept, winsorized, sums)
+
+
+def _resumed(
+    requests: IntVector, errors: IntVector, size: int, windows: _Windows, guess: _Guess, screened: _Screened, row: int
+) -> dict[int, tuple[float, float]]:
+    """The candidates of one series (``row`` of the windows') after a pass that changed them: before the first bucket
+    it changed, what it found (its guess was right there); from that bucket on, :func:`_in_order`, after the windows
+    the guess made before it."""
+    width = windows.errors.shape[1]
+    guessed = slice(*np.searchsorted(guess.kept, [row * width, (row + 1) * width]).tolist())
+    assumed = dict(zip((guess.kept[guessed] - row * width).tolist(), guess.winsorized[guessed], strict=True))
+    ours = slice(*np.searchsorted(screened.at, [row * width, (row + 1) * width]).tolist())
+    values = zip(screened.expected[ours].tolist(), screened.phi[ours].tolist(), strict=True)
+    found = dict(zip((screened.at[ours] - row * width).tolist(), values, strict=True))
+    start = min(assumed.keys() ^ found.keys())
+    cleaned = [assumed.get(t, float(e)) for t, e in enumerate(errors[:start].tolist())] + [0.0] * (width - start)
+    chi2, tested = screened.residual[row].tolist(), windows.tested[row].astype(np.int64).tolist()
+    settled = {t: value for t, value in found.items() if t < start}
+    return settled | _in_order(requests.tolist(), errors.tolist(), size, start, cleaned, chi2, tested)
+
+
+def _in_order(
+    requests: list[int],
+    errors: list[int],
+    size: int,
+    start: int,
+    cleaned: list[float],
+    chi2: list[float],
+    tested: list[int],
+) -> dict[int, tuple[float, float]]:
+    """The candidates from ``start`` on, bucket by bucket over running sums (as before the numpy passes), the buckets
+    before it settled: what each adds to the windows after it, its errors (``cleaned``, winsorized), its residual
+    (``chi2``) and whether it was tested. The lists are overwritten from ``start`` on."""
+    old = max(0, start - size)  # at bucket t, the sums start with buckets t - size .. t - 1 and drop the first
+    e_sum, chi_sum = sum(cleaned[old:start], 0.0), sum(chi2[old:start], 0.0)
+    n_sum, k_sum = sum(requests[old:start]), sum(tested[old:start])
     found: dict[int, tuple[float, float]] = {}
-    # Buckets before the first with traffic leave every sum and entry at zero: start there (a report's history
-    # often reaches before the org's first request).
-    first = next((t for t, (n, e) in enumerate(zip(requests, errors, strict=True)) if n or e), n_points)
-    for t in range(first, n_points):
+    for t in range(start, len(requests)):
         if t >= size:
             old = t - size
             e_sum -= cleaned[old]
@@ -237,6 +479,7 @@ def _candidates(requests: list[int], errors: list[int], size: int) -> dict[int, 
             k_sum -= tested[old]
         n, e = requests[t], errors[t]
         kept = float(e)
+        chi2[t], tested[t] = 0.0, 0
         if n and n_sum >= MIN_WINDOW_REQUESTS and t >= MIN_WINDOW_BUCKETS:
             expected = n * (e_sum + 1.0) / n_sum
             residual = (e - expected) ** 2 / expected
@@ -254,19 +497,32 @@ def _candidates(requests: list[int], errors: list[int], size: int) -> dict[int, 
     return found
 
 
+def _before(values: IntMatrix, span: int) -> IntMatrix:
+    """Each bucket's sum of the ``span`` values before it in its row (of all before it, near the row's start)."""
+    width = values.shape[1]
+    prefix = np.cumsum(values, axis=1)
+    sums = np.zeros_like(prefix)
+    sums[:, 1:] = prefix[:, :-1]
+    if span + 1 < width:
+        sums[:, span + 1 :] -= prefix[:, : width - span - 1]
+    return sums
+
+
 def _error_run(
-    requests_of: list[int],
-    errors_of: list[int],
+    requests_of: Sequence[int] | IntVector,
+    errors_of: Sequence[int] | IntVector,
     candidates: dict[int, tuple[float, float]],
     first: int,
     last: int,
     size: int,
 ) -> Detection | None:
-    errors = sum(errors_of[first : last + 1])
-    requests = sum(requests_of[first : last + 1])
+    errors = int(sum(errors_of[first : last + 1]))  # (Python ints: the series may be arrays)
+    requests = int(sum(requests_of[first : last + 1]))
     expected = sum(candidates[t][0] for t in range(first, last + 1))
     phi = max(candidates[t][1] for t in range(first, last + 1))
-    if errors < MIN_ERRORS or errors < MIN_RATIO * expected or poisson_sf(errors / phi, expected / phi) >= ALPHA:
+    if errors < MIN_ERRORS or errors < MIN_RATIO * expected:
+        return None
+    if not poisson_sf_below(errors / phi, expected / phi, ALPHA):  # poisson_sf(...) >= ALPHA, often at once
         return None
     observed, baseline = errors / requests, expected / requests
     critical = observed >= CRITICAL_RATE_RATIO * baseline and observed - baseline >= CRITICAL_RATE_EXCESS
@@ -296,7 +552,7 @@ def _runs(indexes: Iterator[int]) -> list[tuple[int, int]]:
 
 
 def _logs(
-    counts: Sequence[int] | IntArray, values: Sequence[float | None] | FloatArray, min_requests: int
+    counts: Sequence[int] | IntVector, values: Sequence[float | None] | FloatVector, min_requests: int
 ) -> list[float]:
     """Each bucket's log latency, NaN where it has fewer than ``min_requests`` requests or no value. In Python's own
     arithmetic (numpy's SIMD log may differ in the last bit); every later step is exact IEEE arithmetic (subtract,
@@ -338,7 +594,7 @@ def _latency_spikes(
 
 
 def _latency_candidates(
-    logs: Sequence[list[float]], counts: Sequence[Sequence[int] | IntArray], evaluate_from: int, season: int | None
+    logs: Sequence[list[float]], counts: Sequence[Sequence[int] | IntVector], evaluate_from: int, season: int | None
 ) -> list[dict[int, tuple[float, float]]]:
     """For each series (its log latencies and request counts), the buckets from ``evaluate_from`` on whose robust z
     reaches Z_SCREEN -> (baseline (log), robust z), ascending.
