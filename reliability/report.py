@@ -312,6 +312,16 @@ class Grid:
         self._ends = self.starts[1:] + [bucket_end(s, granularity, zone) for s in self.starts[-1:]]
 
     def positions(self, starts: Sequence[dt.datetime]) -> Ints:
+        """Each start's position. Rows come ordered by bucket, several a bucket (a model each): each run of equal
+        starts is looked up once (comparing datetimes of one zone is a C fast path too)."""
+        if len(starts) < 2:
+            return self._looked_up(starts)
+        same = np.fromiter(map(operator.eq, starts[1:], starts[:-1]), dtype=bool, count=len(starts) - 1)
+        firsts = np.flatnonzero(np.concatenate(([True], ~same)))
+        found = self._looked_up([starts[i] for i in firsts.tolist()])
+        return np.repeat(found, np.diff(np.append(firsts, len(starts))))
+
+    def _looked_up(self, starts: Sequence[dt.datetime]) -> Ints:
         offsets = _offsets(starts, self.origin)
         found = np.searchsorted(self.offsets, offsets)
         inside = np.minimum(found, max(self.size - 1, 0))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import itertools
+import operator
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -65,9 +66,10 @@ def render_series(plan: ObjectPlan, series: Series, percentiles: Sequence[float]
     """``series`` as the JSON text of ``plan`` (a ``[ReliabilityBucket]`` selection), or None (see the module)."""
     if plan.type_name != "ReliabilityBucket" or not len(series):
         return None
+    instants: dict[dt.datetime, str] = {}  # written once for both columns (a bucket's end is the next's start)
     columns: dict[str, Callable[[FieldPlan], Piece | None]] = {
-        "start": lambda f: _one(f, lambda: _datetimes(series.starts)),
-        "end": lambda f: _one(f, lambda: _datetimes(series.ends)),
+        "start": lambda f: _one(f, lambda: _datetimes(series.starts, instants)),
+        "end": lambda f: _one(f, lambda: _datetimes(series.ends, instants)),
         "model": lambda f: _one(f, lambda: _strings(series.models)),
         "requests": lambda f: _one(f, lambda: _integers(series.requests)),
         "errors": lambda f: _one(f, lambda: _integers(series.errors)),
@@ -108,11 +110,18 @@ def _one(field: FieldPlan, make: Callable[[], Column | None]) -> Piece | None:
     return None if column is None else Piece(["", ""], [column])
 
 
-def _datetimes(values: Sequence[dt.datetime]) -> Column:
-    """Each as orjson writes the DateTime scalar's value (the instant in UTC, with "Z"); distinct ones once."""
-    distinct = list(dict.fromkeys(values))
-    utc = [v if v.tzinfo is dt.UTC else v.astimezone(dt.UTC) for v in distinct]  # schema.scalars.serialize_datetime
-    return _mapped(values, distinct, orjson.dumps(utc, option=OPTIONS))
+def _datetimes(values: Sequence[dt.datetime], written: dict[dt.datetime, str]) -> Column:
+    """Each as orjson writes the DateTime scalar's value (the instant in UTC, with "Z"); distinct ones once, and
+    only those not in ``written`` (which gets them)."""
+    new = [v for v in dict.fromkeys(values) if v not in written]
+    utc = new  # schema.scalars.serialize_datetime
+    if not all(map(operator.is_, map(_TZINFO, new), itertools.repeat(dt.UTC))):
+        utc = [v if v.tzinfo is dt.UTC else v.astimezone(dt.UTC) for v in new]
+    written.update(zip(new, _split(orjson.dumps(utc, option=OPTIONS)), strict=True))
+    return list(map(written.__getitem__, values))
+
+
+_TZINFO = operator.attrgetter("tzinfo")
 
 
 def _strings(values: Sequence[str | None]) -> Column:
