@@ -140,15 +140,17 @@ def detect_all(
     passes over all of them; only ``metrics`` (the metrics are independent: a caller may ask for them in turns)."""
     columns = [s if isinstance(s, Columns) else Columns.of(s) for s in series]
     found = _error_rate(columns, evaluate_from, season) if Metric.ERROR_RATE in metrics else [[] for _ in columns]
+    counts: IntMatrix | None = None  # the series' requests as rows (the latency screens are matrices)
     for metric, min_requests, k in ((Metric.LATENCY_P95, MIN_REQUESTS_P95, K_LATENCY),
                                     (Metric.LATENCY_P99, MIN_REQUESTS_P99, K_LATENCY_P99)):  # fmt: skip
         if metric not in metrics:
             continue
-        logs = [
-            _logs(c.requests, c.p95_ms if metric == Metric.LATENCY_P95 else c.p99_ms, min_requests) for c in columns
-        ]
-        candidates = _latency_candidates(logs, [c.requests for c in columns], evaluate_from, season)
-        for index, (row, kept) in enumerate(zip(logs, candidates, strict=True)):
+        if counts is None:
+            counts = np.array([c.requests for c in columns], dtype=np.int64).reshape(len(columns), -1)
+        values = [c.p95_ms if metric == Metric.LATENCY_P95 else c.p99_ms for c in columns]
+        logs = _logs(counts, np.array(values, dtype=np.float64).reshape(counts.shape), min_requests)  # (None: NaN)
+        candidates = _latency_candidates(logs, counts, evaluate_from, season)
+        for index, (row, kept) in enumerate(zip(logs.tolist(), candidates, strict=True)):
             found[index] += _latency_spikes(row, kept, season, metric, k)
     return found
 
@@ -551,19 +553,16 @@ def _runs(indexes: Iterator[int]) -> list[tuple[int, int]]:
 # --- latency percentiles -------------------------------------------------------------------------------------------
 
 
-def _logs(
-    counts: Sequence[int] | IntVector, values: Sequence[float | None] | FloatVector, min_requests: int
-) -> list[float]:
-    """Each bucket's log latency, NaN where it has fewer than ``min_requests`` requests or no value. In Python's own
-    arithmetic (numpy's SIMD log may differ in the last bit); every later step is exact IEEE arithmetic (subtract,
-    divide, sqrt, compare, sort), the same in numpy as in Python. (The buckets are chosen in numpy, and the logs
-    taken in a C loop: ``values`` may be an array, as the report's are.)"""
-    value = np.asarray(values, dtype=np.float64)  # (None: NaN)
+def _logs(counts: IntMatrix, values: FloatMatrix, min_requests: int) -> FloatMatrix:
+    """Each bucket's log latency (a row a series), NaN where it has fewer than ``min_requests`` requests or no value.
+    In Python's own arithmetic (numpy's SIMD log may differ in the last bit); every later step is exact IEEE
+    arithmetic (subtract, divide, sqrt, compare, sort), the same in numpy as in Python. (The buckets are chosen in
+    numpy, and the logs taken in a C loop.)"""
     with np.errstate(invalid="ignore"):
-        kept = (np.asarray(counts) >= min_requests) & (value != 0) & ~np.isnan(value)
-    logs = np.full(len(value), math.nan)
-    logs[kept] = list(map(math.log, value[kept].tolist()))
-    return logs.tolist()
+        kept = (counts >= min_requests) & (values != 0) & ~np.isnan(values)
+    logs = np.full(values.shape, math.nan)
+    logs[kept] = list(map(math.log, values[kept].tolist()))
+    return logs
 
 
 def _latency_spikes(
@@ -594,7 +593,10 @@ def _latency_spikes(
 
 
 def _latency_candidates(
-    logs: Sequence[list[float]], counts: Sequence[Sequence[int] | IntVector], evaluate_from: int, season: int | None
+    logs: Sequence[list[float]] | FloatMatrix,
+    counts: Sequence[Sequence[int]] | IntMatrix,
+    evaluate_from: int,
+    season: int | None,
 ) -> list[dict[int, tuple[float, float]]]:
     """For each series (its log latencies and request counts), the buckets from ``evaluate_from`` on whose robust z
     reaches Z_SCREEN -> (baseline (log), robust z), ascending.
@@ -606,7 +608,7 @@ def _latency_candidates(
     (:func:`_screen`), of every series at once, as rows of a matrix of their references (NaN-padded, so that a sort
     puts the missing last)."""
     found: list[dict[int, tuple[float, float]]] = [{} for _ in logs]
-    if not logs:
+    if not len(logs):
         return found
     values = np.asarray(logs, dtype=np.float64).reshape(len(logs), -1)
     series, at = np.nonzero(_screen(values, max(evaluate_from, 1), season, math.log(LATENCY_SCREEN_RATIO)))
