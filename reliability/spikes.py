@@ -143,7 +143,7 @@ def detect_all(
     counts: IntMatrix | None = None  # the series' requests as rows (the latency screens are matrices)
     for metric, min_requests, k in ((Metric.LATENCY_P95, MIN_REQUESTS_P95, K_LATENCY),
                                     (Metric.LATENCY_P99, MIN_REQUESTS_P99, K_LATENCY_P99)):  # fmt: skip
-        if metric not in metrics:
+        if metric not in metrics or not columns:
             continue
         if counts is None:
             counts = np.array([c.requests for c in columns], dtype=np.int64).reshape(len(columns), -1)

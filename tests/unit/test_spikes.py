@@ -495,3 +495,8 @@ def test_the_vectorised_tail_test_answers_as_the_scalar_one(
     pairs = pairs + [(k, _mean_at(k, alpha) * (1 + shift)) for k, shift in near]
     k, mean = np.array(pairs).T
     assert poisson_sf_below_each(k, mean, alpha).tolist() == [poisson_sf_below(a, b, alpha) for a, b in pairs]
+
+
+def test_no_series_finds_nothing() -> None:
+    assert detect_all([], HISTORY, DAY) == []
+    assert detect([], 0, None) == []
