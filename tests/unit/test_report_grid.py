@@ -1,0 +1,69 @@
+"""The report's bucket grid (reliability/report.py): positions of row buckets, bucket ends and the history before a
+range, against the definitions they shortcut (a dict of starts, ``bucket_start`` and ``bucket_end``)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import zoneinfo
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from db.usage import bucket_end, bucket_start
+from reliability.report import Grid, _history
+
+UTC = zoneinfo.ZoneInfo("UTC")
+ZONES = [UTC, zoneinfo.ZoneInfo("Asia/Kolkata"), zoneinfo.ZoneInfo("America/New_York"),
+         zoneinfo.ZoneInfo("Australia/Lord_Howe")]  # fmt: skip
+START = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)
+
+
+def grid_of(granularity: str, zone: zoneinfo.ZoneInfo, size: int) -> list[dt.datetime]:
+    starts = [bucket_start(START, granularity, zone)]
+    while len(starts) < size:
+        starts.append(bucket_end(starts[-1], granularity, zone))
+    return starts
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    granularity=st.sampled_from(["MINUTE", "HOUR", "DAY", "MONTH"]),
+    zone=st.sampled_from(ZONES),
+    picks=st.lists(st.integers(0, 59), max_size=80),
+    off=st.lists(st.integers(1, 10**6), max_size=5),
+    runs=st.integers(1, 4),
+)
+def test_positions_are_those_of_a_dict_of_starts_and_off_grid_starts_come_after(
+    granularity: str, zone: zoneinfo.ZoneInfo, picks: list[int], off: list[int], runs: int
+) -> None:
+    starts = grid_of(granularity, zone, 60)
+    grid = Grid(starts, granularity, zone)
+    # Rows as the database sends them: new objects (equal, not identical), each bucket a few times in a row, in
+    # any order; some off the grid (a second after a start), each asked for twice.
+    rows = [dt.datetime.fromtimestamp(starts[p].timestamp(), dt.UTC) for p in picks for _ in range(runs)]
+    strays = [starts[0] + dt.timedelta(seconds=s) for s in off if s % 60]
+    rows += strays + strays
+    expected_index = {start: index for index, start in enumerate(starts)}
+    for stray in dict.fromkeys(strays):
+        expected_index.setdefault(stray, len(expected_index))
+    assert grid.positions(rows).tolist() == [expected_index[row] for row in rows]
+    assert grid.starts == list(expected_index)  # the strays appended once, in order
+    positions = list(range(len(grid.starts)))
+    assert grid.ends(positions) == [bucket_end(s, granularity, zone) for s in grid.starts]
+
+
+def test_positions_of_no_rows_and_of_one() -> None:
+    grid = Grid(grid_of("HOUR", UTC, 3), "HOUR", UTC)
+    assert grid.positions([]).tolist() == []
+    assert grid.positions([START + dt.timedelta(hours=2)]).tolist() == [2]
+
+
+@pytest.mark.parametrize("granularity", ["MINUTE", "HOUR", "DAY", "MONTH"])
+@pytest.mark.parametrize("zone", ZONES, ids=str)
+def test_history_steps_back_bucket_by_bucket(granularity: str, zone: zoneinfo.ZoneInfo) -> None:
+    first = bucket_start(dt.datetime(2026, 4, 5, 12, 30, tzinfo=dt.UTC), granularity, zone)
+    history = _history(first, granularity, zone, 200)
+    assert len(history) == 200
+    # Each bucket ends where the next starts, the last where the range's first starts: the grid is contiguous.
+    assert [bucket_end(s, granularity, zone) for s in history] == [*history[1:], first]
