@@ -250,6 +250,8 @@ async def scenario_single(run: Run, shape: Shape, token: str) -> dict[str, Any]:
     entry["floor"] = await run.window(f"floor {shape.key}", lambda: floor.run(run.dataset.url, run.seconds, run.warmup))
     gw, fl = entry["gateway"]["latency_ms"], entry["floor"]["latency_ms"]
     entry["ratio_gateway_to_floor"] = {k: round(gw[k] / fl[k], 2) for k in ("p50", "p90", "p99") if fl.get(k)}
+    if shape.key == "hour_30d":  # (the shape with a ratio target)
+        entry["paired"] = await paired_rounds(run, shape, target, floor)
     # With spikes, the gateway runs more SQL than the floor's: the statements that explain them. The floor of all of
     # its SQL runs them too, after the first round, as the gateway does.
     full = await with_attribution(floor, run.dataset, shape)
@@ -264,9 +266,6 @@ async def scenario_single(run: Run, shape: Shape, token: str) -> dict[str, Any]:
         entry["ratio_gateway_to_floor_with_attribution"] = {
             k: round(gw[k] / fa[k], 2) for k in ("p50", "p90", "p99") if fa.get(k)
         }
-    if shape.key == "hour_30d":  # (the shape with a ratio target): against the floor of all of its SQL
-        entry["paired"] = await paired_rounds(run, shape, target, full if full.then else floor)
-        entry["paired"]["with_attribution"] = bool(full.then)
     return entry
 
 

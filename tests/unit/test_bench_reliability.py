@@ -80,7 +80,7 @@ def test_summary_holds_the_issue_targets() -> None:
         "gateway / floor latency (with attribution), HOUR 30 d, p99": False,
     }
     # Without spikes, the median of the paired rounds (gateway and floor in turns) is the ratio's figure.
-    hour = single(20.0, 30.0, 2.3) | {"paired": {"median_ratio": {"p50": 1.9, "p99": 2.2}, "with_attribution": False}}
+    hour = single(20.0, 30.0, 2.3) | {"paired": {"median_ratio": {"p50": 1.9, "p99": 2.2}}}
     rows = {row["what"]: row["met"] for row in summarize({"single": {"hour_30d": hour}})["targets"]}
     assert rows == {
         "reliability HOUR 30 d, 1 client, p50": True,
@@ -88,12 +88,6 @@ def test_summary_holds_the_issue_targets() -> None:
         "gateway / floor latency (median of paired rounds), HOUR 30 d, p50": True,
         "gateway / floor latency (median of paired rounds), HOUR 30 d, p99": False,
     }
-    # With spikes, the rounds pair the gateway with the floor of all its SQL.
-    hour |= {"paired": {"median_ratio": {"p50": 2.1, "p99": 1.5}, "with_attribution": True},
-             "ratio_gateway_to_floor_with_attribution": {"p50": 1.0, "p99": 1.0}}  # fmt: skip
-    rows = {row["what"]: row["met"] for row in summarize({"single": {"hour_30d": hour}})["targets"]}
-    assert rows["gateway / floor latency (median of paired rounds, with attribution), HOUR 30 d, p50"] is False
-    assert rows["gateway / floor latency (median of paired rounds, with attribution), HOUR 30 d, p99"] is True
 
 
 def test_profile_areas_name_the_json_writer_apart_from_the_resolver() -> None:
