@@ -127,28 +127,19 @@ class Floor:
     async def run(self, url: str, seconds: float, warmup: float) -> dict[str, Any]:
         """A warm-up then a window of sequential runs, each statement on its own connection (their prepared
         statements settle first)."""
-        async with self.connected(url) as connections:
-            return await self.window(connections, seconds, warmup)
-
-    @contextlib.asynccontextmanager
-    async def connected(self, url: str) -> AsyncIterator[list[asyncpg.Connection]]:
-        """A connection a statement."""
         count = max(len(self.statements), len(self.then))
         connections = [await asyncpg.connect(url, server_settings=FLOOR_SESSION) for _ in range(count)]
         try:
-            yield connections
+            latencies: list[float] = []
+            for window, keep in ((warmup, False), (seconds, True)):
+                until = time.perf_counter() + window
+                while (started := time.perf_counter()) < until:
+                    await self.once(connections)
+                    if keep:
+                        latencies.append(time.perf_counter() - started)
         finally:
             for connection in connections:
                 await connection.close()
-
-    async def window(self, connections: Sequence[asyncpg.Connection], seconds: float, warmup: float) -> dict[str, Any]:
-        latencies: list[float] = []
-        for window, keep in ((warmup, False), (seconds, True)):
-            until = time.perf_counter() + window
-            while (started := time.perf_counter()) < until:
-                await self.once(connections)
-                if keep:
-                    latencies.append(time.perf_counter() - started)
         return {
             "tool": "asyncpg, one connection a statement, the statements at once; rows to dicts, orjson "
             "(packed sketches as hex)",
@@ -156,7 +147,7 @@ class Floor:
             "then": [s.label for s in self.then],
             "requests": len(latencies),
             "seconds": round(seconds, 2),
-            "rps": round(len(latencies) / seconds, 1) if seconds else 0.0,
+            "rps": round(len(latencies) / seconds, 1),
             "latency_ms": latency_summary_ms(latencies),
         }
 
@@ -274,30 +265,23 @@ PAIRED_ROUNDS = 4
 
 async def paired_rounds(run: Run, shape: Shape, target: Any, floor: Floor) -> dict[str, Any]:
     """The gateway and the floor in turns, PAIRED_ROUNDS short windows each (a quarter of a window, at least 5 s,
-    each after a warm-up of 1 s; the floor's connections stay open from round to round, warmed up once as in its
-    long window), and the ratio of each round's pair: the machine's speed drifts over the minutes of a run (the
-    floor's p50 moved from 9.1 to 11.5 ms between runs of one session on an idle machine), and a pair taken seconds
-    apart is slowed or sped alike. The rounds' median ratio is the figure of the ratio target."""
+    after a warm-up of 1 s), and the ratio of each round's pair: the machine's speed drifts over the minutes of a
+    run (the floor's p50 moved from 9.1 to 11.5 ms between runs of one session on an idle machine), and a pair
+    taken seconds apart is slowed or sped alike. The rounds' median ratio is the figure of the ratio target."""
     seconds = max(5.0, run.seconds / PAIRED_ROUNDS)
     rounds = []
-    async with floor.connected(run.dataset.url) as connections:
-        await floor.window(connections, 0.0, run.warmup)
-        for index in range(PAIRED_ROUNDS):
-            await run_wrk(run.api.base_url, target, connections=1, seconds=1, work=run.work)  # warm-up
-            gateway = await run_wrk(run.api.base_url, target, connections=1, seconds=seconds, work=run.work)
-            floored = await floor.window(connections, seconds, 1.0)
-            rounds.append(_pair(shape, index, gateway["latency_ms"], floored["latency_ms"]))
+    for index in range(PAIRED_ROUNDS):
+        gateway = await run_wrk(run.api.base_url, target, connections=1, seconds=1, work=run.work)  # warm-up
+        gateway = await run_wrk(run.api.base_url, target, connections=1, seconds=seconds, work=run.work)
+        floored = await floor.run(run.dataset.url, seconds, 1.0)
+        gw, fl = gateway["latency_ms"], floored["latency_ms"]
+        ratio = {k: round(gw[k] / fl[k], 2) for k in ("p50", "p99") if fl.get(k)}
+        say(f"   paired round {index + 1}/{PAIRED_ROUNDS} {shape.key}: gateway p50 {gw['p50']} ms, floor p50 "
+            f"{fl['p50']} ms: {ratio.get('p50')}x (p99 {gw['p99']} / {fl['p99']} ms: {ratio.get('p99')}x)")  # fmt: skip
+        rounds.append({"gateway_ms": {k: gw.get(k) for k in ("p50", "p99")},
+                       "floor_ms": {k: fl.get(k) for k in ("p50", "p99")}, "ratio": ratio})  # fmt: skip
     median = {k: round(statistics.median(r["ratio"][k] for r in rounds), 2) for k in ("p50", "p99")}
     return {"seconds_each": seconds, "rounds": rounds, "median_ratio": median}
-
-
-def _pair(shape: Shape, index: int, gw: dict[str, Any], fl: dict[str, Any]) -> dict[str, Any]:
-    """One round's figures and ratios, said as they come."""
-    ratio = {k: round(gw[k] / fl[k], 2) for k in ("p50", "p99") if fl.get(k)}
-    say(f"   paired round {index + 1}/{PAIRED_ROUNDS} {shape.key}: gateway p50 {gw['p50']} ms, floor p50 "
-        f"{fl['p50']} ms: {ratio.get('p50')}x (p99 {gw['p99']} / {fl['p99']} ms: {ratio.get('p99')}x)")  # fmt: skip
-    return {"gateway_ms": {k: gw.get(k) for k in ("p50", "p99")}, "floor_ms": {k: fl.get(k) for k in ("p50", "p99")},
-            "ratio": ratio}  # fmt: skip
 
 
 async def check_answer(run: Run, shape: Shape, token: str, floor: Floor) -> dict[str, Any]:
