@@ -93,16 +93,12 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             TARGETS["hour_30d_p50_ms"], "ms")  # fmt: skip
         add("reliability HOUR 30 d, 1 client, p99", hour["gateway"]["latency_ms"]["p99"],
             TARGETS["hour_30d_p99_ms"], "ms")  # fmt: skip
-        # The floor of the same SQL: with spikes, the statements that explain them are part of it. Without, the
-        # ratio is the median of the paired rounds' (bench/api/reliability.py paired_rounds) when they ran.
+        # The floor of the same SQL: with spikes, the statements that explain them are part of it.
         full = "ratio_gateway_to_floor_with_attribution" in hour
-        paired = not full and "paired" in hour
-        ratio = (hour["ratio_gateway_to_floor_with_attribution"] if full
-                 else hour["paired"]["median_ratio"] if paired else hour["ratio_gateway_to_floor"])  # fmt: skip
-        how = " (with attribution)" if full else " (median of paired rounds)" if paired else ""
+        ratio = hour["ratio_gateway_to_floor_with_attribution" if full else "ratio_gateway_to_floor"]
         for q in ("p50", "p99"):
-            add(f"gateway / floor latency{how}, HOUR 30 d, {q}", ratio.get(q), TARGETS["gateway_floor_latency_ratio"],
-                "x")  # fmt: skip
+            add(f"gateway / floor latency{' (with attribution)' if full else ''}, HOUR 30 d, {q}", ratio.get(q),
+                TARGETS["gateway_floor_latency_ratio"], "x")  # fmt: skip
     if minute := single.get("minute_24h"):
         add("reliability MINUTE 24 h, 1 client, p50", minute["gateway"]["latency_ms"]["p50"],
             TARGETS["minute_24h_p50_ms"], "ms")  # fmt: skip

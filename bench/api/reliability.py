@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
-import statistics
 import time
 import zoneinfo
 from collections.abc import AsyncIterator, Collection, Sequence
@@ -241,8 +240,6 @@ async def scenario_single(run: Run, shape: Shape, token: str) -> dict[str, Any]:
     entry["floor"] = await run.window(f"floor {shape.key}", lambda: floor.run(run.dataset.url, run.seconds, run.warmup))
     gw, fl = entry["gateway"]["latency_ms"], entry["floor"]["latency_ms"]
     entry["ratio_gateway_to_floor"] = {k: round(gw[k] / fl[k], 2) for k in ("p50", "p90", "p99") if fl.get(k)}
-    if shape.key == "hour_30d":  # (the shape with a ratio target)
-        entry["paired"] = await paired_rounds(run, shape, target, floor)
     # With spikes, the gateway runs more SQL than the floor's: the statements that explain them. The floor of all of
     # its SQL runs them too, after the first round, as the gateway does.
     full = await with_attribution(floor, run.dataset, shape)
@@ -258,30 +255,6 @@ async def scenario_single(run: Run, shape: Shape, token: str) -> dict[str, Any]:
             k: round(gw[k] / fa[k], 2) for k in ("p50", "p90", "p99") if fa.get(k)
         }
     return entry
-
-
-PAIRED_ROUNDS = 4
-
-
-async def paired_rounds(run: Run, shape: Shape, target: Any, floor: Floor) -> dict[str, Any]:
-    """The gateway and the floor in turns, PAIRED_ROUNDS short windows each (a quarter of a window, at least 5 s,
-    after a warm-up of 1 s), and the ratio of each round's pair: the machine's speed drifts over the minutes of a
-    run (the floor's p50 moved from 9.1 to 11.5 ms between runs of one session on an idle machine), and a pair
-    taken seconds apart is slowed or sped alike. The rounds' median ratio is the figure of the ratio target."""
-    seconds = max(5.0, run.seconds / PAIRED_ROUNDS)
-    rounds = []
-    for index in range(PAIRED_ROUNDS):
-        gateway = await run_wrk(run.api.base_url, target, connections=1, seconds=1, work=run.work)  # warm-up
-        gateway = await run_wrk(run.api.base_url, target, connections=1, seconds=seconds, work=run.work)
-        floored = await floor.run(run.dataset.url, seconds, 1.0)
-        gw, fl = gateway["latency_ms"], floored["latency_ms"]
-        ratio = {k: round(gw[k] / fl[k], 2) for k in ("p50", "p99") if fl.get(k)}
-        say(f"   paired round {index + 1}/{PAIRED_ROUNDS} {shape.key}: gateway p50 {gw['p50']} ms, floor p50 "
-            f"{fl['p50']} ms: {ratio.get('p50')}x (p99 {gw['p99']} / {fl['p99']} ms: {ratio.get('p99')}x)")  # fmt: skip
-        rounds.append({"gateway_ms": {k: gw.get(k) for k in ("p50", "p99")},
-                       "floor_ms": {k: fl.get(k) for k in ("p50", "p99")}, "ratio": ratio})  # fmt: skip
-    median = {k: round(statistics.median(r["ratio"][k] for r in rounds), 2) for k in ("p50", "p99")}
-    return {"seconds_each": seconds, "rounds": rounds, "median_ratio": median}
 
 
 async def check_answer(run: Run, shape: Shape, token: str, floor: Floor) -> dict[str, Any]:

@@ -79,15 +79,6 @@ def test_summary_holds_the_issue_targets() -> None:
         "gateway / floor latency (with attribution), HOUR 30 d, p50": True,
         "gateway / floor latency (with attribution), HOUR 30 d, p99": False,
     }
-    # Without spikes, the median of the paired rounds (gateway and floor in turns) is the ratio's figure.
-    hour = single(20.0, 30.0, 2.3) | {"paired": {"median_ratio": {"p50": 1.9, "p99": 2.2}}}
-    rows = {row["what"]: row["met"] for row in summarize({"single": {"hour_30d": hour}})["targets"]}
-    assert rows == {
-        "reliability HOUR 30 d, 1 client, p50": True,
-        "reliability HOUR 30 d, 1 client, p99": True,
-        "gateway / floor latency (median of paired rounds), HOUR 30 d, p50": True,
-        "gateway / floor latency (median of paired rounds), HOUR 30 d, p99": False,
-    }
 
 
 def test_profile_areas_name_the_json_writer_apart_from_the_resolver() -> None:
