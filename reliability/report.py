@@ -294,8 +294,8 @@ FIXED_STEPS = {"MINUTE": dt.timedelta(minutes=1), "HOUR": dt.timedelta(hours=1)}
 
 
 class Grid:
-    """The buckets' starts (history, then the range) and their positions; a start off the grid (none is: tests)
-    gets a position after it, so it is still answered, but never part of detection.
+    """The buckets' starts (history, then the range) and their positions; a start off the grid (none is, but for a
+    caller's mistake) gets a position after it, so it is still answered, but never part of detection.
 
     A start's position is found by its offset from the first start, in seconds (exact: bucket starts are whole
     seconds), in the grid's sorted offsets: subtracting two datetimes of one zone is a C fast path, where
@@ -326,7 +326,7 @@ class Grid:
         found = np.searchsorted(self.offsets, offsets)
         inside = np.minimum(found, max(self.size - 1, 0))
         on = (found < self.size) & (self.offsets[inside] == offsets) if self.size else np.zeros(len(starts), bool)
-        for index in np.flatnonzero(~on).tolist():  # pragma: no cover - every bucket start is on the grid
+        for index in np.flatnonzero(~on).tolist():  # off the grid (tests/unit/test_report_grid.py)
             start = starts[index]
             if start not in self.off_grid:
                 self.off_grid[start] = len(self.starts)
@@ -336,7 +336,7 @@ class Grid:
 
     def ends(self, positions: list[int]) -> list[dt.datetime]:
         ends = self._ends
-        for start in self.starts[len(ends) :]:  # pragma: no cover - off the grid
+        for start in self.starts[len(ends) :]:  # starts off the grid, appended by positions
             ends.append(bucket_end(start, self.granularity, self.zone))
         return list(map(ends.__getitem__, positions))
 
