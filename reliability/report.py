@@ -276,6 +276,9 @@ def _grid(query: UsageQuery, zone: zoneinfo.ZoneInfo) -> list[dt.datetime]:
     return starts
 
 
+FIXED_STEPS = {"MINUTE": dt.timedelta(minutes=1), "HOUR": dt.timedelta(hours=1)}  # (bucket_end's)
+
+
 def _history(first: dt.datetime, granularity: str, zone: zoneinfo.ZoneInfo, count: int) -> list[dt.datetime]:
     """Up to ``count`` bucket starts before ``first``, oldest first."""
     step = FIXED_STEPS.get(granularity)
@@ -288,9 +291,6 @@ def _history(first: dt.datetime, granularity: str, zone: zoneinfo.ZoneInfo, coun
         current = current - step if step else bucket_start(current - dt.timedelta(microseconds=1), granularity, zone)
         starts.append(current)
     return starts[::-1]
-
-
-FIXED_STEPS = {"MINUTE": dt.timedelta(minutes=1), "HOUR": dt.timedelta(hours=1)}
 
 
 class Grid:

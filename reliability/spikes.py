@@ -139,14 +139,14 @@ def detect_all(
     """:func:`detect` of several series of one grid (a report's models), their error-rate and latency screens in numpy
     passes over all of them; only ``metrics`` (the metrics are independent: a caller may ask for them in turns)."""
     columns = [s if isinstance(s, Columns) else Columns.of(s) for s in series]
-    found = _error_rate(columns, evaluate_from, season) if Metric.ERROR_RATE in metrics else [[] for _ in columns]
-    counts: IntMatrix | None = None  # the series' requests as rows (the latency screens are matrices)
+    counts = _matrix([c.requests for c in columns])  # the series' requests as rows, for every screen
+    found = (
+        _error_rate(columns, counts, evaluate_from, season) if Metric.ERROR_RATE in metrics else [[] for _ in columns]
+    )
     for metric, min_requests, k in ((Metric.LATENCY_P95, MIN_REQUESTS_P95, K_LATENCY),
                                     (Metric.LATENCY_P99, MIN_REQUESTS_P99, K_LATENCY_P99)):  # fmt: skip
         if metric not in metrics or not columns:
             continue
-        if counts is None:
-            counts = np.array([c.requests for c in columns], dtype=np.int64).reshape(len(columns), -1)
         values = [c.p95_ms if metric == Metric.LATENCY_P95 else c.p99_ms for c in columns]
         logs = _logs(counts, np.array(values, dtype=np.float64).reshape(counts.shape), min_requests)  # (None: NaN)
         candidates = _latency_candidates(logs, counts, evaluate_from, season)
@@ -240,10 +240,13 @@ def poisson_sf_below_each(k: FloatVector, mean: FloatVector, alpha: float) -> np
 MAX_PASSES = 3  # _candidates: numpy passes before a series whose candidates still change is finished in order
 
 
-def _error_rate(series: Sequence[Columns], evaluate_from: int, season: int | None) -> list[list[Detection]]:
-    """Each series' error-rate spikes: runs of candidates from ``evaluate_from`` on that pass the strict test."""
+def _error_rate(
+    series: Sequence[Columns], requests: IntMatrix, evaluate_from: int, season: int | None
+) -> list[list[Detection]]:
+    """Each series' error-rate spikes: runs of candidates from ``evaluate_from`` on that pass the strict test
+    (``requests``: the series' requests as the rows of a matrix)."""
     size = lookback(season)
-    requests, errors = _matrix([c.requests for c in series]), _matrix([c.errors for c in series])
+    errors = _matrix([c.errors for c in series])
     found: list[list[Detection]] = []
     for columns, candidates in zip(series, _candidates(requests, errors, size), strict=True):
         runs = _runs(t for t in candidates if t >= evaluate_from)

@@ -110,6 +110,9 @@ def _one(field: FieldPlan, make: Callable[[], Column | None]) -> Piece | None:
     return None if column is None else Piece(["", ""], [column])
 
 
+_TZINFO = operator.attrgetter("tzinfo")
+
+
 def _datetimes(values: Sequence[dt.datetime], written: dict[dt.datetime, str]) -> Column:
     """Each as orjson writes the DateTime scalar's value (the instant in UTC, with "Z"); distinct ones once, and
     only those not in ``written`` (which gets them)."""
@@ -119,9 +122,6 @@ def _datetimes(values: Sequence[dt.datetime], written: dict[dt.datetime, str]) -
         utc = [v if v.tzinfo is dt.UTC else v.astimezone(dt.UTC) for v in new]
     written.update(zip(new, _split(orjson.dumps(utc, option=OPTIONS)), strict=True))
     return list(map(written.__getitem__, values))
-
-
-_TZINFO = operator.attrgetter("tzinfo")
 
 
 def _strings(values: Sequence[str | None]) -> Column:
