@@ -544,3 +544,33 @@ async def test_odd_bytes_and_other_orgs_never_reach_the_json_path(
         body = (await graphql(client, document, bearer, variables)).json()
         assert [e["extensions"]["code"] for e in body["errors"]] == [code], body
     assert written == []
+
+
+@pytest.mark.parametrize("zone", ["UTC", "Australia/Lord_Howe", "Asia/Kathmandu"])
+async def test_odd_model_filters_are_refused_by_name_and_odd_zones_answer_alike_on_both_series_paths(
+    client: httpx.AsyncClient, make_token: TokenFactory, world: World, monkeypatch: pytest.MonkeyPatch, zone: str
+) -> None:
+    """Attack on the series' JSON path: a model filter value with NUL, a trailing newline, a quote or a percent is
+    refused naming it (BAD_USER_INPUT, never INTERNAL); a real model in zones with half-hour or 45-minute offsets
+    and DST answers only that model, in hour buckets, the JSON text byte for byte what the executor writes."""
+    org = world.incident.org_id
+    token = make_token("engineer", org=org)
+    query = RELIABILITY.replace("percentiles: $p,", "percentiles: $p, filter: $f,").replace(
+        '$tz: String! = "UTC")', '$tz: String! = "UTC", $f: UsageFilter)'
+    )
+    variables = {"org": org, "r": {"from": (world.now - 40 * HOUR).isoformat(), "to": world.now.isoformat()},
+                 "g": "HOUR", "m": True, "p": PERCENTILES, "tz": zone}  # fmt: skip
+    for odd in ["rel-model-a\x00", "rel-model-a\n", 'a"b', "%s%%", "é"]:
+        answer = (await graphql(client, query, token, variables | {"f": {"models": [MODELS[0], odd]}})).json()
+        [error] = answer["errors"]
+        assert error["extensions"]["code"] == "BAD_USER_INPUT" and "filter.models[1]" in error["message"], answer
+    variables |= {"f": {"models": [MODELS[0]]}}
+    fast = await graphql(client, query, token, variables)
+    monkeypatch.setattr(resolvers.reliability, "SERIES_AS_JSON", False)
+    slow = await graphql(client, query, token, variables)
+    answer = fast.json()
+    assert "errors" not in answer, answer
+    assert fast.content == slow.content
+    series = answer["data"]["reliability"]["series"]
+    assert series and {bucket["model"] for bucket in series} == {MODELS[0]}
+    assert all(dt.datetime.fromisoformat(b["end"]) - dt.datetime.fromisoformat(b["start"]) == HOUR for b in series)
