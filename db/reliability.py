@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from db.sketch import index_sql, packed_agg_sql
+from db.sketch import index_sql, packed_agg_sql, ranks_wire_sql
 from db.usage import BUCKET_SQL, UsageQuery, driver_connection, plan
 
 
@@ -39,7 +39,8 @@ class SeriesColumns(NamedTuple):
     errors: Sequence[int]
     client_errors: Sequence[int]
     sketch: Sequence[bytes | None]  # packed: (bucket index, count) entries, db/sketch.py; None where ``ranks`` is
-    ranks: Sequence[list[int] | None]  # a rollup row's RANKED_PERCENTILES bucket indexes (``ranked`` statements)
+    ranks: Sequence[bytes | None]  # a rollup row's RANKED_PERCENTILES bucket indexes (``ranked`` statements), as
+    # db/sketch.py's ``ranks_wire_sql`` sends them
     totals: Sequence[bytes] = ()  # packed sketches that count toward the range's totals only (``totals``)
 
     @classmethod
@@ -133,7 +134,7 @@ FROM {rollup} h
 WHERE h.org_id = $1 AND h.hour >= $4 AND h.hour < $5 {filters_h}
   AND NOT EXISTS (SELECT 1 FROM raw_hours r WHERE r.hour = h.hour)
 UNION ALL
-SELECT bucket, model, sum(n)::bigint, sum(e)::bigint, sum(c)::bigint, {packed_agg}, NULL::int[], false
+SELECT bucket, model, sum(n)::bigint, sum(e)::bigint, sum(c)::bigint, {packed_agg}, NULL::bytea, false
 FROM ({raw_entries}) AS per_index
 GROUP BY 1, 2{totals}
 ) AS rows
@@ -302,7 +303,7 @@ def _series_sql(shape: _Shape, per_model: bool, ranked: bool, totals: bool) -> s
         sketch_h="sketch_pack(h.latency_sketch)" if per_key
         else "CASE WHEN h.latency_ranks IS NULL THEN h.latency_sketch_packed END" if ranked
         else "h.latency_sketch_packed",
-        ranks_h="h.latency_ranks" if ranked else "NULL::int[]",
+        ranks_h=ranks_wire_sql("h.latency_ranks") if ranked else "NULL::bytea",
         packed_agg=packed_agg_sql("idx", "n"),
         whole_days=_WHOLE_DAYS if totals else "",
         totals=_TOTALS.format(filters_s=shape.filters("s"), filters_h=shape.filters("h")) if totals else "",

@@ -25,6 +25,19 @@ PACKED_ENTRY_BYTES = 12
 # migration 0012, in this order): an HOUR bucket asking only for these reads no sketch.
 RANKED_PERCENTILES = (0.5, 0.75, 0.9, 0.95, 0.99, 0.999)
 
+# How a row's ranks travel to the API: PostgreSQL's binary array (``array_send``), so that the client reads a column
+# of them with numpy as one block instead of decoding a Python list of ints per row (the int[] of a 30-day HOUR
+# series per model cost the gateway 0.7 ms to decode and 0.8 ms to flatten). The layout of a one-dimensional int4[]
+# without nulls: five big-endian int32 header words (dimensions 1, has-nulls 0, element type INT4_OID, length,
+# lower bound 1), then a (length 4, value) pair of big-endian int32 per element.
+INT4_OID = 23
+RANKS_HEADER_WORDS = 5
+
+
+def ranks_wire_sql(column: str) -> str:
+    """``column`` (an int4[] of ranks) as the API reads it: its binary array (see above)."""
+    return f"array_send({column})"
+
 
 def index_sql(column: str) -> str:
     """The bucket index of ``column`` as a SQL expression: ``ceil(ln(v) / ln(GAMMA))``, or ZERO_INDEX below

@@ -34,7 +34,7 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
-from db.sketch import GAMMA, PACKED_ENTRY_BYTES, RANKED_PERCENTILES, ZERO_INDEX
+from db.sketch import GAMMA, INT4_OID, PACKED_ENTRY_BYTES, RANKED_PERCENTILES, RANKS_HEADER_WORDS, ZERO_INDEX
 
 Sketch = dict[int, int]
 
@@ -121,6 +121,31 @@ def unpack(packed: bytes) -> Sketch:
     return merged({i: c} for i, c in zip(entries["index"].tolist(), entries["count"].tolist(), strict=True))
 
 
+_RANKS_WORDS = RANKS_HEADER_WORDS + 2 * len(RANKED_PERCENTILES)  # a row's ranks: header, then (length, value) pairs
+_RANKS_HEADER = np.array([1, 0, INT4_OID, len(RANKED_PERCENTILES), 1])
+
+
+def pack_ranks(indexes: Sequence[int]) -> bytes:
+    """A row's RANKED_PERCENTILES bucket indexes as ``db.sketch.ranks_wire_sql`` sends them."""
+    words = [1, 0, INT4_OID, len(indexes), 1, *itertools.chain.from_iterable((4, i) for i in indexes)]
+    return np.array(words, dtype=">i4").tobytes()
+
+
+def unpack_ranks(rows: Iterable[bytes], count: int) -> Ints:
+    """``count`` rows' ranks (``db.sketch.ranks_wire_sql``) as a (count, len(RANKED_PERCENTILES)) array: one block
+    for numpy; anything but an int4[] of that length without nulls is refused."""
+    blob = b"".join(rows)
+    if len(blob) != count * _RANKS_WORDS * 4:
+        raise ValueError(f"{len(blob)} bytes of ranks for {count} rows of {len(RANKED_PERCENTILES)} ranks")
+    words = np.frombuffer(blob, dtype=">i4")
+    table = words.reshape(count, _RANKS_WORDS)
+    if not bool(
+        (table[:, :RANKS_HEADER_WORDS] == _RANKS_HEADER).all() and (table[:, RANKS_HEADER_WORDS::2] == 4).all()
+    ):
+        raise ValueError(f"ranks that are not {len(RANKED_PERCENTILES)} int4 bucket indexes")
+    return table[:, RANKS_HEADER_WORDS + 1 :: 2].astype(np.int64)
+
+
 class Batch:
     """Packed sketches, each tagged with a group (0 .. ``groups - 1``); the percentiles of each group's merge.
 
@@ -143,7 +168,7 @@ class Batch:
         packed: Sequence[bytes | None],
         group_of: Sequence[int] | Ints,
         groups: int,
-        ranks: Sequence[Sequence[int] | None] = (),
+        ranks: Sequence[bytes | None] = (),
     ) -> None:
         if len(packed) != len(group_of):
             raise ValueError(f"{len(packed)} sketches but {len(group_of)} group ids")
@@ -227,7 +252,7 @@ class _Ranked(NamedTuple):
 
     @classmethod
     def of(
-        cls, packed: Sequence[bytes | None], ranks: Sequence[Sequence[int] | None], group_of: Sequence[int] | Ints
+        cls, packed: Sequence[bytes | None], ranks: Sequence[bytes | None], group_of: Sequence[int] | Ints
     ) -> _Ranked | None:
         if not ranks:
             return None
@@ -244,10 +269,7 @@ class _Ranked(NamedTuple):
         ranked = groups[has]
         if bool((np.bincount(groups)[ranked] != 1).any()):
             raise ValueError("a ranked row shares its group with another row (its percentiles cannot be merged)")
-        width = len(RANKED_PERCENTILES)
-        flat = itertools.chain.from_iterable(cast(Iterable[Sequence[int]], itertools.compress(ranks, has)))
-        indexes = np.fromiter(flat, dtype=np.int64, count=count * width).reshape(count, width)
-        return cls(ranked, indexes)
+        return cls(ranked, unpack_ranks(cast(Iterable[bytes], itertools.compress(ranks, has)), count))
 
     def fill(self, out: npt.NDArray[np.float64], qs: Sequence[float]) -> None:
         """The ranked groups' rows of a quantile table."""

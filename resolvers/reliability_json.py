@@ -19,7 +19,7 @@ import dataclasses
 import datetime as dt
 import itertools
 import operator
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import orjson
@@ -47,15 +47,20 @@ class Piece:
         self.columns += other.columns
 
     def joined(self, count: int, separator: str = ",") -> str:
-        """``count`` items, separated: the texts (each repeated) and columns interleaved, joined once."""
+        """``count`` items, separated: the texts (each repeated) and columns interleaved, joined once. The
+        fragments are laid out in one list by strided slice assignment (C loops, no tuple per item)."""
         if not count:
             return ""
         first, *texts = self.texts
-        # The separator is written before every item but the first (each column has ``count`` entries).
-        streams: list[Iterable[str]] = [itertools.chain((first,), itertools.repeat(separator + first, count - 1))]
-        for column, text in zip(self.columns, texts, strict=True):
-            streams += (column, itertools.repeat(text, count))
-        return "".join(itertools.chain.from_iterable(zip(*streams, strict=True)))
+        stride = 2 * len(self.columns) + 1  # an item's fragments: its first text, then each column and text
+        out = [separator + first] * (count * stride)  # the separator before every item but the first
+        out[0] = first
+        for n, (column, text) in enumerate(zip(self.columns, texts, strict=True)):
+            if len(column) != count:
+                raise ValueError(f"a column of {len(column)} entries for {count} items")
+            out[2 * n + 1 :: stride] = column
+            out[2 * n + 2 :: stride] = [text] * count
+        return "".join(out)
 
     def filled(self, values: Sequence[str]) -> str:
         """One item, each column's entry given."""

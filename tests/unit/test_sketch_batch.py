@@ -15,7 +15,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from db.sketch import PACKED_ENTRY_BYTES, RANKED_PERCENTILES, ZERO_INDEX
-from reliability.sketch import _TABLE_FROM, _TABLE_TO, Batch, _values, merged, pack, quantiles, rank, unpack, value_of
+from reliability.sketch import (
+    _TABLE_FROM,
+    _TABLE_TO,
+    Batch,
+    _values,
+    merged,
+    pack,
+    pack_ranks,
+    quantiles,
+    rank,
+    unpack,
+    value_of,
+)
 
 
 def by_group(batch: Batch, qs: list[float]) -> list[list[float] | None]:
@@ -123,12 +135,12 @@ def test_the_value_table_is_value_of_at_every_index_and_beyond() -> None:
     assert _values(np.array([ZERO_INDEX, 0, 914])).tolist() == [0.0, value_of(0), value_of(914)]
 
 
-def rank_indexes(sketch: dict[int, int]) -> list[int]:
-    """A rollup row's stored ranks (migration 0012's ``sketch_rank_indexes``): the bucket index of each of
-    RANKED_PERCENTILES by the rank rule."""
+def rank_indexes(sketch: dict[int, int]) -> bytes:
+    """A rollup row's stored ranks (migration 0012's ``sketch_rank_indexes``) as the API reads them: the bucket
+    index of each of RANKED_PERCENTILES by the rank rule, packed (``pack_ranks``)."""
     indexes = sorted(sketch)
     cumulative = list(itertools.accumulate(sketch[i] for i in indexes))
-    return [indexes[int(np.searchsorted(cumulative, rank(q, cumulative[-1])))] for q in RANKED_PERCENTILES]
+    return pack_ranks([indexes[int(np.searchsorted(cumulative, rank(q, cumulative[-1])))] for q in RANKED_PERCENTILES])
 
 
 @settings(max_examples=200, deadline=None)
@@ -166,5 +178,18 @@ def test_ranked_rows_refuse_what_they_cannot_answer() -> None:
         Batch([pack(one)], [0], 1, [rank_indexes(one)])
     with pytest.raises(ValueError, match=r"rank lists"):
         Batch([pack(one), pack(two)], [0, 1], 2, [None])
+    with pytest.raises(ValueError, match=r"bytes of ranks for 1 rows"):  # too few indexes, or a stray byte
+        Batch([None], [0], 1, [pack_ranks([1, 2, 3])])
+    with pytest.raises(ValueError, match=r"bytes of ranks"):
+        Batch([None], [0], 1, [rank_indexes(one) + b"\x00"])
+    null_element = bytearray(rank_indexes(one))
+    null_element[4:8] = (1).to_bytes(4, "big")  # the has-nulls flag, and a NULL's length in place of an element's
+    null_element[4 * 5 : 4 * 6] = (-1).to_bytes(4, "big", signed=True)
+    with pytest.raises(ValueError, match=r"not 6 int4 bucket indexes"):
+        Batch([None], [0], 1, [bytes(null_element)])
+    int8_array = bytearray(rank_indexes(one))
+    int8_array[8:12] = (20).to_bytes(4, "big")  # int8's type
+    with pytest.raises(ValueError, match=r"not 6 int4 bucket indexes"):
+        Batch([None], [0], 1, [bytes(int8_array)])
     # without ranked rows, any percentile
     assert by_group(Batch([pack(one)], [0], 1, [None]), [0.42]) == [quantiles(one, [0.42])]
