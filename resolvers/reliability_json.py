@@ -22,6 +22,7 @@ import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import orjson
 
 from reliability.report import Series
@@ -141,19 +142,18 @@ def _integers(values: Sequence[int]) -> Column:
 
 def _floats(values: Sequence[float], repeated: bool = False) -> Column | None:
     """orjson's text of each float; None if one is not finite (the Float scalar refuses it: the executor's case).
-    ``repeated``: most values recur (a sketch reports one of a few hundred), so distinct ones are written once."""
-    distinct = list(dict.fromkeys(values)) if repeated else values
-    if 0.0 in distinct and distinct is not values:
-        distinct = values  # a key 0.0 may stand for -0.0 too, which is written "-0.0"
-    text = orjson.dumps(distinct if isinstance(distinct, list) else list(distinct))
-    return None if b"null" in text else _mapped(values, distinct, text)
-
-
-def _mapped(values: Sequence[object], distinct: Sequence[object], text: bytes) -> Column:
-    """``values`` as their texts, ``text`` being the JSON array of ``distinct``."""
-    if distinct is values:
-        return _split(text)
-    return list(map(dict(zip(distinct, _split(text), strict=True)).__getitem__, values))
+    ``repeated``: most values recur (a sketch reports one of a few hundred), so distinct ones are written once
+    (found by numpy's unique, where -0.0 equals 0.0: a list with a -0.0, which is written "-0.0", is written value
+    by value)."""
+    if repeated and len(values):
+        array = np.array(values, dtype=np.float64)
+        zero = array == 0
+        if not (zero.any() and np.signbit(array[zero]).any()):
+            distinct, inverse = np.unique(array, return_inverse=True)
+            text = orjson.dumps(distinct.tolist())
+            return None if b"null" in text else np.array(_split(text), dtype=object)[inverse].tolist()
+    text = orjson.dumps(values if isinstance(values, list) else list(values))
+    return None if b"null" in text else _split(text)
 
 
 def _split(array: bytes) -> Column:

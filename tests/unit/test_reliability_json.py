@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reliability.report import Series, error_rate, error_rates
-from resolvers.reliability_json import render_series
+from resolvers.reliability_json import _floats, render_series
 from schema.execution import FieldPlan, ObjectPlan
 from schema.json import dumps
 from schema.scalars import serialize_datetime
@@ -164,3 +164,15 @@ def test_the_reports_error_rates_are_error_rate_of_each_bucket(pairs: list[tuple
     rates = error_rates(errors, requests)
     assert rates == [error_rate(e, n) for e, n in pairs]
     assert all(type(r) is float for r in rates)
+
+
+def test_repeated_floats_are_written_once_each_zero_with_its_sign() -> None:
+    """Distinct percentile values are written once (numpy's unique, where -0.0 equals 0.0): a -0.0 among them is
+    still written "-0.0", and a value that is not finite still leaves the list to the executor."""
+    assert _floats([1.5, 0.0, 1.5, 2.0, 0.0], repeated=True) == ["1.5", "0.0", "1.5", "2.0", "0.0"]
+    assert _floats([1.5, 0.0, 1.5, -0.0, 2.0], repeated=True) == ["1.5", "0.0", "1.5", "-0.0", "2.0"]
+    extremes = [5e-324, 1e300, 5e-324, 1e16, 1e300]
+    assert _floats(extremes, repeated=True) == [orjson.dumps(v).decode() for v in extremes]
+    assert _floats([1.0, math.nan, 1.0], repeated=True) is None
+    assert _floats([1.0, -math.inf], repeated=True) is None
+    assert _floats([], repeated=True) == []
