@@ -4,6 +4,7 @@ stacks, and the text summary written next to them."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import shutil
 import sys
@@ -23,11 +24,14 @@ def py_spy() -> str | None:
 
 
 async def start_py_spy(pid: int, seconds: int | str, fmt: str, output: Path) -> asyncio.subprocess.Process:
-    """``py-spy record`` of ``pid`` at 100 Hz for ``seconds`` into ``output`` (``fmt``: raw, flamegraph...)."""
+    """``py-spy record`` of ``pid`` at 100 Hz for ``seconds`` into ``output`` (``fmt``: raw, flamegraph...). With
+    ``PYSPY_NATIVE=1`` in the environment, C frames too (``--native``: which codec decodes a row, where numpy
+    spends; the process runs slower under it, so its rates are not the benchmark's)."""
     binary = py_spy()
     assert binary is not None
     return await asyncio.create_subprocess_exec(
         binary, "record", "--pid", str(pid), "--duration", str(seconds), "--rate", "100", "--format", fmt,
+        *(["--native"] if os.environ.get("PYSPY_NATIVE") == "1" else []),
         "--output", str(output), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
 

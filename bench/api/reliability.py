@@ -35,7 +35,7 @@ from db.usage import UsageQuery, driver_connection
 from gateway.allocator import tune_allocator
 from kernel.hours import floor_hour
 from kernel.settings import Settings
-from reliability.report import BREAKDOWN_ROWS, SEASON, _grid, _history, build_report, ranked_series
+from reliability.report import BREAKDOWN_ROWS, SEASON, _grid, _history, _parts, build_report, ranked_series
 from reliability.spikes import lookback
 
 PERCENTILES = (0.5, 0.95, 0.99)
@@ -105,13 +105,18 @@ class Statement:
 
 @dataclasses.dataclass
 class Floor:
-    """The statements ``build_report`` runs before any spike is explained (the range's series, the history's
-    series, the breakdown), run at once on bare asyncpg connections (one each, as build_report does), rows
-    encoded with orjson; then, when given (``then``), the statements that explain the spikes it found, at once
+    """The statements ``build_report`` runs before any spike is explained (the range's series, in its parts when
+    the range is long; the history's series; the breakdown), run at once on bare asyncpg connections (one each, as
+    build_report does), rows encoded with orjson; then, when given (``then``), the statements that explain the spikes it found, at once
     too (as build_report sends them, after the first ones: they depend on what those found)."""
 
     statements: list[Statement]
     then: list[Statement] = dataclasses.field(default_factory=list)
+
+    @property
+    def range_series(self) -> list[Statement]:
+        """The range's series statements (one, or its parts)."""
+        return [s for s in self.statements if s.label.split()[0] == "series"]
 
     async def once(self, connections: Sequence[asyncpg.Connection]) -> tuple[int, int]:
         async def one(connection: asyncpg.Connection, statement: Statement) -> tuple[int, int]:
@@ -164,9 +169,11 @@ def make_floor(org_id: str, shape: Shape, materialized_through: dt.datetime | No
     grid = _grid(query, zone)
     history = _history(grid[0], shape.granularity, zone, lookback(SEASON[shape.granularity]))
     per_model, ranked = shape.by_model, ranked_series(query, PERCENTILES)  # as build_report asks
+    parts = _parts(query, grid)  # a long range in parts, read at once (as build_report reads it)
     statements = [
-        Statement("series", *series_statement(query, materialized_through, per_model=per_model, ranked=ranked,
-                                              totals=ranked))
+        Statement("series" if len(parts) == 1 else f"series {i + 1}/{len(parts)}",
+                  *series_statement(part, materialized_through, per_model=per_model, ranked=ranked, totals=ranked))
+        for i, part in enumerate(parts)
     ]  # fmt: skip
     if history:
         earlier = dataclasses.replace(query, start=history[0], end=grid[0])
@@ -268,7 +275,7 @@ async def check_answer(run: Run, shape: Shape, token: str, floor: Floor) -> dict
     report = payload["data"]["reliability"]
     connections = [await asyncpg.connect(run.dataset.url, server_settings=FLOOR_SESSION) for _ in floor.statements]
     try:
-        rows = await connections[0].fetch(floor.statements[0].sql, *floor.statements[0].args)
+        rows = [r for s in floor.range_series for r in await connections[0].fetch(s.sql, *s.args)]
         rows_all, json_bytes = await floor.once(connections)
     finally:
         for connection in connections:

@@ -30,14 +30,18 @@ def test_floor_runs_the_range_its_history_and_the_breakdown() -> None:
     hour, minute = shapes(NOW)
     watermark = dt.datetime(2026, 11, 30, 8, tzinfo=dt.UTC)
     floor = make_floor("org_0000", hour, watermark)
-    assert [s.label for s in floor.statements] == ["series", "history series", "breakdown"]
-    series, history, breakdown = floor.statements
-    assert series.args[:3] == ("org_0000", hour.start, hour.end)
+    # 720 buckets: the range in two parts read at once, as build_report reads it (reliability.report._parts)
+    assert [s.label for s in floor.statements] == ["series 1/2", "series 2/2", "history series", "breakdown"]
+    assert floor.range_series == floor.statements[:2]
+    first, second, history, breakdown = floor.statements
+    middle = hour.start + dt.timedelta(hours=360)
+    assert (first.args[:3], second.args[:3]) == (("org_0000", hour.start, middle), ("org_0000", middle, hour.end))
     assert history.args[:3] == ("org_0000", hour.start - dt.timedelta(days=7), hour.start)  # 7 seasons of 24 h
     assert breakdown.args[:3] == ("org_0000", hour.start, hour.end) and breakdown.args[-1] == BREAKDOWN_ROWS
     assert breakdown.args[6] == "UTC"  # not bucketed: whole hours from errors_hourly whatever the granularity
-    minute_history = make_floor("org_0000", minute, watermark).statements[1]
-    assert minute_history.args[1:3] == (minute.start - dt.timedelta(minutes=24), minute.start)
+    minute_floor = make_floor("org_0000", minute, watermark)  # 1,440 buckets: in parts too
+    assert [s.label for s in minute_floor.statements] == ["series 1/2", "series 2/2", "history series", "breakdown"]
+    assert minute_floor.statements[2].args[1:3] == (minute.start - dt.timedelta(minutes=24), minute.start)
 
 
 def test_phases_split_wall_time_into_floor_attribution_and_python() -> None:
