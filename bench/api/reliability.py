@@ -107,8 +107,9 @@ class Statement:
 class Floor:
     """The statements ``build_report`` runs before any spike is explained (the range's series, in its parts when
     the range is long; the history's series; the breakdown), run at once on bare asyncpg connections (one each, as
-    build_report does), rows encoded with orjson; then, when given (``then``), the statements that explain the spikes it found, at once
-    too (as build_report sends them, after the first ones: they depend on what those found)."""
+    build_report does), rows encoded with orjson; then, when given (``then``), the statements that explain the
+    spikes it found, at once too (as build_report sends them, after the first ones: they depend on what those
+    found)."""
 
     statements: list[Statement]
     then: list[Statement] = dataclasses.field(default_factory=list)
