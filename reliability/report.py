@@ -18,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import functools
 import itertools
+import math
 import operator
 import zoneinfo
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -63,23 +65,112 @@ SERIES_PARTS = 2
 
 _T = TypeVar("_T")
 Ints = npt.NDArray[np.int64]
+Floats = npt.NDArray[np.float64]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Series:
-    """The buckets of the answer as columns (bucket i is entry i of each), ordered by start, then model."""
+    """The buckets of the answer, ordered by start, then model. Bucket i runs from ``bounds[start_at[i]]`` to
+    ``bounds[end_at[i]]`` for the model ``names[model_at[i]]``, with entry i of each count and rate and row i of
+    ``latency_table`` (the requested percentiles in their order; a row of NaN for a bucket without latencies).
 
-    starts: list[dt.datetime]
-    ends: list[dt.datetime]
-    models: list[str | None]
-    requests: list[int]
-    errors: list[int]
-    client_errors: list[int]
-    error_rates: list[float]  # errors / requests, 0 with no requests (error_rate)
-    latency: list[list[float]]  # the requested percentiles, in their order; [] for a bucket without latencies
+    Arrays are what the report computes and what the JSON writer reads (resolvers/reliability_json.py: no Python
+    value a bucket on that path); the per-bucket lists (``starts`` to ``latency``) are made from them on first use
+    (the executor's path, tests), and two series are equal when their lists are."""
+
+    bounds: Sequence[dt.datetime]
+    start_at: Ints
+    end_at: Ints
+    names: Sequence[str | None]
+    model_at: Ints
+    request_counts: Ints
+    error_counts: Ints
+    client_error_counts: Ints
+    error_rate_values: Floats  # errors / requests, 0 with no requests (error_rate)
+    latency_table: Floats
+
+    @classmethod
+    def of(
+        cls,
+        starts: Sequence[dt.datetime],
+        ends: Sequence[dt.datetime],
+        models: Sequence[str | None],
+        requests: Sequence[int],
+        errors: Sequence[int],
+        client_errors: Sequence[int],
+        latency: Sequence[Sequence[float]],  # a bucket's percentiles, or none: all of one length
+    ) -> Series:
+        """A series from per-bucket values (tests, callers with few buckets)."""
+        bounds = list(dict.fromkeys([*starts, *ends]))
+        names = list(dict.fromkeys(models))
+        width = max(map(len, latency), default=0)
+        if any(len(values) not in (0, width) for values in latency):
+            raise ValueError(f"buckets with latencies must all have {width} values")
+        table = np.full((len(latency), width), math.nan)
+        for row, values in zip(table, latency, strict=True):
+            row[: len(values)] = values
+        return cls(
+            bounds, _codes(starts, bounds), _codes(ends, bounds), names, _codes(models, names),
+            np.array(requests, dtype=np.int64), np.array(errors, dtype=np.int64),
+            np.array(client_errors, dtype=np.int64),
+            np.array([error_rate(e, n) for e, n in zip(errors, requests, strict=True)], dtype=np.float64), table,
+        )  # fmt: skip
 
     def __len__(self) -> int:
-        return len(self.starts)
+        return len(self.start_at)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Series):
+            return NotImplemented
+        return all(getattr(self, name) == getattr(other, name) for name in _LISTS)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    @functools.cached_property
+    def starts(self) -> list[dt.datetime]:
+        return list(map(self.bounds.__getitem__, self.start_at.tolist()))
+
+    @functools.cached_property
+    def ends(self) -> list[dt.datetime]:
+        return list(map(self.bounds.__getitem__, self.end_at.tolist()))
+
+    @functools.cached_property
+    def models(self) -> list[str | None]:
+        return list(map(self.names.__getitem__, self.model_at.tolist()))
+
+    @functools.cached_property
+    def requests(self) -> list[int]:
+        return self.request_counts.tolist()  # type: ignore[no-any-return]
+
+    @functools.cached_property
+    def errors(self) -> list[int]:
+        return self.error_counts.tolist()  # type: ignore[no-any-return]
+
+    @functools.cached_property
+    def client_errors(self) -> list[int]:
+        return self.client_error_counts.tolist()  # type: ignore[no-any-return]
+
+    @functools.cached_property
+    def error_rates(self) -> list[float]:
+        return self.error_rate_values.tolist()  # type: ignore[no-any-return]
+
+    @functools.cached_property
+    def latency(self) -> list[list[float]]:
+        """Each bucket's percentiles in the requested order; [] for a bucket without latencies."""
+        table = self.latency_table
+        rows: list[list[float]] = table.tolist()
+        if table.shape[1] and np.isnan(table[:, 0]).any():
+            rows = [[] if math.isnan(row[0]) else row for row in rows]
+        return rows
+
+
+_LISTS = ("starts", "ends", "models", "requests", "errors", "client_errors", "error_rates", "latency")
+
+
+def _codes(values: Sequence[Any], distinct: Sequence[Any]) -> Ints:
+    """Each value's index in ``distinct`` (which holds every value once)."""
+    index = {value: i for i, value in enumerate(distinct)}
+    return np.fromiter(map(index.__getitem__, values), dtype=np.int64, count=len(values))
 
 
 @dataclass(frozen=True)
@@ -123,9 +214,9 @@ def error_rate(errors: int, requests: int) -> float:
     return errors / requests if requests else 0.0
 
 
-def error_rates(errors: Ints, requests: Ints) -> list[float]:
+def error_rates(errors: Ints, requests: Ints) -> Floats:
     """:func:`error_rate` of each pair (the same floats for counts below 2**53: one correctly rounded division)."""
-    return np.divide(errors, requests, out=np.zeros(len(requests)), where=requests != 0).tolist()  # type: ignore[no-any-return]
+    return np.divide(errors, requests, out=np.zeros(len(requests)), where=requests != 0)
 
 
 Connect = Callable[[], AbstractAsyncContextManager[AsyncConnection]]
@@ -308,8 +399,6 @@ class Grid:
         self.offsets = _offsets(self.starts, self.origin)
         self.off_grid: dict[dt.datetime, int] = {}
         self.granularity, self.zone = granularity, zone
-        # The grid is contiguous: a bucket ends where the next one starts.
-        self._ends = self.starts[1:] + [bucket_end(s, granularity, zone) for s in self.starts[-1:]]
 
     def positions(self, starts: Sequence[dt.datetime]) -> Ints:
         """Each start's position. Rows come ordered by bucket, several a bucket (a model each): each run of equal
@@ -334,11 +423,17 @@ class Grid:
             found[index] = self.off_grid[start]
         return found.astype(np.int64, copy=False)
 
-    def ends(self, positions: list[int]) -> list[dt.datetime]:
-        ends = self._ends
-        for start in self.starts[len(ends) :]:  # starts off the grid, appended by positions
-            ends.append(bucket_end(start, self.granularity, self.zone))
-        return list(map(ends.__getitem__, positions))
+    def bounds(self, positions: Ints) -> tuple[list[dt.datetime], Ints, Ints]:
+        """The starts and ends of the buckets at ``positions``, as the distinct instants and each bucket's indexes
+        into them: the grid's starts, then its end (the grid is contiguous: a bucket ends where the next one
+        starts), then the starts off the grid (appended by :meth:`positions`) and then their ends."""
+        off = self.starts[self.size :]
+        last = [bucket_end(s, self.granularity, self.zone) for s in self.starts[self.size - 1 : self.size]]
+        bounds = [*self.starts[: self.size], *last, *off, *(bucket_end(s, self.granularity, self.zone) for s in off)]
+        if not off:
+            return bounds, positions, positions + 1
+        on = positions < self.size
+        return bounds, np.where(on, positions, positions + 1), np.where(on, positions + 1, positions + 1 + len(off))
 
 
 def _offsets(starts: Sequence[dt.datetime], origin: dt.datetime) -> npt.NDArray[np.float64]:
@@ -386,20 +481,13 @@ def _collect(rows: SeriesColumns, by_model: bool, grid: Grid, models: dict[str |
                      rows.totals)  # fmt: skip
 
 
-def _series(
-    collected: Collected, latency: npt.NDArray[np.float64], grid: Grid, models: dict[str | None, int]
-) -> Series:
-    """The answer's columns (Python values, as the response wants them)."""
-    positions = collected.position.tolist()
-    names = list(models)  # codes are insertion order
-    rows = latency.tolist()
-    if len(rows) and np.isnan(latency[:, 0]).any():
-        rows = [[] if np.isnan(row[0]) else row for row in rows]
+def _series(collected: Collected, latency: Floats, grid: Grid, models: dict[str | None, int]) -> Series:
+    """The answer's columns: bucket bounds as positions on the grid (a bucket ends where the next one starts)."""
+    bounds, start_at, end_at = grid.bounds(collected.position)
     return Series(
-        starts=list(map(grid.starts.__getitem__, positions)), ends=grid.ends(positions),
-        models=list(map(names.__getitem__, collected.model.tolist())), requests=collected.requests.tolist(),
-        errors=collected.errors.tolist(), client_errors=collected.client_errors.tolist(),
-        error_rates=error_rates(collected.errors, collected.requests), latency=rows,
+        bounds=bounds, start_at=start_at, end_at=end_at, names=list(models), model_at=collected.model,
+        request_counts=collected.requests, error_counts=collected.errors, client_error_counts=collected.client_errors,
+        error_rate_values=error_rates(collected.errors, collected.requests), latency_table=latency,
     )  # fmt: skip
 
 

@@ -2,15 +2,16 @@
 
 The executor would project every bucket into a dict and orjson would encode it (schema/execution.py): for a 30-day
 HOUR series per model, thousands of dicts and nested percentile lists. Here each selected field becomes a column of
-JSON fragments in one pass, mostly in C (orjson encodes a whole column of numbers or datetimes and the text is
-split), and a selection is a *piece*: its constant texts with a column between each two. The items are the
-pieces' texts and columns interleaved and joined once (C loops: no per-item formatting). When every bucket has its
-percentiles, their list is part of the piece too (a column per percentile); otherwise each bucket's list is written
-on its own. The text is what the projector and orjson would write for the same selection (same keys in the same
-order, ``OPT_UTC_Z`` datetimes, orjson's floats and integers); the executor splices it in (``RenderedList``) and
-reports denied fields as it would for projected items. A selection this module cannot write exactly (a field it
-does not know, a non-null denied field, a value that is not finite) answers None, and the resolver hands the
-executor the buckets instead.
+JSON fragments in one pass, mostly in C, from the series' arrays (no Python value a bucket: orjson encodes a whole
+column of numbers, or the distinct bucket bounds and percentile values once each, and the text is split; a bucket's
+text is picked by its index), and a selection is a *piece*: its constant texts with a column between each two. The
+items are the pieces' texts and columns interleaved and joined once (C loops: no per-item formatting). When every
+bucket has its percentiles, their list is part of the piece too (a column per percentile); otherwise each bucket's
+list is written on its own. The text is what the projector and orjson would write for the same selection (same keys
+in the same order, ``OPT_UTC_Z`` datetimes, orjson's floats and integers); the executor splices it in
+(``RenderedList``) and reports denied fields as it would for projected items. A selection this module cannot write
+exactly (a field it does not know, a non-null denied field, a value that is not finite) answers None, and the
+resolver hands the executor the buckets instead.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 import orjson
 
-from reliability.report import Series
+from reliability.report import Floats, Ints, Series
 from schema.execution import FieldPlan, ObjectPlan, RenderedList
 from schema.json import OPTIONS
 
@@ -72,16 +74,22 @@ def render_series(plan: ObjectPlan, series: Series, percentiles: Sequence[float]
     """``series`` as the JSON text of ``plan`` (a ``[ReliabilityBucket]`` selection), or None (see the module)."""
     if plan.type_name != "ReliabilityBucket" or not len(series):
         return None
-    instants: dict[dt.datetime, str] = {}  # written once for both columns (a bucket's end is the next's start)
+    bounds: list[str] = []  # each bucket bound's text, written once for both columns (an end is the next's start)
+
+    def instants(at: Ints) -> Column:
+        if not bounds:
+            bounds.extend(_datetimes(series.bounds))
+        return list(map(bounds.__getitem__, at.tolist()))
+
     columns: dict[str, Callable[[FieldPlan], Piece | None]] = {
-        "start": lambda f: _one(f, lambda: _datetimes(series.starts, instants)),
-        "end": lambda f: _one(f, lambda: _datetimes(series.ends, instants)),
-        "model": lambda f: _one(f, lambda: _strings(series.models)),
-        "requests": lambda f: _one(f, lambda: _integers(series.requests)),
-        "errors": lambda f: _one(f, lambda: _integers(series.errors)),
-        "client_errors": lambda f: _one(f, lambda: _integers(series.client_errors)),
-        "error_rate": lambda f: _one(f, lambda: _floats(series.error_rates)),
-        "latency": lambda f: _latency(f, percentiles, series.latency),
+        "start": lambda f: _one(f, lambda: instants(series.start_at)),
+        "end": lambda f: _one(f, lambda: instants(series.end_at)),
+        "model": lambda f: _one(f, lambda: _coded(series.names, series.model_at)),
+        "requests": lambda f: _one(f, lambda: _integers(series.request_counts)),
+        "errors": lambda f: _one(f, lambda: _integers(series.error_counts)),
+        "client_errors": lambda f: _one(f, lambda: _integers(series.client_error_counts)),
+        "error_rate": lambda f: _one(f, lambda: _floats(series.error_rate_values.tolist())),
+        "latency": lambda f: _latency(f, percentiles, series.latency_table),
     }
     piece = _object(plan, columns)
     return None if piece is None else RenderedList(piece.joined(len(series)), plan.signature)
@@ -119,41 +127,44 @@ def _one(field: FieldPlan, make: Callable[[], Column | None]) -> Piece | None:
 _TZINFO = operator.attrgetter("tzinfo")
 
 
-def _datetimes(values: Sequence[dt.datetime], written: dict[dt.datetime, str]) -> Column:
-    """Each as orjson writes the DateTime scalar's value (the instant in UTC, with "Z"); distinct ones once, and
-    only those not in ``written`` (which gets them)."""
-    new = [v for v in dict.fromkeys(values) if v not in written]
-    utc = new  # schema.scalars.serialize_datetime
-    if not all(map(operator.is_, map(_TZINFO, new), itertools.repeat(dt.UTC))):
-        utc = [v if v.tzinfo is dt.UTC else v.astimezone(dt.UTC) for v in new]
-    written.update(zip(new, _split(orjson.dumps(utc, option=OPTIONS)), strict=True))
-    return list(map(written.__getitem__, values))
+def _datetimes(values: Sequence[dt.datetime]) -> Column:
+    """Each as orjson writes the DateTime scalar's value (the instant in UTC, with "Z")."""
+    utc = values  # schema.scalars.serialize_datetime
+    if not all(map(operator.is_, map(_TZINFO, values), itertools.repeat(dt.UTC))):
+        utc = [v if v.tzinfo is dt.UTC else v.astimezone(dt.UTC) for v in values]
+    return _split(orjson.dumps(utc if isinstance(utc, list) else list(utc), option=OPTIONS))
 
 
-def _strings(values: Sequence[str | None]) -> Column:
-    distinct = list(dict.fromkeys(values))
-    text = {v: orjson.dumps(v).decode() for v in distinct}
-    return list(map(text.__getitem__, values))
+def _coded(names: Sequence[str | None], codes: Ints) -> Column:
+    """``names[code]`` of each code, as JSON strings (each name written once)."""
+    texts = [orjson.dumps(name).decode() for name in names]
+    return list(map(texts.__getitem__, codes.tolist()))
 
 
-def _integers(values: Sequence[int]) -> Column:
-    return _split(orjson.dumps(values if isinstance(values, list) else list(values)))
+def _integers(values: Ints) -> Column:
+    return _split(orjson.dumps(values.tolist()))
 
 
-def _floats(values: Sequence[float], repeated: bool = False) -> Column | None:
-    """orjson's text of each float; None if one is not finite (the Float scalar refuses it: the executor's case).
-    ``repeated``: most values recur (a sketch reports one of a few hundred), so distinct ones are written once
-    (found by numpy's unique, where -0.0 equals 0.0: a list with a -0.0, which is written "-0.0", is written value
-    by value)."""
-    if repeated and len(values):
-        array = np.array(values, dtype=np.float64)
-        zero = array == 0
-        if not (zero.any() and np.signbit(array[zero]).any()):
-            distinct, inverse = np.unique(array, return_inverse=True)
-            text = orjson.dumps(distinct.tolist())
-            return None if b"null" in text else np.array(_split(text), dtype=object)[inverse].tolist()
-    text = orjson.dumps(values if isinstance(values, list) else list(values))
+def _floats(values: list[float]) -> Column | None:
+    """orjson's text of each float; None if one is not finite (the Float scalar refuses it: the executor's case)."""
+    text = orjson.dumps(values)
     return None if b"null" in text else _split(text)
+
+
+def _repeated_floats(values: Floats) -> npt.NDArray[np.object_] | None:
+    """:func:`_floats` of an array whose values mostly recur (a sketch reports one of a few hundred), in its shape:
+    distinct values are written once (found by numpy's unique, where -0.0 equals 0.0: an array with a -0.0, which
+    is written "-0.0", is written value by value)."""
+    flat = values.ravel()
+    zero = flat == 0
+    if zero.any() and np.signbit(flat[zero]).any():
+        texts = _floats(flat.tolist())
+        return None if texts is None else np.array(texts, dtype=object).reshape(values.shape)
+    if not len(flat):
+        return np.empty(values.shape, dtype=object)
+    distinct, inverse = np.unique(flat, return_inverse=True)
+    written = _floats(distinct.tolist())
+    return None if written is None else np.array(written, dtype=object)[inverse].reshape(values.shape)
 
 
 def _split(array: bytes) -> Column:
@@ -161,33 +172,29 @@ def _split(array: bytes) -> Column:
     return array.decode()[1:-1].split(",") if len(array) > 2 else []
 
 
-def _latency(field: FieldPlan, percentiles: Sequence[float], lists: Sequence[list[float]]) -> Piece | None:
-    """The buckets' ``[LatencyPercentile!]``: each bucket's values paired with the requested percentiles in order
-    (as ``resolvers.reliability`` pairs them). The list of n values is a piece with a hole per selected ``ms`` of
-    each item: when every bucket has n values, it is the whole column's piece (a column of the j-th values for each
-    hole of item j); else each bucket's list is written with its size's piece, as one column."""
+def _latency(field: FieldPlan, percentiles: Sequence[float], table: Floats) -> Piece | None:
+    """The buckets' ``[LatencyPercentile!]``: each bucket's row of ``table`` (a row of NaN: an empty list) paired with
+    the requested percentiles in order (as ``resolvers.reliability`` pairs them). A list of n values is a piece with
+    a hole per selected ``ms`` of each item: when every bucket has its values, it is the whole column's piece (a
+    column of the j-th values for each hole of item j); else each bucket's list is written on its own, as one
+    column."""
     plan = field.nested
     if plan is None or not field.object_list or plan.type_name != "LatencyPercentile":
         return None
-    texts = _floats(list(itertools.chain.from_iterable(lists)), repeated=True)
-    sizes = set(map(len, lists))
-    if texts is None or max(sizes) > len(percentiles):
+    count, width = table.shape
+    made = _latency_list(plan, percentiles[:width]) if width <= len(percentiles) else None
+    if made is None:
         return None
-    pieces: dict[int, tuple[Piece, list[int]]] = {}
-    for size in sizes:
-        made = _latency_list(plan, percentiles[:size])
-        if made is None:
-            return None
-        pieces[size] = made
-    if len(sizes) == 1:  # every bucket has n values
-        [(size, (piece, value_of))] = pieces.items()
-        return Piece(piece.texts, [texts[j::size] for j in value_of])
-    out: Column = []  # each bucket's list, written with its size's piece
-    at = 0
-    for values in lists:
-        piece, value_of = pieces[len(values)]
-        out.append(piece.filled([texts[at + j] for j in value_of]))
-        at += len(values)
+    piece, value_of = made
+    present = ~np.isnan(table[:, 0]) if width else np.zeros(count, dtype=bool)
+    texts = _repeated_floats(table[present])
+    if texts is None:
+        return None
+    if present.all():
+        return Piece(piece.texts, [texts[:, j].tolist() for j in value_of])
+    out: Column = ["[]"] * count  # a bucket without latencies: no items
+    for at, values in zip(np.flatnonzero(present).tolist(), texts.tolist(), strict=True):
+        out[at] = piece.filled([values[j] for j in value_of])
     return Piece(["", ""], [out])
 
 

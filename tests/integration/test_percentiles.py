@@ -21,14 +21,15 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from db.sketch import GAMMA, MIN_VALUE_MS, RANKED_PERCENTILES, index_sql, packed_agg_sql
+from db.sketch import GAMMA, MIN_VALUE_MS, RANKED_PERCENTILES, index_sql, packed_agg_sql, ranks_wire_sql
 from reliability.sketch import Batch, exact_percentile, merged, parse, quantiles
 
 PERCENTILES = (0.001, 0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999)
 
 SKETCHES = f"""
 SELECT hour, jsonb_object_agg(idx::text, n)::text AS sketch, sketch_pack(jsonb_object_agg(idx::text, n)) AS packed,
-       {packed_agg_sql("idx", "n")} AS raw_packed, array_send(sketch_rank_indexes(jsonb_object_agg(idx::text, n))) AS ranks
+       {packed_agg_sql("idx", "n")} AS raw_packed,
+       {ranks_wire_sql("sketch_rank_indexes(jsonb_object_agg(idx::text, n))")} AS ranks
 FROM (
     SELECT hour, {index_sql("v")} AS idx, count(*) AS n
     FROM unnest($1::double precision[], $2::int[]) AS t(v, hour) GROUP BY 1, 2

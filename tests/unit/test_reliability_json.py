@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import zoneinfo
 
 import numpy as np
 import orjson
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reliability.report import Series, error_rate, error_rates
-from resolvers.reliability_json import _floats, render_series
+from resolvers.reliability_json import _repeated_floats, render_series
 from schema.execution import FieldPlan, ObjectPlan
 from schema.json import dumps
 from schema.scalars import serialize_datetime
@@ -87,11 +89,10 @@ def series_of(draw: st.DrawFn) -> Series:
     latency = draw(st.lists(st.one_of(st.just([]), st.lists(floats, min_size=3, max_size=3)), min_size=size,
                             max_size=size))  # fmt: skip
     errors = [draw(st.integers(0, n)) for n in requests]
-    return Series(
+    return Series.of(
         starts=draw(st.lists(instants, min_size=size, max_size=size)),
         ends=draw(st.lists(instants, min_size=size, max_size=size)), models=models, requests=requests,
-        errors=errors, client_errors=[draw(st.integers(0, n)) for n in requests],
-        error_rates=[error_rate(e, n) for e, n in zip(errors, requests, strict=True)], latency=latency,
+        errors=errors, client_errors=[draw(st.integers(0, n)) for n in requests], latency=latency,
     )  # fmt: skip
 
 
@@ -114,20 +115,20 @@ def test_any_subset_order_and_aliases_with_typenames_are_written_alike(
 
 
 def test_a_denied_field_is_null_and_a_non_null_denied_field_is_the_executors() -> None:
-    series = Series([dt.datetime(2026, 1, 1, tzinfo=dt.UTC)], [dt.datetime(2026, 1, 1, 1, tzinfo=dt.UTC)], ["m"],
-                    [10], [1], [2], [0.1], [[1.5, 2.5, 3.5]])  # fmt: skip
+    series = Series.of([dt.datetime(2026, 1, 1, tzinfo=dt.UTC)], [dt.datetime(2026, 1, 1, 1, tzinfo=dt.UTC)], ["m"],
+                       [10], [1], [2], [[1.5, 2.5, 3.5]])  # fmt: skip
     denied = bucket_plan(FieldPlan("model", "model", denied=True), FieldPlan("requests", "requests"))
     assert rendered(denied, series, PERCENTILES) == b'[{"model":null,"requests":10}]'
     assert rendered(bucket_plan(FieldPlan("requests", "requests", denied=True, non_null=True)), series, []) is None
 
 
 def test_what_it_cannot_write_exactly_is_left_to_the_executor() -> None:
-    series = Series([dt.datetime(2026, 1, 1, tzinfo=dt.UTC)], [dt.datetime(2026, 1, 1, 1, tzinfo=dt.UTC)], [None],
-                    [10], [1], [2], [0.1], [[math.inf, 1.0, 2.0]])  # fmt: skip
+    series = Series.of([dt.datetime(2026, 1, 1, tzinfo=dt.UTC)], [dt.datetime(2026, 1, 1, 1, tzinfo=dt.UTC)], [None],
+                       [10], [1], [2], [[math.inf, 1.0, 2.0]])  # fmt: skip
     assert rendered(FULL, series, PERCENTILES) is None  # not finite: the Float scalar's error
     assert rendered(bucket_plan(FieldPlan("unknown", "unknown")), series, PERCENTILES) is None
     assert rendered(ObjectPlan("UsageBucket", FULL.fields), series, PERCENTILES) is None
-    assert render_series(FULL, Series([], [], [], [], [], [], [], []), PERCENTILES) is None
+    assert render_series(FULL, Series.of([], [], [], [], [], [], []), PERCENTILES) is None
     assert orjson.loads(rendered(bucket_plan(FieldPlan("m", "model")), series, PERCENTILES) or b"") == [{"m": None}]
 
 
@@ -161,7 +162,7 @@ def test_every_latency_selection_is_written_alike(series: Series, nested: Object
 def test_the_reports_error_rates_are_error_rate_of_each_bucket(pairs: list[tuple[int, int]]) -> None:
     errors = np.array([e for e, _ in pairs], dtype=np.int64)
     requests = np.array([n for _, n in pairs], dtype=np.int64)
-    rates = error_rates(errors, requests)
+    rates = error_rates(errors, requests).tolist()
     assert rates == [error_rate(e, n) for e, n in pairs]
     assert all(type(r) is float for r in rates)
 
@@ -169,10 +170,35 @@ def test_the_reports_error_rates_are_error_rate_of_each_bucket(pairs: list[tuple
 def test_repeated_floats_are_written_once_each_zero_with_its_sign() -> None:
     """Distinct percentile values are written once (numpy's unique, where -0.0 equals 0.0): a -0.0 among them is
     still written "-0.0", and a value that is not finite still leaves the list to the executor."""
-    assert _floats([1.5, 0.0, 1.5, 2.0, 0.0], repeated=True) == ["1.5", "0.0", "1.5", "2.0", "0.0"]
-    assert _floats([1.5, 0.0, 1.5, -0.0, 2.0], repeated=True) == ["1.5", "0.0", "1.5", "-0.0", "2.0"]
+
+    def texts(values: list[float]) -> list[str] | None:
+        written = _repeated_floats(np.array(values, dtype=np.float64))
+        return None if written is None else written.tolist()
+
+    assert texts([1.5, 0.0, 1.5, 2.0, 0.0]) == ["1.5", "0.0", "1.5", "2.0", "0.0"]
+    assert texts([1.5, 0.0, 1.5, -0.0, 2.0]) == ["1.5", "0.0", "1.5", "-0.0", "2.0"]
     extremes = [5e-324, 1e300, 5e-324, 1e16, 1e300]
-    assert _floats(extremes, repeated=True) == [orjson.dumps(v).decode() for v in extremes]
-    assert _floats([1.0, math.nan, 1.0], repeated=True) is None
-    assert _floats([1.0, -math.inf], repeated=True) is None
-    assert _floats([], repeated=True) == []
+    assert texts(extremes) == [orjson.dumps(v).decode() for v in extremes]
+    assert texts([1.0, math.nan, 1.0]) is None
+    assert texts([1.0, -math.inf]) is None
+    assert texts([]) == []
+    assert _repeated_floats(np.array([[2.0, 1.0], [1.0, 2.0]])).tolist() == [["2.0", "1.0"], ["1.0", "2.0"]]  # type: ignore[union-attr]
+
+
+def test_a_series_is_its_lists() -> None:
+    """A series is its arrays; its per-bucket lists (the executor's path) are made from them, and equality is theirs."""
+    start, end = dt.datetime(2026, 1, 1, tzinfo=dt.UTC), dt.datetime(2026, 1, 1, 1, tzinfo=dt.UTC)
+    berlin = end.astimezone(zoneinfo.ZoneInfo("Europe/Berlin"))  # the same instant
+    series = Series.of([start, start, end], [end, end, berlin], ["a", None, "a"], [4, 0, 2**63 - 1], [1, 0, 3],
+                       [2, 0, 0], [[1.0, 2.0], [], [3.0, 4.0]])  # fmt: skip
+    assert len(series) == 3 and series.bounds == [start, end]
+    assert (series.starts, series.ends) == ([start, start, end], [end, end, end])
+    assert series.models == ["a", None, "a"] and series.requests == [4, 0, 2**63 - 1]
+    assert series.error_rates == [0.25, 0.0, error_rate(3, 2**63 - 1)]
+    assert series.latency == [[1.0, 2.0], [], [3.0, 4.0]]
+    assert series == Series.of(series.starts, series.ends, series.models, series.requests, series.errors,
+                               series.client_errors, series.latency)  # fmt: skip
+    assert series != Series.of([start], [end], ["a"], [4], [1], [2], [[1.0, 2.0]])
+    assert Series.of([start], [end], [None], [1], [0], [0], [[]]).latency == [[]]
+    with pytest.raises(ValueError, match="must all have 2 values"):
+        Series.of([start, start], [end, end], ["a", "b"], [1, 1], [0, 0], [0, 0], [[1.0, 2.0], [1.0]])

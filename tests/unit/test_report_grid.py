@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import zoneinfo
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -49,8 +50,11 @@ def test_positions_are_those_of_a_dict_of_starts_and_off_grid_starts_come_after(
         expected_index.setdefault(stray, len(expected_index))
     assert grid.positions(rows).tolist() == [expected_index[row] for row in rows]
     assert grid.starts == list(expected_index)  # the strays appended once, in order
-    positions = list(range(len(grid.starts)))
-    assert grid.ends(positions) == [bucket_end(s, granularity, zone) for s in grid.starts]
+    positions = np.array([*range(len(grid.starts))] * 2, dtype=np.int64)  # each twice (a bucket per model)
+    bounds, start_at, end_at = grid.bounds(positions)
+    assert [bounds[i] for i in start_at.tolist()] == grid.starts * 2
+    assert [bounds[i] for i in end_at.tolist()] == [bucket_end(s, granularity, zone) for s in grid.starts] * 2
+    assert len(bounds) == len(grid.starts) + 1 + len(grid.off_grid)  # the grid's starts and end, each stray's two
 
 
 def test_positions_of_no_rows_and_of_one() -> None:
