@@ -358,28 +358,38 @@ def _parts(query: UsageQuery, grid: Sequence[dt.datetime]) -> list[UsageQuery]:
     return [dataclasses.replace(query, start=a, end=b) for a, b in itertools.pairwise(bounds)]
 
 
+FIXED_STEPS = {"MINUTE": dt.timedelta(minutes=1), "HOUR": dt.timedelta(hours=1)}  # (bucket_end's)
+
+
 def _grid(query: UsageQuery, zone: zoneinfo.ZoneInfo) -> list[dt.datetime]:
     """Bucket starts from the one holding ``query.start`` to the last before ``query.end``."""
     assert query.granularity is not None
-    starts = [bucket_start(query.start, query.granularity, zone)]
+    first = bucket_start(query.start, query.granularity, zone)
+    step = FIXED_STEPS.get(query.granularity)
+    if step is not None:  # a fixed step, as ``bucket_end`` has it: the count is known, the starts added in a C loop
+        count = max(1, -((first - query.end) // step))  # ceil((end - first) / step), and the first in any case
+        return list(itertools.accumulate(itertools.repeat(step, count - 1), operator.add, initial=first))
+    starts = [first]
     while (following := bucket_end(starts[-1], query.granularity, zone)) < query.end:
         starts.append(following)
     return starts
 
 
-FIXED_STEPS = {"MINUTE": dt.timedelta(minutes=1), "HOUR": dt.timedelta(hours=1)}  # (bucket_end's)
-
-
 def _history(first: dt.datetime, granularity: str, zone: zoneinfo.ZoneInfo, count: int) -> list[dt.datetime]:
-    """Up to ``count`` bucket starts before ``first``, oldest first."""
+    """Up to ``count`` bucket starts before ``first``, oldest first (none that starts within 32 days of EARLIEST)."""
     step = FIXED_STEPS.get(granularity)
+    limit = EARLIEST + dt.timedelta(days=32)
+    if step is not None:  # a fixed step, as ``bucket_end`` has it (and so the grid's): the starts in a C loop
+        count = min(count, (first - limit) // step)
+        if count <= 0:
+            return []
+        return list(itertools.accumulate(itertools.repeat(step, count - 1), operator.add, initial=first - count * step))
     starts: list[dt.datetime] = []
     current = first
     for _ in range(count):
-        if current - dt.timedelta(days=32) < EARLIEST:
+        current = bucket_start(current - dt.timedelta(microseconds=1), granularity, zone)
+        if current < limit:
             break
-        # A MINUTE or HOUR bucket is a fixed step long, as ``bucket_end`` has it (and so the grid's).
-        current = current - step if step else bucket_start(current - dt.timedelta(microseconds=1), granularity, zone)
         starts.append(current)
     return starts[::-1]
 

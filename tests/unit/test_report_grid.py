@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from db.usage import bucket_end, bucket_start
-from reliability.report import Grid, _history
+from db.usage import UsageQuery, bucket_end, bucket_start
+from reliability.report import EARLIEST, Grid, _grid, _history
 
 UTC = zoneinfo.ZoneInfo("UTC")
 ZONES = [UTC, zoneinfo.ZoneInfo("Asia/Kolkata"), zoneinfo.ZoneInfo("America/New_York"),
@@ -71,3 +71,33 @@ def test_history_steps_back_bucket_by_bucket(granularity: str, zone: zoneinfo.Zo
     assert len(history) == 200
     # Each bucket ends where the next starts, the last where the range's first starts: the grid is contiguous.
     assert [bucket_end(s, granularity, zone) for s in history] == [*history[1:], first]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    granularity=st.sampled_from(["MINUTE", "HOUR", "DAY", "MONTH"]),
+    zone=st.sampled_from(ZONES),
+    start=st.datetimes(min_value=dt.datetime(2000, 1, 1), max_value=dt.datetime(2100, 1, 1)),
+    seconds=st.integers(1, 40 * 86400),
+)
+def test_the_grid_is_bucket_end_stepped_from_the_first_start(
+    granularity: str, zone: zoneinfo.ZoneInfo, start: dt.datetime, seconds: int
+) -> None:
+    """Fixed steps (MINUTE, HOUR) are added in a C loop: the same starts as stepping with bucket_end, which DAY and
+    MONTH still do (whatever the zone: half-hour offsets, DST)."""
+    begin = start.replace(tzinfo=dt.UTC)
+    query = UsageQuery(org_id="o", start=begin, end=begin + dt.timedelta(seconds=seconds), granularity=granularity,
+                       time_zone=str(zone))  # fmt: skip
+    expected = [bucket_start(begin, granularity, zone)]
+    while (following := bucket_end(expected[-1], granularity, zone)) < query.end:
+        expected.append(following)
+    assert _grid(query, zone) == expected
+
+
+@pytest.mark.parametrize("granularity", ["MINUTE", "HOUR", "DAY", "MONTH"])
+def test_history_stops_32_days_after_the_earliest_instant(granularity: str) -> None:
+    first = bucket_start(EARLIEST + dt.timedelta(days=100), granularity, UTC)
+    history = _history(first, granularity, UTC, 100_000)
+    assert history and history[0] >= EARLIEST + dt.timedelta(days=32)
+    assert bucket_start(history[0] - dt.timedelta(microseconds=1), granularity, UTC) < EARLIEST + dt.timedelta(days=32)
+    assert _history(EARLIEST + dt.timedelta(days=10), granularity, UTC, 5) == []
