@@ -143,16 +143,29 @@ def detect_all(
     found = (
         _error_rate(columns, counts, evaluate_from, season) if Metric.ERROR_RATE in metrics else [[] for _ in columns]
     )
-    for metric, min_requests, k in ((Metric.LATENCY_P95, MIN_REQUESTS_P95, K_LATENCY),
-                                    (Metric.LATENCY_P99, MIN_REQUESTS_P99, K_LATENCY_P99)):  # fmt: skip
-        if metric not in metrics or not columns:
-            continue
-        values = [c.p95_ms if metric == Metric.LATENCY_P95 else c.p99_ms for c in columns]
-        logs = _logs(counts, np.array(values, dtype=np.float64).reshape(counts.shape), min_requests)  # (None: NaN)
-        candidates = _latency_candidates(logs, counts, evaluate_from, season)
-        for index, (row, kept) in enumerate(zip(logs.tolist(), candidates, strict=True)):
-            found[index] += _latency_spikes(row, kept, season, metric, k)
+    chosen = [each for each in _LATENCY if each[0] in metrics] if columns else []
+    if not chosen:
+        return found
+    # Every chosen metric's series as rows of one matrix (p95 rows, then p99 rows): the screens run once for all.
+    values = np.concatenate([
+        np.array([c.p95_ms if metric == Metric.LATENCY_P95 else c.p99_ms for c in columns],
+                 dtype=np.float64).reshape(counts.shape)  # (None: NaN)
+        for metric, _, _ in chosen
+    ])  # fmt: skip
+    stacked = np.tile(counts, (len(chosen), 1))
+    minimum = np.repeat([min_requests for _, min_requests, _ in chosen], len(columns))[:, None]
+    logs = _logs(stacked, values, minimum)
+    candidates = _latency_candidates(logs, stacked, evaluate_from, season)
+    rows = logs.tolist()
+    for j, (metric, _, k) in enumerate(chosen):
+        for index in range(len(columns)):
+            at = j * len(columns) + index
+            found[index] += _latency_spikes(rows[at], candidates[at], season, metric, k)
     return found
+
+
+# The latency metrics: the requests a bucket needs for its value to count, and the robust z a spike must reach.
+_LATENCY = ((Metric.LATENCY_P95, MIN_REQUESTS_P95, K_LATENCY), (Metric.LATENCY_P99, MIN_REQUESTS_P99, K_LATENCY_P99))
 
 
 # --- error rate ----------------------------------------------------------------------------------------------------
@@ -556,8 +569,9 @@ def _runs(indexes: Iterator[int]) -> list[tuple[int, int]]:
 # --- latency percentiles -------------------------------------------------------------------------------------------
 
 
-def _logs(counts: IntMatrix, values: FloatMatrix, min_requests: int) -> FloatMatrix:
-    """Each bucket's log latency (a row a series), NaN where it has fewer than ``min_requests`` requests or no value.
+def _logs(counts: IntMatrix, values: FloatMatrix, min_requests: int | IntMatrix) -> FloatMatrix:
+    """Each bucket's log latency (a row a series), NaN where it has fewer than ``min_requests`` requests (one number,
+    or a column: one a row) or no value.
     In Python's own arithmetic (numpy's SIMD log may differ in the last bit); every later step is exact IEEE
     arithmetic (subtract, divide, sqrt, compare, sort), the same in numpy as in Python. (The buckets are chosen in
     numpy, and the logs of the distinct values taken in a C loop.)"""
