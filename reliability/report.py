@@ -417,7 +417,7 @@ class Grid:
             return self._looked_up(starts)
         same = np.fromiter(map(operator.eq, starts[1:], starts[:-1]), dtype=bool, count=len(starts) - 1)
         firsts = np.flatnonzero(np.concatenate(([True], ~same)))
-        found = self._looked_up([starts[i] for i in firsts.tolist()])
+        found = self._looked_up(list(map(starts.__getitem__, firsts.tolist())))
         return np.repeat(found, np.diff(np.append(firsts, len(starts))))
 
     def _looked_up(self, starts: Sequence[dt.datetime]) -> Ints:

@@ -174,13 +174,17 @@ class Batch:
             raise ValueError(f"{len(packed)} sketches but {len(group_of)} group ids")
         self.groups = groups
         self._ranked = _Ranked.of(packed, ranks, group_of)
-        sketches = cast(Sequence[bytes], packed) if self._ranked is None else [p or b"" for p in packed]
+        group_of = np.asarray(group_of, dtype=np.int64)
+        sketches = cast(Sequence[bytes], packed)
+        if self._ranked is not None:  # the other rows' sketches (a ranked row has none; an empty sketch may be null)
+            others = ~self._ranked.rows
+            sketches, group_of = [p or b"" for p in itertools.compress(packed, others)], group_of[others]
         blob = b"".join(sketches)
         if len(blob) % PACKED.itemsize:
             raise ValueError(f"packed sketches of {len(blob)} bytes: not whole {PACKED.itemsize}-byte entries")
         entries = np.frombuffer(blob, dtype=PACKED)
-        self._sizes: Ints = np.fromiter(map(len, sketches), dtype=np.int64, count=len(packed)) // PACKED.itemsize
-        self._group_of: Ints = np.asarray(group_of, dtype=np.int64)
+        self._sizes: Ints = np.fromiter(map(len, sketches), dtype=np.int64, count=len(sketches)) // PACKED.itemsize
+        self._group_of: Ints = group_of  # of each sketch
         # Native-endian copies (the packed layout is big-endian), one pass each; the batch's own, so a sketch's
         # entries may be put in order in place (no method depends on the order of entries)
         self.index: Ints = entries["index"].astype(np.int64)
@@ -245,8 +249,10 @@ class Batch:
 
 
 class _Ranked(NamedTuple):
-    """A batch's ranked rows: their groups, and their RANKED_PERCENTILES bucket indexes (a row each)."""
+    """A batch's ranked rows: which rows they are, their groups, and their RANKED_PERCENTILES bucket indexes (a row
+    each)."""
 
+    rows: npt.NDArray[np.bool_]
     groups: Ints
     indexes: Ints
 
@@ -269,7 +275,7 @@ class _Ranked(NamedTuple):
         ranked = groups[has]
         if bool((np.bincount(groups)[ranked] != 1).any()):
             raise ValueError("a ranked row shares its group with another row (its percentiles cannot be merged)")
-        return cls(ranked, unpack_ranks(cast(Iterable[bytes], itertools.compress(ranks, has)), count))
+        return cls(has, ranked, unpack_ranks(cast(Iterable[bytes], itertools.compress(ranks, has)), count))
 
     def fill(self, out: npt.NDArray[np.float64], qs: Sequence[float]) -> None:
         """The ranked groups' rows of a quantile table."""
