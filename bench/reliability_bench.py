@@ -18,6 +18,8 @@ Scenarios (one run, so ratios hold; each window is preceded by a warm-up):
        (with their top contributors) and breakdown selected: 1 client (wrk -c1) vs the floor
     m  the same with MINUTE over the last 24 h, one overall series (``groupByModel: false``: per model, this
        selection's estimated cost is over the gateway's budget and the query is refused as QUERY_TOO_COMPLEX)
+    o  the same as h over the last hour only (the range's statements, the history and the breakdown still run): what
+       an answer costs whatever its size, against its own floor (not a target; run it with --only o)
     d  where the time goes: ``build_report`` in this process (each statement's start and end from asyncpg's
        query logger: until the floor's statements end, the Python work until the spike attribution statements
        start, their span, what follows), and PostgreSQL's own time of each floor statement (EXPLAIN ANALYZE,
@@ -152,7 +154,7 @@ async def main_async(args: argparse.Namespace) -> int:
 async def run_scenarios(run: Run, only: set[str]) -> None:
     token = token_for(run.secret, run.dataset.largest_org)
     hour, minute = scenarios.shapes(dt.datetime.now(dt.UTC))
-    for key, shape in (("h", hour), ("m", minute)):
+    for key, shape in (("h", hour), ("m", minute), ("o", scenarios.last_hour(hour))):
         if key in only:
             run.results["single"][shape.key] = await scenarios.scenario_single(run, shape, token)
             run.save()

@@ -96,6 +96,12 @@ def shapes(now: dt.datetime) -> list[Shape]:
     ]
 
 
+def last_hour(hour: Shape) -> Shape:
+    """``hour`` over its last hour only: the statements, the history before it and the breakdown still run, over a
+    few rows (what an answer costs whatever its size)."""
+    return dataclasses.replace(hour, key="hour_1h", start=hour.end - dt.timedelta(hours=1))
+
+
 @dataclasses.dataclass
 class Statement:
     label: str

@@ -6,7 +6,7 @@ import datetime as dt
 
 from bench.api.incident import reusable
 from bench.api.profile import area_of
-from bench.api.reliability import AREAS, COMPOSITIONS_START, make_floor, phases, shapes
+from bench.api.reliability import AREAS, COMPOSITIONS_START, last_hour, make_floor, phases, shapes
 from bench.reliability_bench import summarize
 from db.reliability import compositions_statement
 from db.usage import UsageQuery
@@ -24,6 +24,15 @@ def test_shapes_are_whole_hours_and_minutes() -> None:
         dt.timedelta(hours=24), dt.datetime(2026, 11, 30, 8, 22, tzinfo=dt.UTC), False
     )  # fmt: skip
     assert hour.variables("org_0000")["groupByModel"] is True
+
+
+def test_the_last_hour_is_the_hour_shape_cut_to_its_last_hour() -> None:
+    hour, _ = shapes(NOW)
+    short = last_hour(hour)
+    assert (short.key, short.start, short.end, short.by_model) == ("hour_1h", hour.end - dt.timedelta(hours=1),
+                                                                    hour.end, True)  # fmt: skip
+    floor = make_floor("org_0000", short, dt.datetime(2026, 11, 30, 8, tzinfo=dt.UTC))
+    assert [s.label for s in floor.statements] == ["series", "history series", "breakdown"]  # one bucket: no parts
 
 
 def test_floor_runs_the_range_its_history_and_the_breakdown() -> None:
