@@ -140,6 +140,16 @@ def detect_all(
     passes over all of them; only ``metrics`` (the metrics are independent: a caller may ask for them in turns)."""
     columns = [s if isinstance(s, Columns) else Columns.of(s) for s in series]
     counts = _matrix([c.requests for c in columns])  # the series' requests as rows, for every screen
+    # A series without a request from ``evaluate_from`` on has no bucket that could be a spike (an error needs a
+    # request, a percentile its minimum count): the screens run over the others only (a quiet model, a range of
+    # minutes with no traffic yet).
+    active = np.flatnonzero(counts[:, max(evaluate_from, 0) :].any(axis=1)).tolist() if len(columns) else []
+    if len(active) < len(columns):
+        found: list[list[Detection]] = [[] for _ in columns]
+        for index, detections in zip(active, detect_all([columns[i] for i in active], evaluate_from, season,
+                                                        metrics), strict=True):  # fmt: skip
+            found[index] = detections
+        return found
     found = (
         _error_rate(columns, counts, evaluate_from, season) if Metric.ERROR_RATE in metrics else [[] for _ in columns]
     )

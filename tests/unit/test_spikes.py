@@ -500,3 +500,15 @@ def test_the_vectorised_tail_test_answers_as_the_scalar_one(
 def test_no_series_finds_nothing() -> None:
     assert detect_all([], HISTORY, DAY) == []
     assert detect([], 0, None) == []
+
+
+def test_series_quiet_in_the_range_are_left_out_and_the_others_find_what_they_would_alone() -> None:
+    """A model with traffic in the history but none from ``evaluate_from`` on has no bucket that could be a spike:
+    it finds nothing, without its screens; beside it, the other series find what they find on their own."""
+    busy = with_errors(steady(5, volume=2000, days=9), range(HISTORY + 20, HISTORY + 23), factor=10)
+    quiet = steady(6, volume=2000, days=9)[:HISTORY] + [Point(0, 0, None, None)] * (2 * DAY)
+    alone = detect_all([busy], HISTORY, DAY)
+    assert [(d.first, d.last) for d in errors_only(alone[0])] == [(HISTORY + 20, HISTORY + 22)]
+    assert detect_all([quiet, busy, quiet], HISTORY, DAY) == [[], alone[0], []]
+    assert detect_all([quiet, quiet], HISTORY, DAY) == [[], []]
+    assert detect(quiet, HISTORY, DAY) == []  # the one-series path agrees
