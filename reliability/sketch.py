@@ -173,8 +173,8 @@ class Batch:
         if len(packed) != len(group_of):
             raise ValueError(f"{len(packed)} sketches but {len(group_of)} group ids")
         self.groups = groups
-        self._ranked = _Ranked.of(packed, ranks, group_of)
         group_of = np.asarray(group_of, dtype=np.int64)
+        self._ranked = _Ranked.of(packed, ranks, group_of)
         sketches = cast(Sequence[bytes], packed)
         if self._ranked is not None:  # the other rows' sketches (a ranked row has none; an empty sketch may be null)
             others = ~self._ranked.rows

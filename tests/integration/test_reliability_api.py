@@ -387,6 +387,44 @@ async def test_hostile_arguments_get_clear_errors_never_internal(
     assert await code_of(base, bearer=expired) == "UNAUTHENTICATED"
 
 
+async def test_tiny_quiet_and_off_grid_ranges_answer_exactly(
+    client: httpx.AsyncClient, make_token: TokenFactory, world: World
+) -> None:
+    """Attack on the grid and detection paths: a range of one microsecond, a range off the hour, a range in the
+    future (history with traffic, none in the range: detection leaves the quiet models out), an org id with a
+    trailing newline. Each answers its buckets exactly (or BAD_USER_INPUT for the id), never INTERNAL."""
+    org = world.incident
+    token = make_token("engineer", org=org.org_id)
+    hour = floor_hour(world.now) - 2 * HOUR
+    seven = hour + dt.timedelta(minutes=7)
+    instant = (seven, seven + dt.timedelta(microseconds=1))
+    for start, end, granularity, buckets in (
+        (*instant, "HOUR", [hour]),
+        (*instant, "MINUTE", [seven]),
+        (hour + HOUR / 2, hour + 2.5 * HOUR, "HOUR", [hour, hour + HOUR, hour + 2 * HOUR]),
+    ):
+        report = await _report(client, token, org.org_id, start, end, granularity, by_model=True)
+        step = HOUR if granularity == "HOUR" else dt.timedelta(minutes=1)
+        for bucket in report["series"]:
+            first, last = dt.datetime.fromisoformat(bucket["start"]), dt.datetime.fromisoformat(bucket["end"])
+            assert first in buckets and last - first == step, bucket
+            events = org.in_range(max(first, start), min(last, end), bucket["model"])
+            assert bucket["requests"] == len(events) > 0, bucket
+        assert (
+            sum(b["requests"] for b in report["series"])
+            == len(org.in_range(start, end))
+            == int(report["totals"]["requests"])
+        )
+        assert report["series"] or end - start < HOUR  # the off-hour range holds traffic of every hour it cuts
+    future = floor_hour(world.now) + 3 * HOUR
+    quiet = await _report(client, token, org.org_id, future, future + 2 * HOUR, by_model=True)
+    assert quiet["series"] == [] and quiet["spikes"] == [] and int(quiet["totals"]["requests"]) == 0
+    variables = {"org": org.org_id + "\n", "r": {"from": hour.isoformat(), "to": (hour + HOUR).isoformat()},
+                 "g": "HOUR", "m": True, "p": PERCENTILES}  # fmt: skip
+    body = (await graphql(client, RELIABILITY, token, variables)).json()
+    assert body["errors"][0]["extensions"]["code"] == "BAD_USER_INPUT"
+
+
 SERIES_QUESTION = """query($org: ID!, $r: TimeRange!, $g: Granularity!, $m: Boolean!, $p: [Float!]!YES) {
   reliability(orgId: $org, range: $r, granularity: $g, groupByModel: $m, percentiles: $p) { BODY }
 }"""
