@@ -24,7 +24,8 @@ Scenarios (one run, so ratios hold; each window is preceded by a warm-up):
        query logger: until the floor's statements end, the Python work until the spike attribution statements
        start, their span, what follows), and PostgreSQL's own time of each floor statement (EXPLAIN ANALYZE,
        median of 5)
-    p  py-spy of the API process under (h)
+    p  py-spy of the API process under (h), or under (o) with ``--profile-shape o`` (give ``--out``: the profile
+       files are named after the results file)
 
 The floor: the statements ``reliability.report.build_report`` runs before it explains any spike, at once, each on
 its own asyncpg connection (rows to dicts, orjson; packed sketches as hex):
@@ -174,7 +175,9 @@ async def run_scenarios(run: Run, only: set[str]) -> None:
             )
             run.save()
     if "p" in only:
-        run.results["profile"] = await scenarios.scenario_profile(run, hour, token, round(run.args.profile_seconds))
+        profiled = scenarios.last_hour(hour) if run.args.profile_shape == "o" else hour
+        run.results["profile"] = await scenarios.scenario_profile(run, profiled, token,
+                                                                  round(run.args.profile_seconds))  # fmt: skip
         run.save()
 
 
@@ -229,6 +232,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=None, help="warm-up before each window (default 5; quick 3)")
     parser.add_argument("--decompose-runs", type=int, default=30, help="build_report runs of scenario d")
     parser.add_argument("--profile-seconds", type=float, default=None, help="py-spy recording (default 20; quick 5)")
+    parser.add_argument(
+        "--profile-shape",
+        choices=("h", "o"),
+        default="h",
+        help="the question profiled by p: h (default) or o, the last hour (what every answer costs)",
+    )
     parser.add_argument("--load-writers", type=int, default=2, help="concurrent EventWriter batches while loading")
     parser.add_argument("--retries", type=int, default=2, help="reruns of a window that other work disturbed")
     parser.add_argument("--quiet-threshold", type=float, default=0.3, help="foreign cores tolerated in a window")

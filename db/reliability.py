@@ -33,7 +33,8 @@ from db.usage import BUCKET_SQL, UsageQuery, driver_connection, plan
 class SeriesColumns(NamedTuple):
     """The rows of :func:`series_rows` as columns (row i is entry i of each), ordered by bucket and model."""
 
-    bucket: Sequence[dt.datetime | None]
+    bucket: Sequence[int | None]  # the bucket's start in Unix seconds (bucket starts are whole seconds): an integer
+    # is decoded and placed on the report's grid in C loops, a datetime in Python objects
     model: Sequence[str | None]  # None on raw-event rows of a series not split by model (``per_model=False``)
     requests: Sequence[int]
     errors: Sequence[int]
@@ -127,9 +128,10 @@ WITH params AS (
 _SERIES = (
     _COMMON
     + """{whole_days}
-SELECT * FROM (
-SELECT {bucket_h} AS bucket, h.model, h.requests, {errors_h}, {client_h}, {sketch_h} AS sketch, {ranks_h} AS ranks,
-       false AS total_only
+SELECT date_part('epoch', bucket)::int8 AS bucket, model, requests, errors, client_errors, sketch, ranks, total_only
+FROM (
+SELECT {bucket_h} AS bucket, h.model, h.requests, {errors_h} AS errors, {client_h} AS client_errors,
+       {sketch_h} AS sketch, {ranks_h} AS ranks, false AS total_only
 FROM {rollup} h
 WHERE h.org_id = $1 AND h.hour >= $4 AND h.hour < $5 {filters_h}
   AND NOT EXISTS (SELECT 1 FROM raw_hours r WHERE r.hour = h.hour)
@@ -138,7 +140,7 @@ SELECT bucket, model, sum(n)::bigint, sum(e)::bigint, sum(c)::bigint, {packed_ag
 FROM ({raw_entries}) AS per_index
 GROUP BY 1, 2{totals}
 ) AS rows
-ORDER BY total_only, bucket, model COLLATE "C"
+ORDER BY total_only, rows.bucket, model COLLATE "C"
 """
 )
 

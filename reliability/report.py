@@ -398,38 +398,29 @@ class Grid:
     """The buckets' starts (history, then the range) and their positions; a start off the grid (none is, but for a
     caller's mistake) gets a position after it, so it is still answered, but never part of detection.
 
-    A start's position is found by its offset from the first start, in seconds (exact: bucket starts are whole
-    seconds), in the grid's sorted offsets: subtracting two datetimes of one zone is a C fast path, where
-    hashing an aware datetime (a dict of starts) converts it to UTC first."""
+    Rows name their bucket by its start in Unix seconds (``SeriesColumns.bucket``): a position is found by binary
+    search in the grid's starts as Unix seconds (exact: bucket starts are whole seconds), all rows at once."""
 
     def __init__(self, starts: Sequence[dt.datetime], granularity: str, zone: zoneinfo.ZoneInfo) -> None:
         self.starts = list(starts)
         self.size = len(self.starts)
-        self.origin = self.starts[0] if self.starts else dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-        self.offsets = _offsets(self.starts, self.origin)
-        self.off_grid: dict[dt.datetime, int] = {}
+        origin = self.starts[0] if self.starts else dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+        # (subtracting datetimes of one zone is a C fast path; the origin's own Unix time is exact: whole seconds)
+        self.seconds = _offsets(self.starts, origin).astype(np.int64) + round(origin.timestamp())
+        self.off_grid: dict[int, int] = {}  # a start off the grid (Unix seconds) -> its position
         self.granularity, self.zone = granularity, zone
 
-    def positions(self, starts: Sequence[dt.datetime]) -> Ints:
-        """Each start's position. Rows come ordered by bucket, several a bucket (a model each): each run of equal
-        starts is looked up once (comparing datetimes of one zone is a C fast path too)."""
-        if len(starts) < 2:
-            return self._looked_up(starts)
-        same = np.fromiter(map(operator.eq, starts[1:], starts[:-1]), dtype=bool, count=len(starts) - 1)
-        firsts = np.flatnonzero(np.concatenate(([True], ~same)))
-        found = self._looked_up(list(map(starts.__getitem__, firsts.tolist())))
-        return np.repeat(found, np.diff(np.append(firsts, len(starts))))
-
-    def _looked_up(self, starts: Sequence[dt.datetime]) -> Ints:
-        offsets = _offsets(starts, self.origin)
-        found = np.searchsorted(self.offsets, offsets)
+    def positions(self, starts: Sequence[int]) -> Ints:
+        """Each start's position (``starts`` in Unix seconds)."""
+        seconds = np.fromiter(starts, dtype=np.int64, count=len(starts))
+        found = np.searchsorted(self.seconds, seconds)
         inside = np.minimum(found, max(self.size - 1, 0))
-        on = (found < self.size) & (self.offsets[inside] == offsets) if self.size else np.zeros(len(starts), bool)
+        on = (found < self.size) & (self.seconds[inside] == seconds) if self.size else np.zeros(len(seconds), bool)
         for index in np.flatnonzero(~on).tolist():  # off the grid (tests/unit/test_report_grid.py)
-            start = starts[index]
+            start = int(seconds[index])
             if start not in self.off_grid:
                 self.off_grid[start] = len(self.starts)
-                self.starts.append(start)
+                self.starts.append(dt.datetime.fromtimestamp(start, dt.UTC))
             found[index] = self.off_grid[start]
         return found.astype(np.int64, copy=False)
 
@@ -469,7 +460,7 @@ def _collect(rows: SeriesColumns, by_model: bool, grid: Grid, models: dict[str |
     """One bucket per start (and model), rows added up; ordered by start, then model. Rows come ordered by bucket
     and model, so the rows of one bucket (and model) are consecutive."""
     size = len(rows.bucket)
-    position = grid.positions(cast(Sequence[dt.datetime], rows.bucket))  # (null only without a granularity)
+    position = grid.positions(cast(Sequence[int], rows.bucket))  # (null only without a granularity)
     if by_model:
         for name in dict.fromkeys(rows.model):  # (the distinct models in order: a C loop over the rows)
             models.setdefault(name, len(models))

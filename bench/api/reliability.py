@@ -462,6 +462,7 @@ async def scenario_profile(run: Run, shape: Shape, token: str, seconds: int) -> 
         else "reliability_profile"
     )
     raw_path, text_path = run.out.parent / f"{stem}_raw.txt", run.out.parent / f"{stem}.txt"
+    raw_path.parent.mkdir(parents=True, exist_ok=True)  # (py-spy does not make it)
     target = graphql_target(RELIABILITY_QUERY, shape.variables(run.dataset.largest_org), token)
     say(f"== profile: py-spy on the API (pid {run.api.pid}) for {seconds} s under 1 client of {shape.key}")
     await run_wrk(run.api.base_url, target, connections=1, seconds=run.warmup, work=run.work)

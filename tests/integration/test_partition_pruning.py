@@ -100,7 +100,7 @@ async def test_the_bound_never_drops_a_raw_hour(engine: AsyncEngine) -> None:
     served: Counter[tuple[dt.datetime, str]] = Counter()
     for bucket, model, requests in zip(columns.bucket, columns.model, columns.requests, strict=True):
         assert bucket is not None and model is not None
-        served[(bucket, model)] += requests
+        served[(dt.datetime.fromtimestamp(bucket, dt.UTC), model)] += requests  # (Unix seconds)
     assert served == Counter((bucket_start(e.event_time, "DAY", zone), e.model) for e in events)
     errors = Counter((e.model, e.status_code, e.error_type) for e in events if e.status_code >= 500)
     assert errors and {(r.model, r.status_code, r.error_type): r.requests for r in breakdown} == errors

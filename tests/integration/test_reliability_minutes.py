@@ -73,7 +73,7 @@ async def _served(engine: AsyncEngine, query: UsageQuery, per_model: bool) -> di
         through = (await watermarks(connection)).materialized_through
         rows = await series_rows(connection, query, through, per_model=per_model)
     for minute, model, requests, errors, client_errors, sketch in zip(*rows[:6], strict=True):
-        bucket = out[(minute, model if per_model else None)]
+        bucket = out[(dt.datetime.fromtimestamp(minute, dt.UTC), model if per_model else None)]  # (Unix seconds)
         bucket[0] += requests
         bucket[1] += errors
         bucket[2] += client_errors

@@ -40,16 +40,17 @@ def test_positions_are_those_of_a_dict_of_starts_and_off_grid_starts_come_after(
 ) -> None:
     starts = grid_of(granularity, zone, 60)
     grid = Grid(starts, granularity, zone)
-    # Rows as the database sends them: new objects (equal, not identical), each bucket a few times in a row, in
-    # any order; some off the grid (a second after a start), each asked for twice.
-    rows = [dt.datetime.fromtimestamp(starts[p].timestamp(), dt.UTC) for p in picks for _ in range(runs)]
-    strays = [starts[0] + dt.timedelta(seconds=s) for s in off if s % 60]
+    # Rows as the database sends them (Unix seconds), each bucket a few times in a row, in any order; some off the
+    # grid (a second after a start), each asked for twice.
+    rows = [round(starts[p].timestamp()) for p in picks for _ in range(runs)]
+    strays = [round(starts[0].timestamp()) + s for s in off if s % 60]
     rows += strays + strays
-    expected_index = {start: index for index, start in enumerate(starts)}
+    expected_index = {round(start.timestamp()): index for index, start in enumerate(starts)}
     for stray in dict.fromkeys(strays):
         expected_index.setdefault(stray, len(expected_index))
     assert grid.positions(rows).tolist() == [expected_index[row] for row in rows]
-    assert grid.starts == list(expected_index)  # the strays appended once, in order
+    # the strays appended once, in order, as the instants they are
+    assert grid.starts == [dt.datetime.fromtimestamp(s, dt.UTC) for s in expected_index]
     positions = np.array([*range(len(grid.starts))] * 2, dtype=np.int64)  # each twice (a bucket per model)
     bounds, start_at, end_at = grid.bounds(positions)
     assert [bounds[i] for i in start_at.tolist()] == grid.starts * 2
@@ -60,7 +61,7 @@ def test_positions_are_those_of_a_dict_of_starts_and_off_grid_starts_come_after(
 def test_positions_of_no_rows_and_of_one() -> None:
     grid = Grid(grid_of("HOUR", UTC, 3), "HOUR", UTC)
     assert grid.positions([]).tolist() == []
-    assert grid.positions([START + dt.timedelta(hours=2)]).tolist() == [2]
+    assert grid.positions([round((START + dt.timedelta(hours=2)).timestamp())]).tolist() == [2]
 
 
 @pytest.mark.parametrize("granularity", ["MINUTE", "HOUR", "DAY", "MONTH"])
