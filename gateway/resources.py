@@ -28,11 +28,13 @@ from ingest.writer import EventWriter
 from kernel.auth import TokenVerifier
 from kernel.cache import Cache, LocalCache, RedisCache
 from kernel.errors import ConfigError
+from kernel.offload import Offload
 from kernel.pubsub import LocalPubSub, PubSub, RedisPubSub
 from kernel.settings import ProcessRole, Settings
 
 log = structlog.get_logger(__name__)
 AMQP_CONNECT_TIMEOUT_S = 10.0
+OFFLOAD_PRELOAD = ("reliability.spikes",)  # what the helpers import before they take steps (spike detection)
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,8 @@ class Resources:
     ingest_metrics: IngestMetrics
     writer: EventWriter
     storage: Storage
+    # Helper processes for an answer's CPU-bound steps (spike detection); steps run here when none is free.
+    offload: Offload
     redis: Redis | None = None
     amqp: AbstractRobustConnection | None = None
     embedded: bool = False
@@ -95,6 +99,9 @@ async def open_resources(
         await audit.start()
         stack.push_async_callback(audit.stop)
         storage = await stack.enter_async_context(open_storage(settings))
+        offload = Offload(settings.offload_workers if ProcessRole.API in roles else 0, preload=OFFLOAD_PRELOAD)
+        await offload.start()
+        stack.push_async_callback(offload.close)
         yield Resources(
             settings=settings,
             roles=roles,
@@ -109,6 +116,7 @@ async def open_resources(
             ingest_metrics=ingest_metrics,
             writer=EventWriter(engine, pubsub, cache, ingest_metrics),
             storage=storage,
+            offload=offload,
             redis=redis,
             amqp=amqp,
             embedded=embedded,

@@ -7,6 +7,7 @@ the variable, which the CLI prints before exiting non-zero.
 
 from __future__ import annotations
 
+import os
 from enum import StrEnum
 from pathlib import Path
 
@@ -108,6 +109,9 @@ class Settings(BaseSettings):
     gc_gen0_threshold: int = Field(default=50_000, ge=100)
     # Buffers up to this many MiB come from malloc's heap and are reused (gateway/allocator.py); 0: glibc's default.
     malloc_mmap_threshold_mb: int = Field(default=32, ge=0, le=32)
+    # Helper processes for the CPU-bound steps of an answer (kernel/offload.py: spike detection): one where the
+    # machine has a second core, else none; 0 runs every step in the serving process.
+    offload_workers: int = Field(default_factory=lambda: 1 if (os.cpu_count() or 1) >= 2 else 0, ge=0, le=64)
     # Bounded cost of every request (docs/security.md): what one caller may send and run.
     graphql_max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     graphql_max_document_bytes: int = Field(default=32 * 1024, ge=256)

@@ -45,9 +45,10 @@ from db.reliability import (
 from db.sketch import RANKED_PERCENTILES
 from db.usage import UsageQuery, bucket_end, bucket_start
 from kernel.hours import EARLIEST
+from kernel.offload import Offload
 from reliability import sketch as sketches
 from reliability.attribution import Composition, Contribution, attribute
-from reliability.spikes import ALL_METRICS, LATENCY_METRICS, Columns, Detection, Metric, Severity, detect_all, lookback
+from reliability.spikes import Columns, Detection, Metric, Severity, detect_all, lookback
 
 SEASON = {"MINUTE": None, "HOUR": 24, "DAY": 7, "MONTH": None}
 DETECTION_PERCENTILES = (0.95, 0.99)
@@ -220,6 +221,7 @@ def error_rates(errors: Ints, requests: Ints) -> Floats:
 
 
 Connect = Callable[[], AbstractAsyncContextManager[AsyncConnection]]
+_HERE = Offload(0)  # every step in this process (no offload given)
 
 
 async def build_report(
@@ -229,9 +231,11 @@ async def build_report(
     materialized_through: dt.datetime | None,
     *,
     meanwhile: Callable[[Series], _T],
+    offload: Offload | None = None,
 ) -> tuple[Report, _T]:
-    """The report, and what ``meanwhile`` made of its series while the spikes' attribution statements ran (the
-    caller's own work on the series, e.g. writing it as JSON, overlaps with PostgreSQL's).
+    """The report, and what ``meanwhile`` made of its series while its spikes were found (in a helper process of
+    ``offload``, when one is free) or, when they were found here, while their attribution statements ran: the
+    caller's own work on the series, e.g. writing it as JSON, overlaps with another core's or PostgreSQL's.
 
     ``query.group_by`` is ``{"model"}`` for one series per model, empty for one overall series.
 
@@ -286,21 +290,21 @@ async def build_report(
         columns_of = _detection_columns(grid_of, (series, past), (table[:, count:], past_table[:, count:]), models)
         season, explained = SEASON[query.granularity], len(history)
 
-        def flat(*found: list[list[Detection]]) -> list[tuple[str | None, Detection]]:
+        def flat(found: list[list[Detection]]) -> list[tuple[str | None, Detection]]:
             """Each model's detections (error rate, p95, p99), models by name, as (series model, detection)."""
-            return [(model if by_model else None, d) for (model, _), *each in zip(columns_of, *found, strict=True)
-                    for d in itertools.chain(*each)]  # fmt: skip
+            return [(model if by_model else None, d) for (model, _), each in zip(columns_of, found, strict=True)
+                    for d in each]  # fmt: skip
 
-        # Latency first: its spikes are explained by raw-event scans, the longest statements, which then run while
-        # the error rate is screened. The most severe MAX_SPIKES of all are explained.
-        slower = detect_all([c for _, c in columns_of], explained, season, LATENCY_METRICS)
-        early = {id(d): plan(m, d) for m, d in _most_severe(flat(slower))}
-        await explaining.start()
-        errors = detect_all([c for _, c in columns_of], explained, season, ALL_METRICS - LATENCY_METRICS)
-        # (a latency spike less severe than MAX_SPIKES others has been read, and is not explained)
-        chosen = [early[id(d)] if id(d) in early else plan(m, d) for m, d in _most_severe(flat(errors, slower))]
-        await explaining.start()
-        # While PostgreSQL explains the spikes: the rest of the report, and the caller's work on the series.
+        async def explain(detected: list[list[Detection]]) -> list[Coroutine[Any, Any, FoundSpike]]:
+            """The most severe MAX_SPIKES spikes, their attribution statements sent."""
+            chosen = [plan(m, d) for m, d in _most_severe(flat(detected))]
+            await explaining.start()
+            return chosen
+
+        # Spike detection in a helper process while this one writes the rest of the report; where it ran here (no
+        # helper free), its spikes' statements go out first and PostgreSQL explains them meanwhile.
+        detecting = (offload or _HERE).run(detect_all, [c for _, c in columns_of], explained, season)
+        chosen = await explain(detecting.result()) if detecting.done() else None
         totals = Totals(
             requests=int(series.requests.sum()), errors=int(series.errors.sum()),
             client_errors=int(series.client_errors.sum()),
@@ -308,6 +312,8 @@ async def build_report(
         )  # fmt: skip
         columns = _series(series, table[:, :count], grid_of, models)
         made = meanwhile(columns)
+        if chosen is None:
+            chosen = await explain(await detecting)
         found = [await each for each in chosen]
         breakdown = await breakdown_rows
     except BaseException:

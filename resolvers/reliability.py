@@ -78,8 +78,9 @@ async def resolve_reliability(
     def as_json(series: Series) -> RenderedList | None:  # while the spikes' statements run
         return render_series(plan, series, wanted) if plan is not None else None
 
-    report, rendered = await build_report(context.resources.query_engine.connect, query, wanted,
-                                          freshness.materialized_through, meanwhile=as_json)  # fmt: skip
+    resources = context.resources
+    report, rendered = await build_report(resources.query_engine.connect, query, wanted, freshness.materialized_through,
+                                          meanwhile=as_json, offload=resources.offload)  # fmt: skip
     return to_report(org_id, range, granularity, time_zone, wanted, report, to_freshness(
         freshness, context.resources.settings, dt.datetime.now(dt.UTC)
     ), rendered)  # fmt: skip

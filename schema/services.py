@@ -15,6 +15,7 @@ from db.audit_trail import AuditTrail
 from exports.storage.protocol import Storage
 from kernel.auth import TokenVerifier
 from kernel.cache import Cache
+from kernel.offload import Offload
 from kernel.pubsub import PubSub
 from kernel.settings import Settings
 
@@ -45,3 +46,7 @@ class Services(Protocol):
     @property
     def storage(self) -> Storage:
         """Where export files live (download links)."""
+
+    @property
+    def offload(self) -> Offload:
+        """Helper processes for an answer's CPU-bound steps (spike detection)."""

@@ -97,6 +97,8 @@ class ProcessGroups:
         fields = _stat_fields(pid)
         if fields is not None and (pid == 2 or fields[1] == "2"):  # kthreadd and its children
             return "kernel"
+        if fields is not None and int(fields[1]) in self.named:  # a named process's helper (kernel/offload.py)
+            return self.named[int(fields[1])]
         comm = _comm(pid)
         if comm == "postgres":
             return self._postgres(pid)

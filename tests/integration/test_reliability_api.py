@@ -34,6 +34,7 @@ from db.engine import create_engine
 from db.usage import UsageQuery
 from ingest.topology import Topology
 from kernel.hours import floor_hour
+from kernel.offload import Offload
 from kernel.settings import Settings
 from reliability.report import SPLIT_BUCKETS, build_report
 from reliability.sketch import exact_percentile
@@ -476,6 +477,29 @@ async def test_the_series_written_as_json_is_what_the_executor_would_answer(
     assert any(written) is as_json
     series = [v for k, v in fast.json()["data"]["reliability"].items() if k in ("series", "a")]
     assert series and series[0], fast.json()  # something to compare
+
+
+async def test_spikes_found_in_a_helper_process_are_those_found_here(world: World, database_url: str) -> None:
+    """Detection in a helper process (kernel/offload.py, as the API runs it): the same report to the last digit as
+    detection in this process, the burst and the slowdown included, and the helper did take the steps."""
+    engine = create_engine(database_url, pool_size=8)
+    pool = Offload(1, preload=("reliability.spikes",))
+    await pool.start()
+    try:
+        async with asyncio.timeout(30):
+            while not pool.ready:
+                await asyncio.sleep(0.01)
+        for org, by_model in ((world.incident, True), (world.slow, False)):
+            query = UsageQuery(org_id=org.org_id, start=world.this_hour - 36 * HOUR, end=world.now, granularity="HOUR",
+                               time_zone="UTC", group_by=frozenset({"model"}) if by_model else frozenset())  # fmt: skip
+            here, _ = await build_report(engine.connect, query, PERCENTILES, None, meanwhile=lambda s: None)
+            there, _ = await build_report(engine.connect, query, PERCENTILES, None, meanwhile=lambda s: None,
+                                          offload=pool)  # fmt: skip
+            assert here.spikes and there == here
+        assert pool.steps == {"helper": 2, "here": 0}
+    finally:
+        await pool.close()
+        await engine.dispose()
 
 
 @pytest.mark.parametrize("fails", ["attribution", "breakdown"])
