@@ -99,8 +99,8 @@ async def open_resources(
         await audit.start()
         stack.push_async_callback(audit.stop)
         storage = await stack.enter_async_context(open_storage(settings))
+        # (its helpers start on the first report: a process that serves none starts none)
         offload = Offload(settings.offload_workers if ProcessRole.API in roles else 0, preload=OFFLOAD_PRELOAD)
-        await offload.start()
         stack.push_async_callback(offload.close)
         yield Resources(
             settings=settings,

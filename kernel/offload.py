@@ -9,8 +9,8 @@ own work meanwhile and awaits the result when it needs it.
 A step never waits for a helper: when every helper is busy, when none runs (``workers=0``, still starting, or
 gone), it runs in this process at once. A helper that exits, or answers late (``timeout_s``: stuck), is killed and
 replaced in the background, and its step is run here, so a caller always gets the function's own answer (or its
-own exception). Helpers are started by :meth:`Offload.start` in the background and take steps once they have
-imported what they need (``preload``).
+own exception). Helpers start in the background on the first step (or :meth:`Offload.start`), and take steps once
+they have imported what they need (``preload``).
 
 The pipes carry frames (an 8-byte big-endian length, then a pickle): a step ``(function, arguments)`` in, its
 result ``(True, value)`` or ``(False, exception)`` out, or ``(None, reason)`` when the helper could not take it
@@ -26,6 +26,7 @@ import fcntl
 import importlib
 import os
 import pickle
+import signal
 import struct
 import sys
 import time
@@ -57,7 +58,8 @@ class Offload:
         self.steps = {"helper": 0, "here": 0}  # where steps ran (tests, and the operations docs' metric)
 
     async def start(self) -> None:
-        """Start the helpers in the background (steps run here until one has started)."""
+        """Start the helpers now, in the background (else the first step starts them: a process that never offloads
+        a step starts none)."""
         for helper in self._helpers:
             helper.launch()
 
@@ -73,7 +75,10 @@ class Offload:
     def run(self, function: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
         """``function(*args)``: in a free helper, or here at once (the future is then done)."""
         helper = next((h for h in self._helpers if h.ready and not h.busy), None)
-        if helper is not None:
+        if helper is None:
+            for idle in self._helpers:
+                idle.launch()  # (those not started yet, or being replaced; the step runs here meanwhile)
+        else:
             try:
                 data = pickle.dumps((function, args), protocol=pickle.HIGHEST_PROTOCOL)
             except (pickle.PicklingError, TypeError, AttributeError):  # a bug of ours: say so, and run it here
@@ -100,7 +105,8 @@ class _Helper:
         self._last_start = 0.0
 
     def launch(self) -> None:
-        if self._starting is None or self._starting.done():
+        """Start the helper in the background unless it runs, is starting or the pool is closing."""
+        if not self.closing and self.process is None and (self._starting is None or self._starting.done()):
             self._starting = asyncio.ensure_future(self._start())
 
     async def _start(self) -> None:
@@ -242,6 +248,9 @@ def serve(source: IO[bytes], sink: IO[bytes]) -> None:
 
 
 if __name__ == "__main__":
+    # Ctrl-C in a terminal reaches the whole process group: the serving process stops its helpers (their input
+    # closes; a helper whose server died sees its input end the same way).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     for module in sys.argv[1:]:
         importlib.import_module(module)
     # The pipes are this process's stdin and stdout; whatever else writes to stdout would corrupt the frames.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -117,6 +118,18 @@ async def test_steps_the_helper_cannot_take_run_here(offload: Offload, tmp_path:
     assert (await offload.run(where, "still"))[1] != os.getpid()
 
 
+async def test_helpers_start_on_the_first_step_which_runs_here_meanwhile() -> None:
+    pool = Offload(1, preload=("reliability.spikes",))
+    try:
+        assert pool.ready == 0 and pool._helpers[0].process is None  # nothing started before a step
+        first = pool.run(where, "first")
+        assert first.done() and first.result()[1] == os.getpid()
+        await ready(pool)
+        assert (await pool.run(where, "second"))[1] != os.getpid()
+    finally:
+        await pool.close()
+
+
 async def test_without_helpers_every_step_runs_here() -> None:
     pool = Offload(0)
     await pool.start()
@@ -135,3 +148,45 @@ async def test_close_ends_the_helpers(offload: Offload) -> None:
     await offload.close()
     assert process.returncode is not None
     assert offload.ready == 0 and offload.run(where, "closed").result()[1] == os.getpid()
+
+
+async def test_helpers_end_when_their_server_is_killed(tmp_path: Path) -> None:
+    """A serving process killed outright (SIGKILL: no lifespan, no close) leaves no helper behind: its helpers' input
+    ends, and they exit. A Ctrl-C (SIGINT to the process group) is the server's to handle: the helper ignores it."""
+    script = tmp_path / "server.py"
+    script.write_text(
+        "import asyncio, sys\n"
+        "from kernel.offload import Offload\n"
+        "async def main():\n"
+        "    pool = Offload(1)\n"
+        "    await pool.start()\n"
+        "    while not pool.ready:\n"
+        "        await asyncio.sleep(0.01)\n"
+        "    print('helper', pool._helpers[0].process.pid, flush=True)\n"
+        "    await asyncio.sleep(60)\n"
+        "asyncio.run(main())\n"
+    )
+    root = str(Path(__file__).resolve().parents[2])
+    server = await asyncio.create_subprocess_exec(sys.executable, str(script), stdout=asyncio.subprocess.PIPE,
+                                                  env={**os.environ, "PYTHONPATH": root})  # fmt: skip
+    assert server.stdout is not None
+    async with asyncio.timeout(30):
+        while not (line := await server.stdout.readline()).startswith(b"helper "):
+            assert line, "the server ended"
+    helper = int(line.split()[1])
+    os.kill(helper, signal.SIGINT)
+    await asyncio.sleep(0.2)
+    assert _alive(helper)  # (SIGINT ignored)
+    server.kill()
+    await server.wait()
+    async with asyncio.timeout(10):
+        while _alive(helper):
+            await asyncio.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # (a zombie has exited: its parent, killed, has not reaped it yet)
