@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector,
 
 from db.rollup import CycleResult
 from gateway.gc_policy import register_gc_metrics
+from kernel.offload import Offload
 
 # Attribute keys the HTTP server instruments may keep: old and new (``OTEL_SEMCONV_STABILITY_OPT_IN``) names.
 HTTP_SERVER_LABELS = frozenset({
@@ -56,6 +57,23 @@ class RollupMetrics:
 
     def _observe(self, options: CallbackOptions) -> Iterable[Observation]:
         return [] if self.materialized_through is None else [Observation(self.materialized_through)]
+
+
+class OffloadMetrics:
+    """``analytics_offload_steps_total{where}``: the CPU-bound steps of answers (spike detection) run in a helper
+    process (``where="helper"``) or in the serving process (``"here"``: every helper busy, starting or gone;
+    kernel/offload.py). A rising share of ``here`` on a machine with helpers means they keep failing (the log says
+    why: ``offload.helper_failed``) or the load needs more of them (ANALYTICS_OFFLOAD_WORKERS)."""
+
+    def __init__(self, meter: Meter, offload: Offload) -> None:
+        self.offload = offload
+        meter.create_observable_counter(
+            "analytics_offload_steps", callbacks=[self._observe], unit="1",
+            description="CPU-bound steps of answers, by where they ran (helper process or serving process).",
+        )  # fmt: skip
+
+    def _observe(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(count, {"where": where}) for where, count in self.offload.steps.items()]
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from db.migrate import current_head, migrate
 from exports.storage.configured import open_storage
 from exports.storage.protocol import Storage
 from gateway.embedded import EmbeddedPostgres
-from gateway.metrics import Metrics
+from gateway.metrics import Metrics, OffloadMetrics
 from ingest.metrics import IngestMetrics
 from ingest.writer import EventWriter
 from kernel.auth import TokenVerifier
@@ -101,6 +101,7 @@ async def open_resources(
         storage = await stack.enter_async_context(open_storage(settings))
         # (its helpers start on the first report: a process that serves none starts none)
         offload = Offload(settings.offload_workers if ProcessRole.API in roles else 0, preload=OFFLOAD_PRELOAD)
+        OffloadMetrics(metrics.meter("analytics.offload"), offload)
         stack.push_async_callback(offload.close)
         yield Resources(
             settings=settings,

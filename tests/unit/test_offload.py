@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gateway.metrics import Metrics, OffloadMetrics
 from kernel.offload import Offload
 from reliability.spikes import Columns, detect_all
 
@@ -190,3 +191,18 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"  # (a zombie has exited: its parent, killed, has not reaped it yet)
+
+
+async def test_where_steps_ran_is_on_the_metrics_page(offload: Offload) -> None:
+    metrics = Metrics.create()
+    OffloadMetrics(metrics.meter("test"), offload)
+    assert (await offload.run(where, "helper"))[1] != os.getpid()
+    busy = offload.run(slow_in_helper, os.getpid(), 0.3)
+    assert offload.run(where, "here").done()
+    await busy
+    samples = {
+        line.split('where="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+        for line in metrics.exposition().decode().splitlines()
+        if line.startswith("analytics_offload_steps_total{")
+    }
+    assert samples == {"helper": 2.0, "here": 1.0}
