@@ -121,8 +121,7 @@ class _Helper:
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env,
             )  # fmt: skip
             self.process = process
-            for pipe in (process.stdin, process.stdout):
-                _widen(pipe)
+            _widen(process.stdin)  # (the answers are small)
             assert process.stdout is not None
             if await _read_frame(process.stdout) != READY:
                 raise RuntimeError("the helper did not say it was ready")

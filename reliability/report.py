@@ -466,7 +466,7 @@ def _collect(rows: SeriesColumns, by_model: bool, grid: Grid, models: dict[str |
     """One bucket per start (and model), rows added up; ordered by start, then model. Rows come ordered by bucket
     and model, so the rows of one bucket (and model) are consecutive."""
     size = len(rows.bucket)
-    position = grid.positions(cast(Sequence[int], rows.bucket))  # (null only without a granularity)
+    position = grid.positions(cast(Sequence[int], rows.bucket))  # (a report's series always has a granularity)
     if by_model:
         for name in dict.fromkeys(rows.model):  # (the distinct models in order: a C loop over the rows)
             models.setdefault(name, len(models))

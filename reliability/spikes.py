@@ -126,48 +126,38 @@ def detect(points: Sequence[Point] | Columns, evaluate_from: int, season: int | 
     return detect_all([points], evaluate_from, season)[0]
 
 
-ALL_METRICS = frozenset(Metric)
-LATENCY_METRICS = frozenset({Metric.LATENCY_P95, Metric.LATENCY_P99})
-
-
 def detect_all(
-    series: Sequence[Sequence[Point] | Columns],
-    evaluate_from: int,
-    season: int | None,
-    metrics: frozenset[Metric] = ALL_METRICS,
+    series: Sequence[Sequence[Point] | Columns], evaluate_from: int, season: int | None
 ) -> list[list[Detection]]:
     """:func:`detect` of several series of one grid (a report's models), their error-rate and latency screens in numpy
-    passes over all of them; only ``metrics`` (the metrics are independent: a caller may ask for them in turns)."""
+    passes over all of them."""
     columns = [s if isinstance(s, Columns) else Columns.of(s) for s in series]
+    if not columns:
+        return []
     counts = _matrix([c.requests for c in columns])  # the series' requests as rows, for every screen
     # A series without a request from ``evaluate_from`` on has no bucket that could be a spike (an error needs a
     # request, a percentile its minimum count): the screens run over the others only (a quiet model, a range of
     # minutes with no traffic yet).
-    active = np.flatnonzero(counts[:, max(evaluate_from, 0) :].any(axis=1)).tolist() if len(columns) else []
+    active = np.flatnonzero(counts[:, max(evaluate_from, 0) :].any(axis=1)).tolist()
     if len(active) < len(columns):
         found: list[list[Detection]] = [[] for _ in columns]
-        for index, detections in zip(active, detect_all([columns[i] for i in active], evaluate_from, season,
-                                                        metrics), strict=True):  # fmt: skip
+        for index, detections in zip(active, detect_all([columns[i] for i in active], evaluate_from, season),
+                                     strict=True):  # fmt: skip
             found[index] = detections
         return found
-    found = (
-        _error_rate(columns, counts, evaluate_from, season) if Metric.ERROR_RATE in metrics else [[] for _ in columns]
-    )
-    chosen = [each for each in _LATENCY if each[0] in metrics] if columns else []
-    if not chosen:
-        return found
-    # Every chosen metric's series as rows of one matrix (p95 rows, then p99 rows): the screens run once for all.
+    found = _error_rate(columns, counts, evaluate_from, season)
+    # Both percentiles' series as rows of one matrix (p95 rows, then p99 rows): the screens run once for all.
     values = np.concatenate([
         np.array([c.p95_ms if metric == Metric.LATENCY_P95 else c.p99_ms for c in columns],
                  dtype=np.float64).reshape(counts.shape)  # (None: NaN)
-        for metric, _, _ in chosen
+        for metric, _, _ in _LATENCY
     ])  # fmt: skip
-    stacked = np.tile(counts, (len(chosen), 1))
-    minimum = np.repeat([min_requests for _, min_requests, _ in chosen], len(columns))[:, None]
+    stacked = np.tile(counts, (len(_LATENCY), 1))
+    minimum = np.repeat([min_requests for _, min_requests, _ in _LATENCY], len(columns))[:, None]
     logs = _logs(stacked, values, minimum)
     candidates = _latency_candidates(logs, stacked, evaluate_from, season)
     rows = logs.tolist()
-    for j, (metric, _, k) in enumerate(chosen):
+    for j, (metric, _, k) in enumerate(_LATENCY):
         for index in range(len(columns)):
             at = j * len(columns) + index
             found[index] += _latency_spikes(rows[at], candidates[at], season, metric, k)

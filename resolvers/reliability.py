@@ -82,7 +82,7 @@ async def resolve_reliability(
     report, rendered = await build_report(resources.query_engine.connect, query, wanted, freshness.materialized_through,
                                           meanwhile=as_json, offload=resources.offload)  # fmt: skip
     return to_report(org_id, range, granularity, time_zone, wanted, report, to_freshness(
-        freshness, context.resources.settings, dt.datetime.now(dt.UTC)
+        freshness, resources.settings, dt.datetime.now(dt.UTC)
     ), rendered)  # fmt: skip
 
 

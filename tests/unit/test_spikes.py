@@ -465,7 +465,7 @@ def test_a_report_of_series_finds_the_candidates_of_the_bucket_loop(size: int) -
     for c, got in zip(columns, found, strict=True):
         _assert_same_candidates(got, _candidates_one_by_one(list(c.requests), list(c.errors), size))
     season = 24 if size == lookback(24) else None
-    together = detect_all(columns, HISTORY, season, frozenset({Metric.ERROR_RATE}))
+    together = [errors_only(found) for found in detect_all(columns, HISTORY, season)]
     assert together == [errors_only(detect(s, HISTORY, season)) for s in series]
     assert [(d.first, d.last) for d in together[3]] == [(400, 403)]
 
