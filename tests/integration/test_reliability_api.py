@@ -11,11 +11,14 @@ no spike.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import gc
 import json
 import math
+import os
 import random
+import signal
 import uuid
 import warnings
 from collections import Counter, defaultdict
@@ -32,6 +35,7 @@ import reliability.spikes
 import resolvers.reliability
 from db.engine import create_engine
 from db.usage import UsageQuery
+from gateway.resources import Resources
 from ingest.topology import Topology
 from kernel.hours import floor_hour
 from kernel.offload import Offload
@@ -500,6 +504,71 @@ async def test_spikes_found_in_a_helper_process_are_those_found_here(world: Worl
     finally:
         await pool.close()
         await engine.dispose()
+
+
+async def test_the_api_answers_the_same_whatever_happens_to_its_helper(
+    client: httpx.AsyncClient, make_token: TokenFactory, world: World, resources: Resources
+) -> None:
+    """Attack on the helper path through the API: the helper killed between two reports and during one (SIGKILL),
+    stopped dead (SIGSTOP) so that it never answers: every report is the one the API gave before, byte for byte,
+    spikes and all (the step runs in the serving process), and a new helper takes the next steps. Odd org ids, another
+    org and an expired token are refused with their code while it runs, and never reach it."""
+    offload = resources.offload
+    org = world.incident
+    token = make_token("engineer", org=org.org_id)
+    start, end = world.this_hour - 36 * HOUR, world.now
+    first = await _report(client, token, org.org_id, start, end, by_model=True)
+    assert first["spikes"]
+    async with asyncio.timeout(30):
+        while not offload.ready:
+            await asyncio.sleep(0.01)
+
+    async def same() -> None:
+        async with asyncio.timeout(20):  # (a helper that never answers must not hold the report)
+            assert await _report(client, token, org.org_id, start, end, by_model=True) == first
+
+    async def replaced(old: int) -> int:
+        async with asyncio.timeout(30):
+            while not offload.ready or offload._helpers[0].process.pid == old:  # type: ignore[union-attr]
+                await asyncio.sleep(0.01)
+        return offload._helpers[0].process.pid  # type: ignore[union-attr]
+
+    before = dict(offload.steps)
+    await same()
+    assert offload.steps["helper"] == before["helper"] + 1
+    helper = offload._helpers[0].process
+    assert helper is not None
+    helper.kill()  # between two reports
+    await helper.wait()
+    await same()
+    pid = await replaced(helper.pid)
+    kill_soon = asyncio.get_running_loop().call_later(0.001, os.kill, pid, signal.SIGKILL)  # during one
+    await same()
+    kill_soon.cancel()
+    await same()  # (if the kill came after the first answer, this one finds the helper gone)
+    pid = await replaced(pid)
+    os.kill(pid, signal.SIGSTOP)  # stuck: the step waits for the timeout, then runs here
+    offload.timeout_s, timeout = 0.5, offload.timeout_s
+    try:
+        await same()
+    finally:
+        offload.timeout_s = timeout
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    await replaced(pid)
+    helped = offload.steps["helper"]
+    await same()
+    assert offload.steps["helper"] == helped + 1
+    odd = {"org": org.org_id + "\x00"}, {"org": org.org_id + "\n"}, {"org": world.steady.org_id}
+    variables = {"r": {"from": start.isoformat(), "to": end.isoformat()}, "g": "HOUR", "m": True, "p": PERCENTILES,
+                 "tz": "UTC"}  # fmt: skip
+    for extra, code in zip(odd, ("BAD_USER_INPUT", "BAD_USER_INPUT", "FORBIDDEN"), strict=True):
+        body = (await graphql(client, RELIABILITY, token, variables | extra)).json()
+        assert [e["extensions"]["code"] for e in body["errors"]] == [code], body
+    expired = make_token("engineer", org=org.org_id, ttl=-60)
+    body = (await graphql(client, RELIABILITY, expired, variables | {"org": org.org_id})).json()
+    assert [e["extensions"]["code"] for e in body["errors"]] == ["UNAUTHENTICATED"]
+    assert offload.steps["helper"] == helped + 1  # none of those reached the helper
 
 
 @pytest.mark.parametrize("fails", ["attribution", "breakdown"])
