@@ -510,22 +510,27 @@ async def test_the_api_answers_the_same_whatever_happens_to_its_helper(
     client: httpx.AsyncClient, make_token: TokenFactory, world: World, resources: Resources
 ) -> None:
     """Attack on the helper path through the API: the helper killed between two reports and during one (SIGKILL),
-    stopped dead (SIGSTOP) so that it never answers: every report is the one the API gave before, byte for byte,
-    spikes and all (the step runs in the serving process), and a new helper takes the next steps. Odd org ids, another
-    org and an expired token are refused with their code while it runs, and never reach it."""
+    stopped dead (SIGSTOP) so that it never answers: every report is the one the API gave before (but for its
+    freshness, which ages), spikes and all (the step runs in the serving process), and a new helper takes the next
+    steps. Odd org ids, another org and an expired token are refused with their code while it runs, and never reach
+    it."""
     offload = resources.offload
     org = world.incident
     token = make_token("engineer", org=org.org_id)
     start, end = world.this_hour - 36 * HOUR, world.now
-    first = await _report(client, token, org.org_id, start, end, by_model=True)
-    assert first["spikes"]
+
+    def without_freshness(report: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in report.items() if k != "freshness"}  # (it ages while the test runs)
+
+    first = without_freshness(await _report(client, token, org.org_id, start, end, by_model=True))
+    assert first["spikes"] and first["series"]
     async with asyncio.timeout(30):
         while not offload.ready:
             await asyncio.sleep(0.01)
 
     async def same() -> None:
         async with asyncio.timeout(20):  # (a helper that never answers must not hold the report)
-            assert await _report(client, token, org.org_id, start, end, by_model=True) == first
+            assert without_freshness(await _report(client, token, org.org_id, start, end, by_model=True)) == first
 
     async def replaced(old: int) -> int:
         async with asyncio.timeout(30):
